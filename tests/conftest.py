@@ -1,0 +1,150 @@
+"""Shared fixtures: tiny random-weight models of every supported architecture and a character-level
+tokenizer built in code (no model hub is contacted)."""
+
+from __future__ import annotations
+
+import string
+
+import pytest
+import torch
+
+VOCAB_SIZE = 128
+SPECIALS = ["<pad>", "<s>", "</s>", "<unk>", "<extra_id_0>", "[CLS]", "[SEP]", "[MASK]"]
+PAD, BOS, EOS, UNK, SENTINEL, CLS, SEP, MASK = range(len(SPECIALS))
+CAUSAL = ("llama", "qwen2", "mistral", "gpt2")
+ALL_ARCHS = CAUSAL + ("t5", "bert")
+TASK_OF = {**{a: "causal" for a in CAUSAL}, "t5": "seq2seq", "bert": "classification"}
+HIDDEN = 16
+
+# The models are tiny: a thread pool only adds contention (on a busy 2-core machine, 100x slower).
+torch.set_num_threads(1)
+
+
+def make_tokenizer(kind: str = "causal"):
+    """A character-level tokenizer: every printable ASCII character is a token.
+
+    ``causal`` prepends <s>; ``seq2seq`` appends </s>; ``classification`` wraps in [CLS] ... [SEP].
+    """
+    from tokenizers import Tokenizer, decoders, models, processors
+    from transformers import PreTrainedTokenizerFast
+
+    chars = [c for c in string.printable if c not in "\t\n\r\x0b\x0c"]
+    vocab = {tok: i for i, tok in enumerate(SPECIALS)}
+    for c in chars:
+        vocab.setdefault(c, len(vocab))
+    assert len(vocab) <= VOCAB_SIZE
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
+    tok.add_special_tokens(SPECIALS)
+    tok.decoder = decoders.Fuse()
+    if kind == "causal":
+        tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", BOS)])
+    elif kind == "seq2seq":
+        tok.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", EOS)])
+    else:
+        tok.post_processor = processors.TemplateProcessing(
+            single="[CLS] $A [SEP]", special_tokens=[("[CLS]", CLS), ("[SEP]", SEP)])
+    kwargs = dict(pad_token="<pad>", unk_token="<unk>", bos_token="<s>", eos_token="</s>")
+    if kind == "seq2seq":
+        kwargs["additional_special_tokens"] = ["<extra_id_0>"]
+    if kind == "classification":
+        kwargs.update(cls_token="[CLS]", sep_token="[SEP]", mask_token="[MASK]")
+    return PreTrainedTokenizerFast(tokenizer_object=tok, **kwargs)
+
+
+def make_config(arch: str):
+    import transformers as tf
+
+    common = dict(vocab_size=VOCAB_SIZE, pad_token_id=PAD, bos_token_id=BOS, eos_token_id=EOS)
+    decoder = dict(hidden_size=HIDDEN, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+                   num_key_value_heads=1, max_position_embeddings=256, **common)
+    if arch == "llama":
+        return tf.LlamaConfig(**decoder)
+    if arch == "qwen2":
+        return tf.Qwen2Config(**decoder)
+    if arch == "mistral":
+        return tf.MistralConfig(**decoder, sliding_window=None)
+    if arch == "gpt2":
+        return tf.GPT2Config(n_embd=HIDDEN, n_layer=2, n_head=2, n_positions=256, n_inner=32, **common)
+    if arch == "t5":
+        return tf.T5Config(d_model=HIDDEN, d_kv=8, d_ff=32, num_layers=2, num_decoder_layers=2, num_heads=2,
+                           decoder_start_token_id=PAD, relative_attention_num_buckets=8, **common)
+    if arch == "bert":
+        return tf.BertConfig(hidden_size=HIDDEN, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32,
+                             max_position_embeddings=256, num_labels=2, initializer_range=0.3, id2label={0: "NEG", 1: "POS"},
+                             label2id={"NEG": 0, "POS": 1}, **common)
+    raise ValueError(arch)
+
+
+MODEL_CLASSES = {
+    "llama": "LlamaForCausalLM",
+    "qwen2": "Qwen2ForCausalLM",
+    "mistral": "MistralForCausalLM",
+    "gpt2": "GPT2LMHeadModel",
+    "t5": "T5ForConditionalGeneration",
+    "bert": "BertForSequenceClassification",
+}
+
+
+def make_model(arch: str, seed: int = 0):
+    """A tiny random-weight model in eval mode; the same (arch, seed) gives the same weights."""
+    import transformers as tf
+
+    torch.manual_seed(seed)
+    model = getattr(tf, MODEL_CLASSES[arch])(make_config(arch))
+    return model.eval()
+
+
+def perturb(model, seed=1, scale=0.5):
+    """Give every unlearning layer a non-zero up-projection (so student != teacher)."""
+    from unlearn_fast.layers import sites
+
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for site in sites(model):
+            for layer in site.layers:
+                layer.up.weight.copy_(torch.randn(layer.up.weight.shape, generator=g) * scale)
+                layer.up.bias.copy_(torch.randn(layer.up.bias.shape, generator=g) * scale)
+
+
+def tokenizer_for(arch: str):
+    return make_tokenizer(TASK_OF[arch])
+
+
+@pytest.fixture(params=ALL_ARCHS)
+def arch(request):
+    return request.param
+
+
+@pytest.fixture(params=CAUSAL)
+def causal_arch(request):
+    return request.param
+
+
+def sample_batch(arch: str, seed: int = 0, batch: int = 2, length: int = 7) -> dict:
+    """Model inputs (right-padded) for a forward pass of ``arch``."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(len(SPECIALS), 100, (batch, length), generator=g)
+    mask = torch.ones(batch, length, dtype=torch.long)
+    mask[0, -2:] = 0
+    ids[0, -2:] = PAD
+    out = {"input_ids": ids, "attention_mask": mask}
+    if arch == "t5":
+        dec = torch.randint(len(SPECIALS), 100, (batch, 5), generator=g)
+        dec[:, 0] = PAD
+        dmask = torch.ones(batch, 5, dtype=torch.long)
+        dmask[1, -1] = 0
+        out.update(decoder_input_ids=dec, decoder_attention_mask=dmask)
+    return out
+
+
+def logits_of(model, batch: dict) -> torch.Tensor:
+    with torch.no_grad():
+        return model(**batch).logits
+
+
+def save_model_dir(arch: str, path, seed: int = 0):
+    """Save a tiny model and its tokenizer so that ``--model path`` loads it."""
+    model = make_model(arch, seed)
+    model.save_pretrained(path)
+    tokenizer_for(arch).save_pretrained(path)
+    return path

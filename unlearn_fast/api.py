@@ -1,0 +1,134 @@
+"""The Python API: the same verbs as the CLI.
+
+    from unlearn_fast import unlearn, load_model, load_layers
+
+    model, tokenizer, name = load_model("smollm2")
+    result = unlearn(model, tokenizer, forget="forget.jsonl", retain="retain.jsonl", out="layers/")
+    print(result.metrics)
+"""
+
+from __future__ import annotations
+
+import datetime
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Sequence, Union
+
+import torch
+from torch import nn
+
+from . import __version__
+from .artifacts import check_writable, model_fingerprint, write_artifact
+from .data import Columns, Example, check_overlap, fingerprint, load_examples, resolve_labels
+from .encoding import encode, pad_token_id
+from .errors import DataError
+from .evaluation import evaluate_sets
+from .grams import collect_grams
+from .layers import LayerConfig, attach, describe, layer_state
+from .models import detect_task
+from .objective import EULObjective, ObjectiveConfig
+from .trainer import TrainConfig, TrainResult, train
+
+
+@dataclass
+class UnlearnResult:
+    """What :func:`unlearn` returns: the model (layers attached), figures, and the artifact."""
+
+    model: nn.Module
+    metrics: dict[str, Any]
+    manifest: dict
+    training: TrainResult
+    out: Optional[Path] = None
+    grams: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
+
+
+def _labels(model, task, examples: Sequence[Example], name: str, required: bool) -> Optional[list[int]]:
+    if task != "classification":
+        return None
+    if not required and all(e.label is None for e in examples):
+        return None
+    label2id = getattr(model.config, "label2id", None)
+    return resolve_labels(examples, label2id, name=name)
+
+
+def unlearn(
+    model: nn.Module,
+    tokenizer,
+    forget: Union[str, Path, Sequence],
+    retain: Union[str, Path, Sequence],
+    *,
+    out: Union[str, Path, None] = None,
+    overwrite: bool = False,
+    model_name: Optional[str] = None,
+    columns: Optional[Columns] = None,
+    drop_overlap: bool = False,
+    layers: Optional[LayerConfig] = None,
+    objective: Optional[ObjectiveConfig] = None,
+    training: Optional[TrainConfig] = None,
+    max_length: int = 256,
+    evaluate: bool = True,
+    general_text: Optional[Sequence[str]] = None,
+    log=print,
+) -> UnlearnResult:
+    """Train unlearning layers on ``model`` so it forgets ``forget`` and keeps ``retain``.
+
+    ``forget`` / ``retain`` are CSV / JSONL / JSON paths, lists of strings or dicts, or
+    ``datasets.Dataset`` objects. The base stays frozen; one unlearning layer is attached per
+    selected block. With ``out``, the artifact (layers + Gram matrices + manifest) is written
+    atomically there. Returns the model with its layers attached (active) and the figures.
+    """
+    layers = layers or LayerConfig()
+    objective = objective or ObjectiveConfig()
+    training = training or TrainConfig()
+    if out is not None:
+        check_writable(out, overwrite)
+    task = detect_task(model)
+    gamma = objective.resolved_gamma(task)
+    forget_set = load_examples(forget, columns, name="forget set")
+    retain_set = load_examples(retain, columns, name="retain set")
+    retain_set, dropped = check_overlap(forget_set, retain_set, drop=drop_overlap)
+    if dropped:
+        log(f"dropped {dropped} retained example(s) that are also in the forget set")
+    if not retain_set:
+        raise DataError("retain set: empty after dropping the examples it shares with the forget set")
+    forget_labels = _labels(model, task, forget_set, "forget set", required=False)
+    retain_labels = _labels(model, task, retain_set, "retain set", required=objective.lam != 0)
+    enc = dict(model_config=model.config, max_length=max_length)
+    forget_rows = encode(forget_set, tokenizer, task, forget=True, name="forget set", labels=forget_labels, **enc)
+    retain_rows = encode(retain_set, tokenizer, task, forget=False, name="retain set", labels=retain_labels, **enc)
+    base_fingerprint = model_fingerprint(model)
+    sets = {"forget": forget_set, "retain": retain_set}
+    eval_labels = {"forget": forget_labels, "retain": retain_labels}
+    before = evaluate_sets(model, tokenizer, task, sets, eval_labels, general_text, max_length) if evaluate else {}
+
+    attach(model, layers)
+    loss = EULObjective(model, task, objective)
+    pad = pad_token_id(tokenizer)
+    result = train(model, loss, forget_rows, retain_rows, training, pad)
+    grams, gram_tokens = collect_grams(model, task, forget_rows, pad, training.batch_size)
+    after = evaluate_sets(model, tokenizer, task, sets, eval_labels, general_text, max_length) if evaluate else {}
+
+    metrics = {"before": before, "after": after, "update_time_s": result.update_time_s,
+               "steps": result.steps, "train_tokens": result.tokens,
+               "final_terms": result.history[-1] if result.history else {}}
+    manifest = {
+        "package": {"name": "unlearn_fast", "version": __version__},
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "base_model": {"name_or_path": model_name or getattr(model.config, "_name_or_path", ""),
+                       "class": model.__class__.__name__, "fingerprint": base_fingerprint,
+                       "dtype": str(next(model.parameters()).dtype).replace("torch.", "")},
+        "task": task,
+        "layers": {"config": layers.to_dict(), "sites": describe(model)},
+        "objective": {**objective.to_dict(), "gamma": gamma},
+        "training": training.to_dict(),
+        "forget_set": fingerprint(forget_set),
+        "retain_set": fingerprint(retain_set),
+        "grams": {"tokens": gram_tokens, "augmented_with_bias_column": True, "dtype": "float64"},
+        "metrics": metrics,
+        "update_time_s": result.update_time_s,
+    }
+    written = None
+    if out is not None:
+        written = write_artifact(out, {**layer_state(model), **grams}, manifest, overwrite)
+    return UnlearnResult(model, metrics, manifest, result, written, grams)

@@ -1,0 +1,162 @@
+"""Unlearning artifacts: a directory with ``unlearning_layers.safetensors`` and ``manifest.json``.
+
+The safetensors file holds every unlearning layer's weights and the Gram matrices fusion needs;
+the manifest says which base model they belong to (a fingerprint of its weights), how they
+were made, what they achieved, and the sha256 of the tensor file. Nothing is ever unpickled.
+
+Writes are atomic: files go to a temporary sibling directory that is renamed into place, and an
+existing directory is replaced only when asked (``overwrite=True``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Union
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from .errors import ArtifactError
+from .layers import attach_from_description, sites
+
+FORMAT_VERSION = 1
+WEIGHTS_FILE = "unlearning_layers.safetensors"
+MANIFEST_FILE = "manifest.json"
+_SAMPLE = 4096  # values hashed per parameter tensor
+
+
+def model_fingerprint(model: nn.Module) -> str:
+    """sha256 over the base model's parameter names, shapes and a strided sample of values.
+
+    Values are rounded to bf16 first, so the same weights loaded in fp32, bf16 or fp16 (from a
+    bf16 original) keep their fingerprint; unlearning sites are looked through.
+    """
+    site_paths = [s.path for s in sites(model)]
+    digest = hashlib.sha256()
+    for name, p in model.named_parameters():
+        if any(name.startswith(f"{path}.layers.") for path in site_paths):
+            continue
+        for path in site_paths:
+            name = name.replace(f"{path}.base.", f"{path}.")
+        flat = p.detach().reshape(-1)
+        step = max(1, flat.numel() // _SAMPLE)
+        sample = flat[::step][:_SAMPLE].to("cpu", torch.bfloat16).view(torch.int16)
+        digest.update(f"{name}:{tuple(p.shape)};".encode())
+        digest.update(sample.numpy().tobytes())
+    return digest.hexdigest()
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _strict_json(value):
+    """``value`` with NaN / infinite floats as null: the manifest must be valid JSON for any reader."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _strict_json(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_strict_json(v) for v in value]
+    return value
+
+
+def check_writable(out: Union[str, Path], overwrite: bool) -> Path:
+    """Refuse an existing output (unless ``overwrite``) before any work is spent on it."""
+    out = Path(out)
+    if out.exists() and not overwrite:
+        raise ArtifactError(f"{out} already exists; pass --overwrite (overwrite=True) to replace it")
+    if out.exists() and not out.is_dir():
+        raise ArtifactError(f"{out} exists and is not a directory")
+    return out
+
+
+def write_artifact(out: Union[str, Path], tensors: dict[str, torch.Tensor], manifest: dict,
+                   overwrite: bool = False) -> Path:
+    """Write tensors + manifest to ``out`` atomically; return the directory."""
+    out = check_writable(out, overwrite)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp / WEIGHTS_FILE))
+        manifest = {**manifest, "format_version": FORMAT_VERSION,
+                    "files": {WEIGHTS_FILE: _sha256(tmp / WEIGHTS_FILE)}}
+        with open(tmp / MANIFEST_FILE, "w") as f:
+            json.dump(_strict_json(manifest), f, indent=2, sort_keys=True, allow_nan=False)
+            f.flush()
+            os.fsync(f.fileno())
+        if out.exists():
+            backup = Path(tempfile.mkdtemp(prefix=f".{out.name}.old.", dir=out.parent))
+            os.rename(out, backup / out.name)
+            os.rename(tmp, out)
+            shutil.rmtree(backup)
+        else:
+            os.rename(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def read_manifest(artifact: Union[str, Path]) -> dict:
+    path = Path(artifact) / MANIFEST_FILE
+    if not path.is_file():
+        raise ArtifactError(f"{path}: manifest not found (is {artifact} an unlearning artifact?)")
+    try:
+        with open(path) as f:
+            manifest = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ArtifactError(f"{path}: not valid JSON ({err})") from None
+    if manifest.get("format_version") != FORMAT_VERSION:
+        raise ArtifactError(f"{path}: unsupported artifact format {manifest.get('format_version')!r}")
+    return manifest
+
+
+def read_artifact(artifact: Union[str, Path]) -> tuple[dict, dict[str, torch.Tensor]]:
+    """(manifest, tensors) after checking the tensor file against the manifest's checksum."""
+    manifest = read_manifest(artifact)
+    path = Path(artifact) / WEIGHTS_FILE
+    if not path.is_file():
+        raise ArtifactError(f"{path}: tensor file not found")
+    expected = manifest.get("files", {}).get(WEIGHTS_FILE)
+    if expected != _sha256(path):
+        raise ArtifactError(f"{path}: checksum does not match the manifest (file changed or corrupt)")
+    return manifest, load_file(str(path))
+
+
+def load_layers(model: nn.Module, artifact: Union[str, Path], check_base: bool = True) -> dict:
+    """Attach an artifact's unlearning layers to a freshly loaded base model; return the manifest.
+
+    Refuses (ArtifactError) a model whose fingerprint differs from the one the layers were
+    trained on, and a model that already carries unlearning layers.
+    """
+    manifest, tensors = read_artifact(artifact)
+    if sites(model):
+        raise ArtifactError("the model already has unlearning layers attached; load a fresh base model")
+    if check_base:
+        expected = manifest["base_model"]["fingerprint"]
+        if model_fingerprint(model) != expected:
+            raise ArtifactError(f"{artifact}: these layers were trained on a different base model "
+                                f"({manifest['base_model'].get('name_or_path')}); refusing to attach them")
+    attach_from_description(model, manifest["layers"]["sites"])
+    for s in sites(model):
+        for k, layer in enumerate(s.layers):
+            state = {}
+            for name in layer.state_dict():
+                key = f"{s.path}.{k}.{name}"
+                if key not in tensors:
+                    raise ArtifactError(f"{Path(artifact) / WEIGHTS_FILE}: missing tensor {key}")
+                state[name] = tensors[key]
+            layer.load_state_dict(state)
+    return manifest

@@ -1,0 +1,519 @@
+"""Loading and checking the forget and retain sets (files or in-memory data; no tokenisation).
+
+A set is a list of :class:`Example`. It comes from a ``.csv``, ``.jsonl`` or ``.json`` file, from
+an in-memory list (of strings, dicts or :class:`Example`), or from a ``datasets.Dataset``-like
+object (anything with ``column_names`` that iterates over dict rows; ``datasets`` is not imported).
+
+Each example is either plain text (optionally with a classification label) or a prompt with its
+response. Which columns hold them is picked automatically (``prompt`` + ``response``, else
+``text`` and ``label``) or given explicitly with :class:`Columns`.
+
+Every user mistake raises :class:`~unlearn_fast.errors.DataError` with a one-line message that
+names the set and where the data came from, and says how to fix it.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import hashlib
+import json
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, NamedTuple, Optional, Union
+
+from .errors import DataError
+
+SUPPORTED_SUFFIXES = (".csv", ".jsonl", ".json")
+
+# The command-line option that names each column (used in messages).
+_OPTIONS = {
+    "text": "--text-column",
+    "prompt": "--prompt-column",
+    "response": "--response-column",
+    "label": "--label-column",
+}
+_PICK_COLUMNS_HINT = (
+    "name them with --text-column (and --label-column for labels), "
+    "or --prompt-column and --response-column"
+)
+_CSV_HEADER_HINT = "the first line of a CSV file must be a header naming the columns"
+_INT_RE = re.compile(r"[0-9]+")
+
+
+@dataclass(frozen=True)
+class Example:
+    """One training example: plain ``text`` (optionally with a ``label``), or ``prompt`` + ``response``."""
+
+    text: Optional[str] = None
+    prompt: Optional[str] = None
+    response: Optional[str] = None
+    label: Optional[Union[int, str]] = None
+
+    def to_dict(self) -> dict:
+        """The fields that are set (not None), by name."""
+        return {
+            f.name: getattr(self, f.name)
+            for f in dataclasses.fields(self)
+            if getattr(self, f.name) is not None
+        }
+
+
+@dataclass(frozen=True)
+class Columns:
+    """Which source columns hold each field; None means "pick automatically"."""
+
+    text: Optional[str] = None
+    prompt: Optional[str] = None
+    response: Optional[str] = None
+    label: Optional[str] = None
+
+
+class _Table(NamedTuple):
+    """Raw rows read from a source, before columns are picked."""
+
+    columns: list          # column names, in order of first appearance
+    rows: list             # one dict per row
+    origin: str            # where the rows came from, for messages ("data/forget.csv", "the given list")
+    lines: Optional[list]  # file line number of each row, when it came from a text file
+    is_csv: bool = False
+
+
+# --------------------------------------------------------------------------------------------
+# Public API
+# --------------------------------------------------------------------------------------------
+
+
+def load_examples(source: Any, columns: Optional[Columns] = None, *, name: str) -> list[Example]:
+    """Load and check one set of examples.
+
+    Args:
+        source: a path (``str`` or ``pathlib.Path``) to a ``.csv``, ``.jsonl`` or ``.json`` file
+            (a JSON list of objects); a list of strings (each one a text example), of dicts, or of
+            :class:`Example`; or a ``datasets.Dataset``-like object (has ``column_names`` and
+            iterates over dict rows).
+        columns: which columns hold the fields. Without it (or with every field None): ``prompt``
+            and ``response`` when both exist, else ``text`` (with ``label`` when that exists).
+            Ignored for a list of :class:`Example`.
+        name: the set's name for messages, e.g. ``"forget set"``.
+
+    Returns:
+        The examples, in source order. Text and response values are kept exactly as given.
+
+    Raises:
+        DataError: the source cannot be read, has no rows, has no usable columns, or a row lacks a
+            required value.
+    """
+    if isinstance(source, (str, os.PathLike)):
+        table = _read_file(Path(source).expanduser(), name)
+    elif isinstance(source, (list, tuple)):
+        if source and all(isinstance(item, Example) for item in source):
+            return _check_examples(list(source), name)
+        table = _table_from_items(list(source), "the given list", None, name)
+    elif _is_dataset_like(source):
+        table = _table_from_dataset(source, name)
+    else:
+        raise DataError(
+            f"{name}: unsupported source of type {type(source).__name__}; give a path to a "
+            f".csv, .jsonl or .json file, a list of strings or dicts, or a datasets.Dataset"
+        )
+
+    if not table.rows:
+        raise DataError(f"{name}: {table.origin} has no rows; a set needs at least one example")
+    picked = _pick_columns(columns, table, name)
+    return [_make_example(row, picked, _where(table, i), name) for i, row in enumerate(table.rows)]
+
+
+def resolve_labels(examples: list[Example], label2id: Optional[dict], *, name: str) -> list[int]:
+    """Map each example's label to a class id.
+
+    With ``label2id`` (from the model config, e.g. ``{"NEGATIVE": 0, "POSITIVE": 1}``) a label may
+    be a label name (matched case-insensitively) or a class id (an int or a digit string) that the
+    model has. Without it, labels must be class ids (non-negative ints or digit strings).
+
+    Raises:
+        DataError: an example has no label, or a label is unknown (the message names the label,
+            the row, and the known labels).
+    """
+    names: dict[str, int] = {}
+    valid_ids: Optional[set] = None
+    if label2id is not None:
+        names = {str(label).strip().lower(): int(i) for label, i in label2id.items()}
+        valid_ids = {int(i) for i in label2id.values()}
+
+    ids = []
+    for i, example in enumerate(examples):
+        label = example.label
+        if label is None:
+            raise DataError(
+                f"{name}: row {i + 1} has no label; give every example a label "
+                f"(with --label-column if the column is not called 'label')"
+            )
+        if isinstance(label, str) and label.strip().lower() in names:
+            ids.append(names[label.strip().lower()])
+            continue
+        class_id = _as_class_id(label)
+        if class_id is not None and (valid_ids is None or class_id in valid_ids):
+            ids.append(class_id)
+            continue
+        raise DataError(f"{name}: row {i + 1} has unknown label {label!r}; {_known_labels(label2id)}")
+    return ids
+
+
+def check_overlap(
+    forget: list[Example], retain: list[Example], *, drop: bool = False
+) -> tuple[list[Example], int]:
+    """Find retain examples that are also in the forget set.
+
+    Two examples are the same when their fields are equal after stripping surrounding whitespace
+    from string values.
+
+    Returns:
+        ``(retain, 0)`` when nothing overlaps; with ``drop=True``, the retain set without the
+        overlapping examples and how many were dropped.
+
+    Raises:
+        DataError: examples overlap and ``drop`` is False (the message counts them, quotes the
+            first, and names ``--drop-overlap``); or dropping them leaves the retain set empty.
+    """
+    forget_keys = {_overlap_key(example) for example in forget}
+    kept = [example for example in retain if _overlap_key(example) not in forget_keys]
+    dropped = len(retain) - len(kept)
+    if dropped == 0:
+        return list(retain), 0
+
+    first = next(example for example in retain if _overlap_key(example) in forget_keys)
+    quote = _short(first.text if first.text is not None else (first.prompt or ""), 80)
+    if not drop:
+        raise DataError(
+            f"retain set: {dropped} example(s) are also in the forget set (first: {quote!r}); "
+            f"remove them from the retain set, or pass --drop-overlap (drop=True) to drop them"
+        )
+    if not kept:
+        raise DataError(
+            f"retain set: every example is also in the forget set ({dropped} dropped), so the "
+            f"retain set is empty; give a retain set with data the model should keep"
+        )
+    return kept, dropped
+
+
+def fingerprint(examples: list[Example]) -> dict:
+    """A short identity of a set: ``{"count": n, "sha256": hex}``, never the data itself.
+
+    The hash covers each example's canonical JSON, in order, so it changes with the content and
+    with the order of the examples.
+    """
+    digest = hashlib.sha256()
+    for example in examples:
+        line = json.dumps(example.to_dict(), sort_keys=True, ensure_ascii=False, separators=(",", ":"))
+        digest.update(line.encode("utf-8") + b"\n")  # JSON escapes newlines, so "\n" separates
+    return {"count": len(examples), "sha256": digest.hexdigest()}
+
+
+# --------------------------------------------------------------------------------------------
+# Reading sources into tables
+# --------------------------------------------------------------------------------------------
+
+
+def _read_file(path: Path, name: str) -> _Table:
+    if not path.exists():
+        raise DataError(f"{name}: file not found: {path}")
+    if path.is_dir():
+        raise DataError(f"{name}: {path} is a directory; give the path of a .csv, .jsonl or .json file")
+    suffix = path.suffix.lower()
+    if suffix not in SUPPORTED_SUFFIXES:
+        raise DataError(
+            f"{name}: unsupported file type {suffix or '(no extension)'!r} for {path}; "
+            f"supported: .csv, .jsonl (one JSON object per line), .json (a JSON list of objects)"
+        )
+    try:
+        # utf-8-sig reads plain UTF-8 too, and drops a byte-order mark when there is one.
+        with open(path, encoding="utf-8-sig", newline="") as f:
+            if suffix == ".csv":
+                return _read_csv(f, str(path), name)
+            if suffix == ".jsonl":
+                return _read_jsonl(f, str(path), name)
+            return _read_json(f, str(path), name)
+    except UnicodeDecodeError as e:
+        raise DataError(f"{name}: {path} is not UTF-8 text ({e.reason} at byte {e.start}); save it as UTF-8") from None
+    except OSError as e:
+        raise DataError(f"{name}: cannot read {path}: {e.strerror or e}") from None
+
+
+def _read_csv(f, origin: str, name: str) -> _Table:
+    reader = csv.reader(f)
+    try:
+        header = next(reader, None)
+        if header is None:
+            raise DataError(f"{name}: {origin} is empty; {_CSV_HEADER_HINT}, followed by one row per example")
+        header = [column.strip() for column in header]
+        for i, column in enumerate(header):
+            if not column:
+                raise DataError(f"{name}: {origin} has no name for column {i + 1} in its header; {_CSV_HEADER_HINT}")
+            if column in header[:i]:
+                raise DataError(f"{name}: {origin} names column {column!r} twice in its header; give each column its own name")
+
+        rows, lines = [], []
+        for values in reader:
+            if not values or all(not v.strip() for v in values):
+                continue  # a blank line, or one of empty cells (spreadsheets write these at the end)
+            if len(values) > len(header):
+                raise DataError(
+                    f"{name}: row {len(rows) + 1} of {origin} (line {reader.line_num}) has "
+                    f"{len(values)} values but the header names {len(header)} columns; quote values that contain commas"
+                )
+            rows.append(dict(zip(header, values)))  # a short row leaves its last columns missing
+            lines.append(reader.line_num)
+    except csv.Error as e:
+        raise DataError(f"{name}: {origin} is not valid CSV (line {reader.line_num}): {e}") from None
+    return _Table(header, rows, origin, lines, is_csv=True)
+
+
+def _read_jsonl(f, origin: str, name: str) -> _Table:
+    items, lines = [], []
+    for line_number, line in enumerate(f, start=1):
+        if not line.strip():
+            continue
+        try:
+            items.append(json.loads(line))
+        except json.JSONDecodeError as e:
+            raise DataError(
+                f"{name}: invalid JSON on line {line_number} of {origin} ({e.msg}, column {e.colno}); "
+                f"a .jsonl file holds one JSON object per line"
+            ) from None
+        lines.append(line_number)
+    return _table_from_items(items, origin, lines, name)
+
+
+def _read_json(f, origin: str, name: str) -> _Table:
+    try:
+        data = json.load(f)
+    except json.JSONDecodeError as e:
+        hint = "a .json file holds one JSON list of objects"
+        if e.msg == "Extra data":
+            hint += "; if it has one object per line, name it .jsonl"
+        raise DataError(f"{name}: invalid JSON in {origin} ({e.msg}, line {e.lineno} column {e.colno}); {hint}") from None
+    if not isinstance(data, list):
+        raise DataError(
+            f"{name}: {origin} holds {_kind(data)}, but a .json file must hold a list of objects "
+            f"(one per example); for one object per line use .jsonl"
+        )
+    return _table_from_items(data, origin, None, name)
+
+
+def _table_from_items(items: list, origin: str, lines: Optional[list], name: str) -> _Table:
+    """Rows from a list whose items are all strings (text examples) or all dicts."""
+    if not items:
+        return _Table([], [], origin, lines)
+    table = _Table([], [], origin, lines)
+    if isinstance(items[0], str):
+        for i, item in enumerate(items):
+            if not isinstance(item, str):
+                raise DataError(
+                    f"{name}: {_where(table, i)} of {origin} is {_kind(item)}, but row 1 is a "
+                    f"string; give all strings (text examples) or all objects"
+                )
+        return _Table(["text"], [{"text": item} for item in items], origin, lines)
+
+    columns: dict = {}  # ordered set of column names
+    rows = []
+    for i, item in enumerate(items):
+        if not isinstance(item, Mapping):
+            raise DataError(
+                f"{name}: {_where(table, i)} of {origin} is {_kind(item)}; each example must be "
+                f"an object with named fields (e.g. {{\"text\": ...}})"
+            )
+        columns.update(dict.fromkeys(item))
+        rows.append(dict(item))
+    return _Table(list(columns), rows, origin, lines)
+
+
+def _is_dataset_like(source: Any) -> bool:
+    return hasattr(source, "column_names") and hasattr(source, "__iter__")
+
+
+def _table_from_dataset(dataset: Any, name: str) -> _Table:
+    origin = "the given dataset"
+    if isinstance(dataset.column_names, Mapping):  # a datasets.DatasetDict: one entry per split
+        splits = ", ".join(repr(s) for s in dataset.column_names)
+        raise DataError(f"{name}: the given dataset has several splits ({splits}); pass one split, e.g. dataset['train']")
+    rows = []
+    for i, row in enumerate(dataset):
+        if not isinstance(row, Mapping):
+            raise DataError(f"{name}: row {i + 1} of {origin} is {_kind(row)}, expected a dict of column values")
+        rows.append(dict(row))
+    return _Table(list(dataset.column_names), rows, origin, None)
+
+
+# --------------------------------------------------------------------------------------------
+# Columns and values
+# --------------------------------------------------------------------------------------------
+
+
+def _pick_columns(columns: Optional[Columns], table: _Table, name: str) -> Columns:
+    """The columns to read, explicit or detected; every returned column exists."""
+    existing = table.columns
+    if columns is None or columns == Columns():
+        if "prompt" in existing and "response" in existing:
+            return Columns(prompt="prompt", response="response")
+        if "text" in existing:
+            return Columns(text="text", label="label" if "label" in existing else None)
+        raise DataError(
+            f"{name}: cannot tell which columns of {table.origin} to use (columns: "
+            f"{_list_columns(existing)}); {_PICK_COLUMNS_HINT}{_csv_hint(table)}"
+        )
+
+    if columns.text is not None and (columns.prompt is not None or columns.response is not None):
+        raise DataError(f"{name}: give either a text column or a prompt and a response column, not both")
+    if (columns.prompt is None) != (columns.response is None):
+        raise DataError(f"{name}: a prompt column needs a response column, and the other way round; give both")
+    if columns.label is not None and columns.prompt is not None:
+        raise DataError(f"{name}: a label column goes with a text column, not with prompt and response columns")
+    if columns.text is None and columns.prompt is None:  # only a label column was named
+        if "text" not in existing:
+            raise DataError(
+                f"{name}: a label column needs a text column, and {table.origin} has no 'text' column "
+                f"(columns: {_list_columns(existing)}); name it with --text-column{_csv_hint(table)}"
+            )
+        columns = dataclasses.replace(columns, text="text")
+
+    for field, column in dataclasses.asdict(columns).items():
+        if column is not None and column not in existing:
+            raise DataError(
+                f"{name}: {table.origin} has no column {column!r} (given with {_OPTIONS[field]}); "
+                f"columns: {_list_columns(existing)}{_csv_hint(table)}"
+            )
+    return columns
+
+
+def _make_example(row: Mapping, columns: Columns, where: str, name: str) -> Example:
+    if columns.text is not None:
+        return Example(
+            text=_required_text(row, columns.text, where, name),
+            label=_label(row, columns.label, where, name) if columns.label is not None else None,
+        )
+    return Example(
+        prompt=_required_text(row, columns.prompt, where, name),
+        response=_required_text(row, columns.response, where, name),
+    )
+
+
+def _required_text(row: Mapping, column: str, where: str, name: str) -> str:
+    value = row.get(column)
+    if value is None or (isinstance(value, str) and not value.strip()):
+        raise DataError(f"{name}: {where} has an empty {column!r} value; fill it in or remove the row")
+    if not isinstance(value, str):
+        raise DataError(f"{name}: {where} has {_kind(value)} in column {column!r}; it must be text")
+    return value
+
+
+def _label(row: Mapping, column: str, where: str, name: str) -> Union[int, str]:
+    value = row.get(column)
+    if value is None or (isinstance(value, str) and not value.strip()):
+        raise DataError(f"{name}: {where} has no value in label column {column!r}; give every row a label")
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, (int, str)):
+        raise DataError(
+            f"{name}: {where} has {_kind(value)} as label in column {column!r}; "
+            f"a label must be a class id (0, 1, ...) or a label name"
+        )
+    return value
+
+
+def _check_examples(examples: list[Example], name: str) -> list[Example]:
+    """Check a list of Example: each complete, all of one kind (text or prompt/response).
+
+    Returns equal examples, except that an integral float label (1.0) becomes an int.
+    """
+    origin = "the given list"
+    first_kind = None
+    checked = []
+    for i, example in enumerate(examples):
+        where = f"row {i + 1} of {origin}"
+        if example.text is not None and (example.prompt is not None or example.response is not None):
+            raise DataError(f"{name}: {where} has both text and prompt/response; an example has one or the other")
+        if example.text is None and example.label is not None:
+            raise DataError(f"{name}: {where} has a label without text; labels go with text examples")
+        is_text = example.text is not None or (example.prompt is None and example.response is None)
+        kind = "text" if is_text else "prompt/response"
+        first_kind = first_kind or kind
+        if kind != first_kind:
+            raise DataError(f"{name}: {where} is a {kind} example but row 1 is a {first_kind} example; a set holds one kind")
+        if kind == "text":
+            columns = Columns(text="text", label="label" if example.label is not None else None)
+        else:
+            columns = Columns(prompt="prompt", response="response")
+        checked.append(_make_example(example.to_dict(), columns, where, name))  # raises on an empty value
+    return checked
+
+
+# --------------------------------------------------------------------------------------------
+# Small helpers
+# --------------------------------------------------------------------------------------------
+
+
+def _where(table: _Table, index: int) -> str:
+    """'row 3 of data/forget.jsonl (line 4)': 1-based row, plus the file line when known."""
+    line = f" (line {table.lines[index]})" if table.lines else ""
+    return f"row {index + 1} of {table.origin}{line}"
+
+
+def _csv_hint(table: _Table) -> str:
+    return f" ({_CSV_HEADER_HINT})" if table.is_csv else ""
+
+
+def _list_columns(columns: list) -> str:
+    if not columns:
+        return "none"
+    shown = ", ".join(repr(_short(str(c), 40)) for c in columns[:20])
+    return shown + (f", ... ({len(columns)} in all)" if len(columns) > 20 else "")
+
+
+def _short(text: str, limit: int) -> str:
+    """Text on one line, cut to ``limit`` characters."""
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _kind(value: Any) -> str:
+    """A value's type in JSON words, for messages."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true/false"
+    if isinstance(value, (int, float)):
+        return f"a number ({value!r})"
+    if isinstance(value, str):
+        return "a string"
+    if isinstance(value, Mapping):
+        return "an object"
+    if isinstance(value, (list, tuple)):
+        return "a list"
+    return f"a {type(value).__name__}"
+
+
+def _as_class_id(label: Union[int, str]) -> Optional[int]:
+    """An int label, or a digit-string label, as an int; None otherwise."""
+    if isinstance(label, bool):
+        return None
+    if isinstance(label, int):
+        return label if label >= 0 else None
+    if isinstance(label, str) and _INT_RE.fullmatch(label.strip()):
+        return int(label.strip())
+    return None
+
+
+def _known_labels(label2id: Optional[dict]) -> str:
+    if label2id is None:
+        return "the model has no label names, so labels must be class ids (0, 1, ...)"
+    known = ", ".join(f"{label} ({i})" for label, i in sorted(label2id.items(), key=lambda item: item[1]))
+    return f"known labels: {known}"
+
+
+def _overlap_key(example: Example) -> str:
+    fields = {k: v.strip() if isinstance(v, str) else v for k, v in example.to_dict().items()}
+    return json.dumps(fields, sort_keys=True, ensure_ascii=False)

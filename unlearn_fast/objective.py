@@ -1,0 +1,129 @@
+"""EUL's selective teacher-student objective.
+
+    L = α·KL_retain − KL_forget + λ·task_retain − γ·LM_forget
+
+Each term is a mean over its own token positions in the batch (so a batch with few forgotten
+tokens still weighs the forget terms fully). The two maximised terms are unbounded, so each is
+capped per token: a forgotten token stops contributing once its KL(teacher‖student) exceeds
+``forget_kl_bound`` nats, or its LM loss exceeds ``forget_lm_bound`` nats (a hinge: at the cap its
+gradient is zero, so the student moves far enough from the teacher on the forget set and no
+further). Defaults: α=0.8, λ=1.0, γ=0.2 (the paper's), both bounds 5 nats (the teacher gives
+a token it knew probability ≤ e⁻⁵ ≈ 0.7 % once its LM loss reaches the cap).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Optional
+
+import torch
+from torch import Tensor, nn
+
+from .errors import ModelError
+from .layers import layers_disabled
+from .models import Head, output_head, output_states
+from .ops import eul_loss_head
+from .ops.loss_head import IGNORE_INDEX
+
+TERMS = ("retain_kl", "forget_kl", "task_loss", "forget_lm_loss")
+
+
+@dataclass
+class ObjectiveConfig:
+    """Weights of the EUL loss terms; a weight of 0 (or ``use_*=False``) switches a term off.
+
+    ``gamma=None`` means the paper's 0.2 where the model has an LM head and 0 where it has not.
+    """
+
+    alpha: float = 0.8
+    lam: float = 1.0
+    gamma: Optional[float] = None
+    forget_kl_weight: float = 1.0
+    forget_kl_bound: float = 5.0
+    forget_lm_bound: float = 5.0
+    temperature: float = 1.0
+
+    def resolved_gamma(self, task: str) -> float:
+        if self.gamma is None:
+            return 0.2 if task != "classification" else 0.0
+        if self.gamma != 0 and task == "classification":
+            raise ModelError("the forget LM-loss term (gamma) needs an LM head, and a sequence-classification "
+                             "model has none: set gamma to 0 (--gamma 0)")
+        return self.gamma
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def coefficients(batch: dict, config: ObjectiveConfig, gamma: float) -> tuple[Tensor, Tensor]:
+    """Per-position KL and CE coefficients [B, T_out], each term normalised by its token count."""
+    forget = batch["forget"].unsqueeze(1).expand_as(batch["kl_mask"])
+    kl_mask = batch["kl_mask"]
+    has_target = batch["targets"] != IGNORE_INDEX
+
+    def weighted(mask: Tensor, weight: float) -> Tensor:
+        n = int(mask.sum())
+        return mask.float() * (weight / n) if (n and weight) else torch.zeros(mask.shape)
+
+    kl = weighted(kl_mask & ~forget, config.alpha) - weighted(kl_mask & forget, config.forget_kl_weight)
+    ce = weighted(has_target & ~forget, config.lam) - weighted(has_target & forget, gamma)
+    return kl, ce
+
+
+def term_means(batch: dict, kl: Tensor, ce: Tensor) -> dict[str, float]:
+    """Unweighted means of each term over its positions (for logging); NaN where absent."""
+    forget = batch["forget"].unsqueeze(1).expand_as(batch["kl_mask"])
+    has_target = batch["targets"] != IGNORE_INDEX
+    out = {}
+    for name, values, mask in (("retain_kl", kl, batch["kl_mask"] & ~forget),
+                               ("forget_kl", kl, batch["kl_mask"] & forget),
+                               ("task_loss", ce, has_target & ~forget),
+                               ("forget_lm_loss", ce, has_target & forget)):
+        out[name] = float(values[mask].double().mean()) if mask.any() else float("nan")
+    return out
+
+
+class EULObjective:
+    """Computes the EUL loss of a batch for a model with unlearning layers attached."""
+
+    def __init__(self, model: nn.Module, task: str, config: ObjectiveConfig):
+        self.model = model
+        self.task = task
+        self.config = config
+        self.gamma = config.resolved_gamma(task)
+        self.head: Head = output_head(model, task)
+
+    def teacher_states(self, batch: dict) -> Tensor:
+        with torch.no_grad(), layers_disabled(self.model):
+            return output_states(self.model, self.task, batch)
+
+    def __call__(self, batch: dict, teacher: Optional[Tensor] = None) -> tuple[Tensor, dict[str, float]]:
+        """The scalar loss (differentiable w.r.t. the unlearning layers) and each term's mean."""
+        kl_coef, ce_coef = coefficients(batch, self.config, self.gamma)
+        rows = (kl_coef != 0) | (ce_coef != 0)
+        student = output_states(self.model, self.task, batch)
+        if teacher is None and bool((kl_coef != 0).any()):
+            teacher = self.teacher_states(batch)
+        device = student.device
+        out = eul_loss_head(
+            student[rows.to(device)],
+            None if teacher is None else teacher[rows.to(device)],
+            self.head.weight,
+            batch["targets"].to(device)[rows.to(device)],
+            kl_coef.to(device)[rows.to(device)],
+            ce_coef.to(device)[rows.to(device)],
+            bias=self.head.bias,
+            kl_bound=self.config.forget_kl_bound,
+            ce_bound=self.config.forget_lm_bound,
+            temperature=self.config.temperature,
+            logit_scale=self.head.logit_scale,
+            logit_softcap=self.head.logit_softcap,
+        )
+        full_kl = torch.zeros(rows.shape, dtype=torch.float32)
+        full_ce = torch.zeros(rows.shape, dtype=torch.float32)
+        full_kl[rows] = out.kl.cpu()
+        full_ce[rows] = out.ce.cpu()
+        full_kl[kl_coef == 0] = float("nan")  # a switched-off term is not computed: report it absent,
+        full_ce[ce_coef == 0] = float("nan")  # not as 0
+
+        return out.loss, term_means(batch, full_kl, full_ce)
