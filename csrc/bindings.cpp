@@ -27,6 +27,24 @@ Tensor3 loss_rows_cuda(const at::Tensor& student_logits, const at::Tensor& teach
                        double kl_bound, double ce_bound, double temperature);
 #endif
 
+// csrc/cpu/unlearning_layer.cpp
+std::tuple<at::Tensor, at::Tensor> unlearning_layer_forward_cpu(const at::Tensor& x, const at::Tensor& down_weight,
+                                                                const at::Tensor& down_bias,
+                                                                const at::Tensor& up_weight,
+                                                                const at::Tensor& up_bias,
+                                                                c10::string_view activation);
+std::tuple<at::Tensor, at::Tensor> unlearning_layer_forward_meta(const at::Tensor& x, const at::Tensor& down_weight,
+                                                                 const at::Tensor& down_bias,
+                                                                 const at::Tensor& up_weight,
+                                                                 const at::Tensor& up_bias,
+                                                                 c10::string_view activation);
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> unlearning_layer_backward_cpu(
+    const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& pre, const at::Tensor& down_weight,
+    const at::Tensor& up_weight, c10::string_view activation, bool compute_grad_x);
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> unlearning_layer_backward_meta(
+    const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& pre, const at::Tensor& down_weight,
+    const at::Tensor& up_weight, c10::string_view activation, bool compute_grad_x);
+
 namespace {
 
 Tensor3 loss_rows(const at::Tensor& student_logits, const at::Tensor& teacher_logits, const at::Tensor& targets,
@@ -53,6 +71,18 @@ of float32 logits [n, V]. teacher_logits with numel() == 0 means no KL term; tar
 CE for that row. A term with a negative coefficient is capped at its bound (kl_bound / ce_bound) and
 has no gradient once the cap is reached. Contract: unlearn_fast.ops.loss_head.loss_rows_reference.)doc";
 
+constexpr const char* kUnlearningLayerForwardDoc = R"doc(unlearning_layer_forward(x, down_weight, down_bias, up_weight, up_bias, activation) -> (y, pre)
+
+K unlearning layers summed on the residual, CPU: y = x + c + act(x D^T + b) U^T, with the K layers
+concatenated (D [R, d], b [R], U [d, R], c = sum of the up biases [d]; float32) and one activation
+(relu, gelu, silu). x [N, d] is float32, bfloat16 or float16; y has x's dtype; pre = x D^T + b is
+float32 [N, R], saved for backward. Contract: unlearn_fast.ops.unlearning_layer.unlearning_layer_reference.)doc";
+
+constexpr const char* kUnlearningLayerBackwardDoc = R"doc(unlearning_layer_backward(grad_y, x, pre, down_weight, up_weight, activation, compute_grad_x) -> (grad_x, grad_down_weight, grad_down_bias, grad_up_weight, grad_up_bias)
+
+Gradients of unlearning_layer_forward for the concatenated layers (float32, grad_x in x's dtype;
+grad_x is an empty tensor when compute_grad_x is false).)doc";
+
 }  // namespace
 }  // namespace unlearn_fast
 
@@ -61,14 +91,25 @@ TORCH_LIBRARY(unlearn_fast, m) {
       "loss_rows(Tensor student_logits, Tensor teacher_logits, Tensor targets, Tensor kl_coef, "
       "Tensor ce_coef, float kl_bound, float ce_bound, float temperature) "
       "-> (Tensor kl, Tensor ce, Tensor grad_logits)");
+  m.def(
+      "unlearning_layer_forward(Tensor x, Tensor down_weight, Tensor down_bias, Tensor up_weight, "
+      "Tensor up_bias, str activation) -> (Tensor y, Tensor pre)");
+  m.def(
+      "unlearning_layer_backward(Tensor grad_y, Tensor x, Tensor pre, Tensor down_weight, Tensor up_weight, "
+      "str activation, bool compute_grad_x) -> (Tensor grad_x, Tensor grad_down_weight, Tensor grad_down_bias, "
+      "Tensor grad_up_weight, Tensor grad_up_bias)");
 }
 
 TORCH_LIBRARY_IMPL(unlearn_fast, CPU, m) {
   m.impl("loss_rows", &unlearn_fast::loss_rows_cpu);
+  m.impl("unlearning_layer_forward", &unlearn_fast::unlearning_layer_forward_cpu);
+  m.impl("unlearning_layer_backward", &unlearn_fast::unlearning_layer_backward_cpu);
 }
 
 TORCH_LIBRARY_IMPL(unlearn_fast, Meta, m) {
   m.impl("loss_rows", &unlearn_fast::loss_rows_meta);
+  m.impl("unlearning_layer_forward", &unlearn_fast::unlearning_layer_forward_meta);
+  m.impl("unlearning_layer_backward", &unlearn_fast::unlearning_layer_backward_meta);
 }
 
 #ifdef UNLEARN_FAST_WITH_CUDA
@@ -101,4 +142,11 @@ PYBIND11_MODULE(_C, m) {
   m.def("loss_rows", &unlearn_fast::loss_rows, py::arg("student_logits"), py::arg("teacher_logits"),
         py::arg("targets"), py::arg("kl_coef"), py::arg("ce_coef"), py::arg("kl_bound"), py::arg("ce_bound"),
         py::arg("temperature"), py::call_guard<py::gil_scoped_release>(), unlearn_fast::kLossRowsDoc);
+  m.def("unlearning_layer_forward", &unlearn_fast::unlearning_layer_forward_cpu, py::arg("x"),
+        py::arg("down_weight"), py::arg("down_bias"), py::arg("up_weight"), py::arg("up_bias"),
+        py::arg("activation"), py::call_guard<py::gil_scoped_release>(), unlearn_fast::kUnlearningLayerForwardDoc);
+  m.def("unlearning_layer_backward", &unlearn_fast::unlearning_layer_backward_cpu, py::arg("grad_y"), py::arg("x"),
+        py::arg("pre"), py::arg("down_weight"), py::arg("up_weight"), py::arg("activation"),
+        py::arg("compute_grad_x"), py::call_guard<py::gil_scoped_release>(),
+        unlearn_fast::kUnlearningLayerBackwardDoc);
 }

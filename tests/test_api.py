@@ -56,7 +56,14 @@ def base_state(model):
 
 def assert_base_unchanged(before, model):
     """The base weights are bit-equal to what they were (site wrappers add '.base.' to names)."""
-    after = {k.replace(".base.", "."): v for k, v in model.state_dict().items() if ".layers." not in k}
+    paths = [s.path for s in sites(model)]
+    after = {}
+    for k, v in model.state_dict().items():
+        if any(k.startswith(f"{p}.layers.") for p in paths):
+            continue  # an unlearning layer
+        for p in paths:
+            k = k.replace(f"{p}.base.", f"{p}.")
+        after[k] = v
     assert set(after) == set(before)
     for k, v in before.items():
         assert torch.equal(after[k], v), k
@@ -103,7 +110,7 @@ def test_unlearn_classification_with_labels():
         original = model(**enc).logits
     predicted = original.argmax(-1)
     forget = [{"text": t, "label": int(y)} for t, y in zip(texts, predicted)]  # what the model "knows"
-    retain = [{"text": e["text"], "label": ["NEG", "POS"][i % 2]} for i, e in enumerate(RETAIN_TEXT)]
+    retain = [{"text": e["text"], "label": ["POS", "NEG"][i % 2]} for i, e in enumerate(RETAIN_TEXT)]
     base = base_state(model)
     result = unlearn(model, tok, forget, retain, layers=LayerConfig(rank=RANK),
                      training=TrainConfig(max_steps=30, epochs=100, lr=5e-2, progress=False), **QUIET)
@@ -170,13 +177,13 @@ def _nan_objective(self, batch, teacher=None):
 @pytest.mark.parametrize("how", ["objective", "huge-lr"])
 def test_nan_loss_raises_and_writes_nothing(how, tmp_path, monkeypatch):
     out = tmp_path / "layers"
-    lr = 1e-2
+    # (a Llama-style model under lr=1e30 stays finite -- RMSNorm absorbs the huge adapter output --
+    # while GPT-2's LayerNorm overflows to NaN)
+    arch, lr = ("llama", 1e-2) if how == "objective" else ("gpt2", 1e30)
     if how == "objective":
         monkeypatch.setattr(objective_module.EULObjective, "__call__", _nan_objective)
-    else:
-        lr = 1e30
     with pytest.raises(TrainingError) as info:
-        unlearn(make_model("llama"), tokenizer_for("llama"), FORGET_PR, RETAIN_PR, out=out,
+        unlearn(make_model(arch), tokenizer_for(arch), FORGET_PR, RETAIN_PR, out=out,
                 layers=LayerConfig(rank=RANK), training=TrainConfig(max_steps=6, epochs=100, lr=lr, progress=False),
                 evaluate=False, **QUIET)
     message = str(info.value)

@@ -293,7 +293,7 @@ def test_each_term_switches_off_with_weight_zero(arch, off):
     full, _ = hand_loss(model, task, batch, **weights)
     weights[off] = 0.0
     loss, expected, _ = compare(model, task, batch, **weights)
-    assert abs(float(full) - loss.item()) > 1e-4  # the term mattered and is now gone
+    assert abs(full.item() - loss.item()) > 1e-4  # the term mattered and is now gone
 
 
 def test_all_weights_zero_is_a_zero_loss():

@@ -2,13 +2,15 @@
 
 Tolerance: the forget-set answer loss rises by at least 1 nat; the retain-set answer loss rises
 by at most 0.25 nat (it usually falls, since the task loss trains on the retained answers).
+Settings are the demo's (γ = 1): with the paper's γ = 0.2 and this few steps, the retained
+answers' task loss sharpens every capital first and maximising the forget KL amplifies that.
 """
 
 import importlib.util
 
 import pytest
 
-from unlearn_fast import LayerConfig, TrainConfig, load_model, unlearn
+from unlearn_fast import LayerConfig, ObjectiveConfig, TrainConfig, load_model, unlearn
 from unlearn_fast.demo import capital_example
 from unlearn_fast.encoding import encode, pad_token_id
 from unlearn_fast.evaluation import mean_loss
@@ -36,7 +38,8 @@ def test_short_run_forgets_and_retains():
 
     before = answer_loss(forget), answer_loss(retain)
     unlearn(model, tokenizer, forget, retain, model_name=name, evaluate=False,
-            layers=LayerConfig(rank=8, blocks=4), training=TrainConfig(epochs=6, batch_size=8, lr=3e-3, progress=False))
+            layers=LayerConfig(rank=8, blocks=4), objective=ObjectiveConfig(gamma=1.0),
+            training=TrainConfig(epochs=6, batch_size=8, lr=2e-3, progress=False))
     after = answer_loss(forget), answer_loss(retain)
     assert after[0] > before[0] + 1.0, (before, after)
     assert after[1] < before[1] + 0.25, (before, after)

@@ -144,8 +144,14 @@ def cmd_unlearn(args) -> int:
                                 forget_lm_bound=args.forget_lm_bound, temperature=args.temperature)
     training = TrainConfig(epochs=args.epochs, schedule=args.schedule, batch_size=args.batch_size, lr=args.lr,
                            max_steps=args.max_steps, seed=args.seed, progress=not args.no_progress)
+    from .data import check_overlap, load_examples
+
+    # the user's data is checked before a model is loaded (which can take a while)
+    forget = load_examples(args.forget, _columns(args), name="forget set")
+    retain = load_examples(args.retain, _columns(args), name="retain set")
+    check_overlap(forget, retain, drop=args.drop_overlap)
     model, tokenizer, name = _load(args)
-    result = unlearn(model, tokenizer, args.forget, args.retain, out=args.out, overwrite=args.overwrite,
+    result = unlearn(model, tokenizer, forget, retain, out=args.out, overwrite=args.overwrite,
                      model_name=name, columns=_columns(args), drop_overlap=args.drop_overlap, layers=layers,
                      objective=objective, training=training, max_length=args.max_length,
                      evaluate=not args.no_eval)

@@ -119,7 +119,7 @@ def train(model: nn.Module, objective: EULObjective, forget: Sequence[Row], reta
         if not torch.isfinite(loss):
             progress.close()
             shown = ", ".join(f"{k}={v:.4g}" for k, v in terms.items())
-            raise TrainingError(f"the loss became {float(loss)} at step {step + 1} ({shown}); "
+            raise TrainingError(f"the loss became {loss.item()} at step {step + 1} ({shown}); "
                                 "nothing was written. Try a lower learning rate (--lr).")
         optimizer.zero_grad(set_to_none=True)
         loss.backward()

@@ -274,10 +274,14 @@ void check_loss_rows_args(const at::Tensor& student_logits, const at::Tensor& te
               "unlearn_fast.loss_rows: temperature must be a positive finite number, got ", temperature);
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> loss_rows_cpu(
+namespace {
+
+// The CPU kernel proper; grad [n, V] may be student_logits itself (each row is read in pass 1 and
+// each element read before it is overwritten in pass 2).
+std::tuple<at::Tensor, at::Tensor> loss_rows_cpu_into(
     const at::Tensor& student_logits, const at::Tensor& teacher_logits, const at::Tensor& targets,
     const at::Tensor& kl_coef, const at::Tensor& ce_coef, double kl_bound, double ce_bound,
-    double temperature) {
+    double temperature, at::Tensor& grad) {
   check_loss_rows_args(student_logits, teacher_logits, targets, kl_coef, ce_coef, temperature,
                        c10::DeviceType::CPU);
   const int64_t n = student_logits.size(0);
@@ -289,7 +293,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> loss_rows_cpu(
   }
   at::Tensor kl = at::empty({n}, student_logits.options());
   at::Tensor ce = at::empty({n}, student_logits.options());
-  at::Tensor grad = at::empty({n, V}, student_logits.options());
 
   const float* s = student_logits.data_ptr<float>();
   const float* t = teacher_logits.numel() ? teacher_logits.data_ptr<float>() : nullptr;
@@ -309,7 +312,29 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> loss_rows_cpu(
       ce_out[i] = r.ce;
     }
   });
+  return {kl, ce};
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> loss_rows_cpu(
+    const at::Tensor& student_logits, const at::Tensor& teacher_logits, const at::Tensor& targets,
+    const at::Tensor& kl_coef, const at::Tensor& ce_coef, double kl_bound, double ce_bound,
+    double temperature) {
+  at::Tensor grad = at::empty_like(student_logits, at::MemoryFormat::Contiguous);
+  auto [kl, ce] = loss_rows_cpu_into(student_logits, teacher_logits, targets, kl_coef, ce_coef, kl_bound,
+                                     ce_bound, temperature, grad);
   return {kl, ce, grad};
+}
+
+// The same, with the gradient written over student_logits: saves a [n, V] buffer (and its page
+// faults) per chunk of the loss head. Returns (kl, ce).
+std::tuple<at::Tensor, at::Tensor> loss_rows_inplace_cpu(
+    at::Tensor& student_logits, const at::Tensor& teacher_logits, const at::Tensor& targets,
+    const at::Tensor& kl_coef, const at::Tensor& ce_coef, double kl_bound, double ce_bound,
+    double temperature) {
+  return loss_rows_cpu_into(student_logits, teacher_logits, targets, kl_coef, ce_coef, kl_bound, ce_bound,
+                            temperature, student_logits);
 }
 
 // Shapes only, for torch.compile / FakeTensor / torch.library.opcheck (registered for the Meta key).

@@ -1,0 +1,338 @@
+"""Closed-form fusion of the unlearning layers of several deletion requests (EUL, Chen & Yang 2023).
+
+Each request i trained one unlearning layer per site and stored, for each of its two linear maps,
+the Gram matrix of that map's augmented inputs over request i's forget data, G_i = Σ [x, 1]ᵀ[x, 1]
+(see :mod:`unlearn_fast.grams`). Fusion finds, per site and per linear map, the one map that best
+reproduces every request's map on that request's own inputs:
+
+    W_m = argmin_W  Σ_i ‖X_i W − X_i W_i‖²  +  ρ ‖W_weights‖²
+        = (Σ_i G_i + ρ J)⁻¹  Σ_i G_i W_i
+
+where W_i = [Wᵀ; bᵀ] is the augmented weight (input-major, [in + 1, out]) so the bias is fused with
+the weights, and J = diag(1, …, 1, 0). Everything is float64; the system is solved with one
+Cholesky factorisation per linear map, reused for all ``out`` right-hand sides.
+
+Choices (documented here because they change results):
+
+- **ρ is relative.** The ridge added is ``rho × mean(diag(ΣG)[:in])`` — a fraction of the mean
+  per-feature input energy — so the same ``rho`` means the same thing at any activation scale or
+  token count. Default :data:`DEFAULT_RHO` = 1e-6: well above float64 round-off (so a singular
+  Gram, e.g. a forget set with fewer tokens than d, still factorises: the condition number is at
+  most about ``in / rho``), and small enough that a well-conditioned fusion changes by ~1e-6
+  relative. In directions no forget set ever visited, the ridge sends the fused weights to zero
+  (the minimum-norm least-squares answer). ``rho=0`` gives the exact normal-equation solve and
+  fails with a clear error on a singular Gram.
+- **The bias is not penalised.** J leaves the constant input's diagonal at its Gram value, the
+  token count N. The system stays positive definite for any ρ > 0 and N > 0:
+  vᵀ(G + ρJ)v = ‖Xu + t·1‖² + ρ‖u‖² vanishes only for u = 0, t = 0.
+- **Each linear map is regressed on its own stored inputs**, as in the paper: the up-projection on
+  the post-activation inputs act(D_i x + b_i) of request i's *own* down-projection, although the
+  fused layer feeds it the fused down-projection's activations. Bottleneck unit j of every request
+  is treated as the same input feature, which is only meaningful when the layers start from the
+  same initialisation (same seed) — the paper's setting.
+- **Associativity.** A fused artifact carries the summed Gram matrices and the summed cross terms
+  C = Σ_i G_i W_i (keys ``<site>.<k>.down.cross`` / ``.up.cross``, float64, [in + 1, out]). Fusing
+  it again uses C rather than G·W_m, so ``fuse(fuse(a, b), c)`` equals ``fuse(a, b, c)`` up to
+  rounding for any ρ (not only for ρ = 0), and a request's undo is a re-fusion of the rest.
+
+Fusion needs one layer per site per input artifact (what ``unlearn`` writes; K layers active on one
+model run *summed*, which is a different model from K alternatives and cannot be regressed this
+way), the same base model (fingerprint), task, sites, ranks and activations in every input.
+"""
+
+from __future__ import annotations
+
+import datetime
+import math
+import os
+from pathlib import Path
+from typing import Mapping, Optional, Sequence, Union
+
+import torch
+
+from .artifacts import MANIFEST_FILE, WEIGHTS_FILE, check_writable, read_artifact, write_artifact
+from .errors import ArtifactError, UnlearnFastError
+
+DEFAULT_RHO = 1e-6
+SUBLAYERS = ("down", "up")
+PathLike = Union[str, Path]
+
+
+class FusionError(UnlearnFastError):
+    """The fusion problem itself cannot be solved as asked (e.g. a singular Gram with ρ = 0)."""
+
+
+# --------------------------------------------------------------------------------------------
+# The math: tensors in, tensors out
+# --------------------------------------------------------------------------------------------
+
+
+def _shapes(rec: dict, sub: str) -> tuple[int, int]:
+    """(inputs, outputs) of a site's linear sub-layer."""
+    dim, rank = rec["dim"], rec["ranks"][0]
+    return (dim, rank) if sub == "down" else (rank, dim)
+
+
+def _tensor(tensors: Mapping[str, torch.Tensor], key: str, shape: tuple, name: str, what: str) -> torch.Tensor:
+    t = tensors.get(key)
+    if t is None:
+        raise ArtifactError(f"{name}: missing {what} {key}")
+    if tuple(t.shape) != shape:
+        raise ArtifactError(f"{name}: {key} has shape {tuple(t.shape)}, expected {shape}")
+    return t
+
+
+def cross_term(tensors: Mapping[str, torch.Tensor], key: str, n_in: int, n_out: int,
+               name: str = "layers") -> torch.Tensor:
+    """C = G · [Wᵀ; bᵀ] (float64, [n_in + 1, n_out]) of the linear map ``key`` (``<site>.<k>.<sub>``).
+
+    A stored ``<key>.cross`` (fused artifacts carry one) wins over recomputing it from the weights.
+    """
+    gram = _tensor(tensors, f"{key}.gram", (n_in + 1, n_in + 1), name,
+                   "Gram matrix (only artifacts written by `unlearn` or `fuse` store them)")
+    stored = tensors.get(f"{key}.cross")
+    if stored is not None:
+        return _tensor(tensors, f"{key}.cross", (n_in + 1, n_out), name, "cross term").double()
+    weight = _tensor(tensors, f"{key}.weight", (n_out, n_in), name, "weight")
+    bias = _tensor(tensors, f"{key}.bias", (n_out,), name, "bias")
+    augmented = torch.cat([weight.t(), bias[None]], dim=0).double()
+    return gram.double() @ augmented
+
+
+def solve_ridge(gram: torch.Tensor, cross: torch.Tensor, rho: float = DEFAULT_RHO,
+                what: str = "layer") -> torch.Tensor:
+    """(G + ρ·s·J)⁻¹ C in float64 by Cholesky, s = mean of G's diagonal without the bias entry.
+
+    ``gram`` [n + 1, n + 1] (last row/column: the constant input), ``cross`` [n + 1, out].
+    Returns the augmented weight [n + 1, out] (last row: the bias).
+    """
+    n = gram.shape[0] - 1
+    tokens = float(gram[n, n])
+    if not tokens > 0:
+        raise FusionError(f"{what}: the Gram matrices cover no tokens; nothing to regress on")
+    scale = float(gram.diagonal()[:n].mean())
+    system = gram.double().clone()
+    system.diagonal()[:n] += rho * (scale if scale > 0 else 1.0)
+    factor, info = torch.linalg.cholesky_ex(system)
+    if int(info) != 0:
+        raise FusionError(f"{what}: the summed Gram matrix is singular ({tokens:.0f} tokens for {n} inputs); "
+                          f"use a ridge rho > 0 (default {DEFAULT_RHO:g})")
+    return torch.cholesky_solve(cross.double(), factor)
+
+
+def fuse_tensors(requests: Sequence[Mapping[str, torch.Tensor]], sites: Sequence[dict],
+                 rho: float = DEFAULT_RHO, names: Optional[Sequence[str]] = None) -> dict[str, torch.Tensor]:
+    """Fuse the layers of several requests (tensor dicts as stored in artifacts) into one.
+
+    ``sites`` is the common site layout (the manifest's ``layers.sites``, one layer per site).
+    Returns the fused artifact's tensors: per site ``<path>.0.<down|up>.<weight|bias>`` (in the
+    inputs' weight dtype) and the summed ``.gram`` and ``.cross`` (float64). ``names`` label the
+    inputs in error messages.
+    """
+    if not requests:
+        raise UnlearnFastError("nothing to fuse: no layers given")
+    _check_rho(rho)
+    names = list(names) if names is not None else [f"layers #{i}" for i in range(len(requests))]
+    out: dict[str, torch.Tensor] = {}
+    for rec in sites:
+        if len(rec["ranks"]) != 1:
+            raise ArtifactError(f"{rec['path']}: fusion needs one layer per site, the layout has {len(rec['ranks'])}")
+        for sub in SUBLAYERS:
+            n_in, n_out = _shapes(rec, sub)
+            key = f"{rec['path']}.0.{sub}"
+            gram = cross = None
+            for tensors, name in zip(requests, names):
+                c = cross_term(tensors, key, n_in, n_out, name)
+                g = tensors[f"{key}.gram"].double()
+                gram = g.clone() if gram is None else gram.add_(g)
+                cross = c.clone() if cross is None else cross.add_(c)
+            if not (torch.isfinite(gram).all() and torch.isfinite(cross).all()):
+                _name_non_finite(requests, names, key, n_in, n_out)
+            fused = solve_ridge(gram, cross, rho, what=key)
+            dtype = requests[0].get(f"{key}.weight", torch.empty(0, dtype=torch.float32)).dtype
+            out[f"{key}.weight"] = fused[:n_in].t().contiguous().to(dtype)
+            out[f"{key}.bias"] = fused[n_in].contiguous().to(dtype)
+            out[f"{key}.gram"] = gram
+            out[f"{key}.cross"] = cross
+    return out
+
+
+def with_cross_terms(tensors: Mapping[str, torch.Tensor], sites: Sequence[dict],
+                     name: str = "layers") -> dict[str, torch.Tensor]:
+    """``tensors`` plus each linear map's cross term ``<site>.0.<sub>.cross`` (precomputed so that
+    later fusions skip the G·W products, the larger part of their cost)."""
+    out = dict(tensors)
+    for rec in sites:
+        for sub in SUBLAYERS:
+            key = f"{rec['path']}.0.{sub}"
+            out[f"{key}.cross"] = cross_term(tensors, key, *_shapes(rec, sub), name)
+    return out
+
+
+def _check_rho(rho: float) -> None:
+    if not (isinstance(rho, (int, float)) and math.isfinite(rho) and rho >= 0):
+        raise UnlearnFastError(f"rho must be a finite number ≥ 0, got {rho!r}")
+
+
+def _name_non_finite(requests, names, key, n_in, n_out):
+    for tensors, name in zip(requests, names):
+        g, c = tensors[f"{key}.gram"], cross_term(tensors, key, n_in, n_out, name)
+        if not (torch.isfinite(g).all() and torch.isfinite(c).all()):
+            raise ArtifactError(f"{name}: {key} has a non-finite (NaN or infinite) Gram matrix or weight")
+    raise FusionError(f"{key}: the summed Gram matrices overflow")
+
+
+# --------------------------------------------------------------------------------------------
+# Artifacts: checks, request records, the fused artifact's manifest
+# --------------------------------------------------------------------------------------------
+
+
+def request_records(manifest: dict) -> list[dict]:
+    """The deletion requests an artifact covers: fingerprints and counts, never data.
+
+    A fused artifact lists its requests; a stored ledger entry carries its own record; a plain
+    ``unlearn`` artifact is one request identified by the checksum of its tensor file.
+    """
+    if "fusion" in manifest:
+        return list(manifest["fusion"]["requests"])
+    if "request" in manifest:
+        return [manifest["request"]]
+    return [{"id": manifest.get("files", {}).get(WEIGHTS_FILE, "")[:16],
+             "forget_set": manifest.get("forget_set"), "retain_set": manifest.get("retain_set"),
+             "tokens": manifest.get("grams", {}).get("tokens"), "created": manifest.get("created")}]
+
+
+def _require(manifest: dict, name: str, *keys: str):
+    value = manifest
+    for key in keys:
+        if not isinstance(value, dict) or key not in value:
+            raise ArtifactError(f"{name}: the manifest has no {'.'.join(keys)}")
+        value = value[key]
+    return value
+
+
+def _layout_key(rec: dict) -> tuple:
+    return (rec["path"], rec["dim"], tuple(rec["ranks"]), tuple(rec["activations"]))
+
+
+def check_compatible(manifests: Sequence[dict], names: Sequence[str]) -> list[dict]:
+    """Refuse (ArtifactError naming the file) inputs that cannot be fused; return the common layout.
+
+    Same base fingerprint, task, sites, ranks and activations; one layer per site; Gram matrices
+    present (per the manifest); no request covered twice.
+    """
+    for manifest, name in zip(manifests, names):
+        _require(manifest, name, "base_model", "fingerprint")
+        for rec in _require(manifest, name, "layers", "sites"):
+            if not (isinstance(rec, dict) and {"path", "dim", "ranks", "activations"} <= set(rec)):
+                raise ArtifactError(f"{name}: the manifest's layers.sites records are incomplete")
+    first, first_name = manifests[0], names[0]
+    layout = first["layers"]["sites"]
+    seen: dict[str, str] = {}
+    for manifest, name in zip(manifests, names):
+        base = manifest["base_model"]
+        if base["fingerprint"] != first["base_model"]["fingerprint"]:
+            raise ArtifactError(
+                f"{name}: trained on another base model ({base.get('name_or_path') or '?'}, fingerprint "
+                f"{base['fingerprint'][:12]}) than {first_name} ({first['base_model']['fingerprint'][:12]}); "
+                f"only layers of the same base model can be fused")
+        if manifest.get("task") != first.get("task"):
+            raise ArtifactError(f"{name}: task {manifest.get('task')!r} differs from {first_name} ({first.get('task')!r})")
+        if "grams" not in manifest:
+            raise ArtifactError(f"{name}: the artifact has no Gram matrices, so it cannot be fused")
+        ours = manifest["layers"]["sites"]
+        for rec in ours:
+            if len(rec["ranks"]) != 1:
+                raise ArtifactError(f"{name}: {rec['path']} holds {len(rec['ranks'])} layers; fusion takes "
+                                    f"artifacts with one layer per site (one per request)")
+        if [_layout_key(r) for r in ours] != [_layout_key(r) for r in layout]:
+            raise ArtifactError(f"{name}: its unlearning layers differ from {first_name}'s "
+                                f"({_layout_difference(ours, layout)}); only layers of the same shape can be fused")
+        for req in request_records(manifest):
+            if req["id"] in seen:
+                raise ArtifactError(f"{name}: request {req['id']} is already covered by {seen[req['id']]}; "
+                                    f"fusing it twice would count it twice")
+            seen[req["id"]] = name
+    return layout
+
+
+def _layout_difference(ours: list[dict], theirs: list[dict]) -> str:
+    a, b = {r["path"]: r for r in ours}, {r["path"]: r for r in theirs}
+    if set(a) != set(b):
+        extra, missing = sorted(set(a) - set(b)), sorted(set(b) - set(a))
+        parts = ([f"extra sites {', '.join(extra[:3])}"] if extra else []) + \
+                ([f"no layers at {', '.join(missing[:3])}"] if missing else [])
+        return "; ".join(parts)
+    for path in b:
+        for field in ("dim", "ranks", "activations"):
+            if a[path][field] != b[path][field]:
+                return f"{path}: {field} {a[path][field]} vs {b[path][field]}"
+    return "site order"
+
+
+def fused_manifest(manifests: Sequence[dict], sources: Sequence[str], layout: list[dict], rho: float) -> dict:
+    """The manifest of a fused artifact: base model and layout of the inputs, every covered request."""
+    from . import __version__
+
+    first = manifests[0]
+    requests = [r for m in manifests for r in request_records(m)]
+    return {
+        "package": {"name": "unlearn_fast", "version": __version__},
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "base_model": first["base_model"],
+        "task": first.get("task"),
+        "layers": {"config": first["layers"].get("config"), "sites": layout},
+        "grams": {"tokens": sum(int(m["grams"].get("tokens") or 0) for m in manifests),
+                  "augmented_with_bias_column": True, "dtype": "float64", "cross_terms": True},
+        "fusion": {
+            "method": "closed-form ridge regression per linear map: W = (ΣG + ρ·s·J)⁻¹ Σ G·W_i",
+            "rho": rho,
+            "rho_is_relative_to": "mean diagonal s of the summed Gram matrix, bias entry excluded",
+            "bias_penalised": False,
+            "requests": requests,
+            "sources": [{"path": src, "files": m.get("files", {})} for src, m in zip(sources, manifests)],
+        },
+    }
+
+
+def fuse_artifacts(paths: Sequence[PathLike], out: PathLike, rho: float = DEFAULT_RHO,
+                   overwrite: bool = False) -> Path:
+    """Fuse the unlearning layers of the artifacts at ``paths`` into one artifact at ``out``.
+
+    Checks every input (checksum, base model, layout, Gram matrices) before any work, writes
+    atomically, refuses an existing ``out`` unless ``overwrite`` (and always refuses to overwrite
+    one of its inputs). The inputs are only read. Returns ``out``.
+    """
+    paths = [Path(p) for p in paths]
+    _check_rho(rho)
+    if not paths:
+        raise UnlearnFastError("nothing to fuse: give at least one artifact directory")
+    out = check_writable(out, overwrite)
+    for p in paths:
+        if out.exists() and p.exists() and os.path.samefile(out, p):
+            raise ArtifactError(f"{out} is one of the inputs; write the fused layers elsewhere")
+    tensors, manifest = fuse_paths(paths, rho)
+    return write_artifact(out, tensors, manifest, overwrite)
+
+
+def fuse_paths(paths: Sequence[PathLike], rho: float = DEFAULT_RHO) -> tuple[dict[str, torch.Tensor], dict]:
+    """Read, check and fuse the artifacts at ``paths``; return the fused (tensors, manifest) unwritten."""
+    paths = [Path(p) for p in paths]
+    _check_rho(rho)
+    if not paths:
+        raise UnlearnFastError("nothing to fuse: give at least one artifact directory")
+    manifests, tensors = zip(*(read_artifact(p) for p in paths))
+    layout = check_compatible(manifests, [str(p) for p in paths])
+    fused = fuse_tensors(tensors, layout, rho, [str(p / WEIGHTS_FILE) for p in paths])
+    return fused, fused_manifest(manifests, [str(p) for p in paths], layout, rho)
+
+
+def artifacts_in(folder: PathLike) -> list[Path]:
+    """Every artifact directory directly inside ``folder`` (the original ``--merge_set``), by name."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise ArtifactError(f"{folder}: not a directory")
+    found = sorted(p for p in folder.iterdir() if p.is_dir() and (p / MANIFEST_FILE).is_file())
+    if not found:
+        raise ArtifactError(f"{folder}: holds no unlearning artifacts (directories with a manifest.json)")
+    return found
