@@ -28,6 +28,7 @@ from .grams import collect_grams
 from .layers import LayerConfig, attach, describe, layer_state
 from .models import detect_task
 from .objective import EULObjective, ObjectiveConfig
+from .step_cache import StepCache
 from .trainer import TrainConfig, TrainResult, train
 
 
@@ -103,7 +104,10 @@ def unlearn(
     before = evaluate_sets(model, tokenizer, task, sets, eval_labels, general_text, max_length) if evaluate else {}
 
     attach(model, layers)
-    loss = EULObjective(model, task, objective)
+    cache = None
+    if training.teacher_cache or training.shared_trunk:
+        cache = StepCache(model, task, teacher=training.teacher_cache, trunk=training.shared_trunk)
+    loss = EULObjective(model, task, objective, cache)
     pad = pad_token_id(tokenizer)
     result = train(model, loss, forget_rows, retain_rows, training, pad)
     grams, gram_tokens = collect_grams(model, task, forget_rows, pad, training.batch_size)

@@ -14,16 +14,18 @@ a token it knew probability ≤ e⁻⁵ ≈ 0.7 % once its LM loss reaches the c
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 from torch import Tensor, nn
 
+from .encoding import collate
 from .errors import ModelError
 from .layers import layers_disabled
 from .models import Head, output_head, output_states
 from .ops import eul_loss_head
 from .ops.loss_head import IGNORE_INDEX
+from .step_cache import StepCache
 
 TERMS = ("retain_kl", "forget_kl", "task_loss", "forget_lm_loss")
 
@@ -83,35 +85,78 @@ def term_means(batch: dict, kl: Tensor, ce: Tensor) -> dict[str, float]:
     return out
 
 
-class EULObjective:
-    """Computes the EUL loss of a batch for a model with unlearning layers attached."""
+def _output_lengths(task: str, batch: dict) -> list[int]:
+    if task == "classification":
+        return [1] * batch["input_ids"].shape[0]
+    key = "decoder_attention_mask" if task == "seq2seq" else "attention_mask"
+    return batch[key].sum(1).tolist()
 
-    def __init__(self, model: nn.Module, task: str, config: ObjectiveConfig):
+
+class EULObjective:
+    """Computes the EUL loss of a batch for a model with unlearning layers attached.
+
+    With a :class:`~unlearn_fast.step_cache.StepCache` and the batch's rows, the teacher's
+    states are computed once per row and the frozen trunk below the lowest unlearning layer is
+    shared between teacher and student (and replayed in later epochs).
+    """
+
+    def __init__(self, model: nn.Module, task: str, config: ObjectiveConfig, cache: Optional[StepCache] = None):
         self.model = model
         self.task = task
         self.config = config
         self.gamma = config.resolved_gamma(task)
         self.head: Head = output_head(model, task)
+        self.cache = cache
 
     def teacher_states(self, batch: dict) -> Tensor:
         with torch.no_grad(), layers_disabled(self.model):
             return output_states(self.model, self.task, batch)
 
-    def __call__(self, batch: dict, teacher: Optional[Tensor] = None) -> tuple[Tensor, dict[str, float]]:
-        """The scalar loss (differentiable w.r.t. the unlearning layers) and each term's mean."""
+    def _teacher(self, batch: dict, rows, cache: Optional[StepCache]) -> Tensor:
+        if cache is None:
+            return self.teacher_states(batch)
+        lengths = batch["attention_mask"].sum(1).tolist()
+        if not cache.use_teacher:  # still share the trunk with the student within this step
+            with cache.recording_trunk(rows, lengths):
+                return self.teacher_states(batch)
+        missing = [r for r in rows if not cache.has_teacher(r)]
+        if missing:  # run the teacher on the rows it has not seen yet, and only on them
+            device = batch["input_ids"].device
+            sub = batch if len(missing) == len(rows) else \
+                {k: v.to(device) for k, v in collate(missing, pad_id=0).items()}
+            with cache.recording_trunk(missing, sub["attention_mask"].sum(1).tolist()):
+                states = self.teacher_states(sub)
+            cache.store_teacher(missing, states, _output_lengths(self.task, sub))
+        return cache.cached_teacher(rows, batch["targets"].shape[1], batch["input_ids"].device)
+
+    def _student(self, batch: dict, rows, cache: Optional[StepCache]) -> Tensor:
+        if cache is None:
+            return output_states(self.model, self.task, batch)
+        width = batch["input_ids"].shape[1]
+        with cache.recording_trunk(rows, batch["attention_mask"].sum(1).tolist()), \
+                cache.replaying_trunk(rows, width, batch["input_ids"].device):
+            return output_states(self.model, self.task, batch)
+
+    def __call__(self, batch: dict, rows: Optional[Sequence] = None) -> tuple[Tensor, dict[str, float]]:
+        """The scalar loss (differentiable w.r.t. the unlearning layers) and each term's mean.
+
+        ``rows`` (the encoded rows of the batch, in order) lets the step cache work; without it
+        every pass is computed.
+        """
         kl_coef, ce_coef = coefficients(batch, self.config, self.gamma)
-        rows = (kl_coef != 0) | (ce_coef != 0)
-        student = output_states(self.model, self.task, batch)
-        if teacher is None and bool((kl_coef != 0).any()):
-            teacher = self.teacher_states(batch)
+        rows_used = (kl_coef != 0) | (ce_coef != 0)
+        cache = self.cache if rows is not None else None
+        teacher = self._teacher(batch, rows, cache) if bool((kl_coef != 0).any()) else None
+        student = self._student(batch, rows, cache)
         device = student.device
+        sel = rows_used.to(device)
         out = eul_loss_head(
-            student[rows.to(device)],
-            None if teacher is None else teacher[rows.to(device)],
+            student[sel],
+            None if teacher is None else teacher[sel],
             self.head.weight,
-            batch["targets"].to(device)[rows.to(device)],
-            kl_coef.to(device)[rows.to(device)],
-            ce_coef.to(device)[rows.to(device)],
+            batch["targets"].to(device)[sel],
+            kl_coef.to(device)[sel],
+            ce_coef.to(device)[sel],
             bias=self.head.bias,
             kl_bound=self.config.forget_kl_bound,
             ce_bound=self.config.forget_lm_bound,
@@ -119,10 +164,10 @@ class EULObjective:
             logit_scale=self.head.logit_scale,
             logit_softcap=self.head.logit_softcap,
         )
-        full_kl = torch.zeros(rows.shape, dtype=torch.float32)
-        full_ce = torch.zeros(rows.shape, dtype=torch.float32)
-        full_kl[rows] = out.kl.cpu()
-        full_ce[rows] = out.ce.cpu()
+        full_kl = torch.zeros(rows_used.shape, dtype=torch.float32)
+        full_ce = torch.zeros(rows_used.shape, dtype=torch.float32)
+        full_kl[rows_used] = out.kl.cpu()
+        full_ce[rows_used] = out.ce.cpu()
         full_kl[kl_coef == 0] = float("nan")  # a switched-off term is not computed: report it absent,
         full_ce[ce_coef == 0] = float("nan")  # not as 0
 

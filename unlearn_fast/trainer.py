@@ -8,8 +8,10 @@ larger set).
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import math
+import os
 import random
 import time
 from dataclasses import asdict, dataclass, field
@@ -22,6 +24,7 @@ from .encoding import Row, collate, pad_token_id, token_count
 from .errors import TrainingError, UnlearnFastError
 from .layers import unlearning_parameters
 from .objective import TERMS, EULObjective
+from .ops.backend import BACKENDS, ENV_VAR
 
 SCHEDULES = ("alternate", "mixed")
 
@@ -40,6 +43,10 @@ class TrainConfig:
     seed: int = 0
     max_steps: Optional[int] = None
     progress: bool = True
+    teacher_cache: bool = True
+    shared_trunk: bool = True
+    bucket_by_length: bool = True
+    backend: str = "auto"
 
     def __post_init__(self):
         if self.schedule not in SCHEDULES:
@@ -48,6 +55,8 @@ class TrainConfig:
             raise UnlearnFastError("epochs and batch size must be ≥ 1")
         if not self.lr > 0:
             raise UnlearnFastError(f"learning rate must be > 0, got {self.lr}")
+        if self.backend not in BACKENDS:
+            raise UnlearnFastError(f"backend must be one of {', '.join(BACKENDS)}, got {self.backend!r}")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -61,10 +70,32 @@ class TrainResult:
     history: list[dict] = field(default_factory=list)
 
 
-def _chunks(rows: Sequence[Row], size: int, rng: random.Random) -> list[list[Row]]:
+def _length(row: Row) -> int:
+    return len(row.input_ids) + len(row.decoder_input_ids or ())
+
+
+def _chunks(rows: Sequence[Row], size: int, rng: random.Random, bucket: bool = False) -> list[list[Row]]:
+    """Shuffled batches; with ``bucket``, rows of similar length share a batch (less padding):
+    rows are sorted by length inside shuffled windows of 16 batches, and the batches shuffled."""
     order = list(rows)
     rng.shuffle(order)
-    return [order[i:i + size] for i in range(0, len(order), size)]
+    if not bucket:
+        return [order[i:i + size] for i in range(0, len(order), size)]
+    window = 16 * size
+    groups = []
+    for w in range(0, len(order), window):
+        part = sorted(order[w:w + window], key=_length)
+        groups += [part[i:i + size] for i in range(0, len(part), size)]
+    rng.shuffle(groups)
+    return groups
+
+
+def padding_fraction(groups: Sequence[Sequence[Row]]) -> float:
+    """Share of the token slots in padded batches that are padding."""
+    real = sum(_length(r) for g in groups for r in g)
+    slots = sum(len(g) * max(len(r.input_ids) for r in g) + len(g) * max(len(r.decoder_input_ids or ()) for r in g)
+                for g in groups)
+    return 1.0 - real / slots if slots else 0.0
 
 
 def batches(forget: Sequence[Row], retain: Sequence[Row], config: TrainConfig) -> Iterator[list[Row]]:
@@ -72,12 +103,12 @@ def batches(forget: Sequence[Row], retain: Sequence[Row], config: TrainConfig) -
     rng = random.Random(config.seed)
     for _ in range(config.epochs):
         if config.schedule == "alternate":
-            yield from _chunks(retain, config.batch_size, rng)
-            yield from _chunks(forget, config.batch_size, rng)
+            yield from _chunks(retain, config.batch_size, rng, config.bucket_by_length)
+            yield from _chunks(forget, config.batch_size, rng, config.bucket_by_length)
         else:
             big, small = (retain, forget) if len(retain) >= len(forget) else (forget, retain)
-            small_groups = itertools.cycle(_chunks(small, config.batch_size, rng)) if small else None
-            for group in _chunks(big, config.batch_size, rng):
+            small_groups = itertools.cycle(_chunks(small, config.batch_size, rng, config.bucket_by_length)) if small else None
+            for group in _chunks(big, config.batch_size, rng, config.bucket_by_length):
                 yield group + next(small_groups) if small_groups else group
 
 
@@ -115,7 +146,8 @@ def train(model: nn.Module, objective: EULObjective, forget: Sequence[Row], reta
         if step >= total:
             break
         batch = {k: v.to(device) for k, v in collate(group, pad_id).items()}
-        loss, terms = objective(batch)
+        with forced_backend(config.backend):
+            loss, terms = objective(batch, group)
         if not torch.isfinite(loss):
             progress.close()
             shown = ", ".join(f"{k}={v:.4g}" for k, v in terms.items())
@@ -136,6 +168,23 @@ def train(model: nn.Module, objective: EULObjective, forget: Sequence[Row], reta
                               "tok/s": f"{tokens / elapsed:.0f}"})
     progress.close()
     return TrainResult(len(history), time.perf_counter() - start, tokens, history)
+
+
+@contextlib.contextmanager
+def forced_backend(name: str):
+    """Run with ``UNLEARN_FAST_BACKEND=name`` (``auto`` leaves the environment as it is)."""
+    if name == "auto":
+        yield
+        return
+    previous = os.environ.get(ENV_VAR)
+    os.environ[ENV_VAR] = name
+    try:
+        yield
+    finally:
+        if previous is None:
+            del os.environ[ENV_VAR]
+        else:
+            os.environ[ENV_VAR] = previous
 
 
 def _progress(total: int, enabled: bool):

@@ -1,0 +1,85 @@
+"""The step cache (teacher states once per row, shared / replayed frozen trunk) and length bucketing."""
+
+import pytest
+import torch
+
+from conftest import TASK_OF, make_model, tokenizer_for
+from unlearn_fast.data import Example
+from unlearn_fast.encoding import encode, pad_token_id
+from unlearn_fast.layers import LayerConfig, attach
+from unlearn_fast.objective import EULObjective, ObjectiveConfig
+from unlearn_fast.step_cache import StepCache
+from unlearn_fast.trainer import TrainConfig, _chunks, padding_fraction, train
+
+FORGET = [Example(prompt=f"Secret {i} is", response=f"code{i * 7}") for i in range(3)]
+RETAIN = [Example(prompt=f"Public fact number {i} says", response=f"value {i}") for i in range(9)]
+
+
+def _rows(arch, tokenizer, model):
+    kw = dict(model_config=model.config, max_length=64)
+    return (encode(FORGET, tokenizer, TASK_OF[arch], forget=True, name="forget", **kw),
+            encode(RETAIN, tokenizer, TASK_OF[arch], forget=False, name="retain", **kw))
+
+
+def _trajectory(arch, cached: bool, steps=20, blocks=1):
+    torch.manual_seed(0)
+    model = make_model(arch)
+    tokenizer = tokenizer_for(arch)
+    forget, retain = _rows(arch, tokenizer, model)
+    attach(model, LayerConfig(rank=4, blocks=blocks))
+    task = TASK_OF[arch]
+    cache = StepCache(model, task) if cached else None
+    objective = EULObjective(model, task, ObjectiveConfig(gamma=None if task == "classification" else 0.5), cache)
+    config = TrainConfig(epochs=50, batch_size=4, lr=1e-2, max_steps=steps, progress=False,
+                         teacher_cache=cached, shared_trunk=cached)
+    result = train(model, objective, forget, retain, config, pad_token_id(tokenizer))
+    return [h["loss"] for h in result.history], cache
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "t5", "bert"])
+def test_cached_steps_give_the_same_loss_trajectory(arch):
+    plain, _ = _trajectory(arch, cached=False)
+    fast, cache = _trajectory(arch, cached=True)
+    assert len(plain) == len(fast) == 20
+    assert cache.teacher, "the teacher cache was never filled"
+    for a, b in zip(plain, fast):
+        assert abs(a - b) <= 1e-3 * max(1.0, abs(a)), (plain, fast)
+
+
+def test_trunk_below_lowest_layer_runs_once_per_row():
+    """With layers on the top block only, block 0 runs in the first pass over the rows, never again."""
+    torch.manual_seed(0)
+    model = make_model("llama")
+    tokenizer = tokenizer_for("llama")
+    forget, retain = _rows("llama", tokenizer, model)
+    attach(model, LayerConfig(rank=4, blocks=1))
+    calls = []
+    block0 = model.model.layers[0]
+    block0.register_forward_hook(lambda m, a, o: calls.append(a[0].shape[0]))
+    cache = StepCache(model, "causal")
+    assert cache.lowest == 1
+    objective = EULObjective(model, "causal", ObjectiveConfig(), cache)
+    config = TrainConfig(epochs=3, batch_size=4, progress=False)
+    train(model, objective, forget, retain, config, pad_token_id(tokenizer))
+    rows_through_block0 = sum(calls)
+    # every row through block 0 exactly once (the teacher's pass), whatever the number of epochs
+    assert rows_through_block0 == len(forget) + len(retain)
+
+
+def test_trunk_replay_is_off_when_layers_start_at_block_zero():
+    model = make_model("llama")
+    attach(model, LayerConfig(rank=4, blocks="all"))
+    assert StepCache(model, "causal").blocks is None
+
+
+def test_bucketing_reduces_padding():
+    import random
+
+    from unlearn_fast.encoding import Row
+
+    rows = [Row(list(range(n)), [0] * n, [True] * n, False) for n in ([3] * 20 + [40] * 20)]
+    plain = _chunks(rows, 4, random.Random(0), bucket=False)
+    bucketed = _chunks(rows, 4, random.Random(0), bucket=True)
+    assert sorted(map(id, sum(plain, []))) == sorted(map(id, sum(bucketed, [])))
+    assert padding_fraction(bucketed) == 0.0
+    assert padding_fraction(plain) > 0.3
