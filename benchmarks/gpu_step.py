@@ -1,0 +1,105 @@
+"""Whole-step table: naive vs reference vs fused vs fused + warm cache (prints a table, writes JSON).
+
+GPU (default; ≤ 5 minutes): a Llama-3.2-1B-shaped model with random weights (16 blocks, d = 2048,
+V = 128256, tied head), bf16, batch 8 × 1024, a rank-128 unlearning layer after every MLP:
+
+    python benchmarks/gpu_step.py --out step.json
+
+CPU: the real SmolLM2-135M (fp32, 8 × 128, rank 32 after every block), the issue's CPU shape:
+
+    python benchmarks/gpu_step.py --cpu --steps 2 --out step_cpu.json
+
+The GPU figures are unmeasured until this runs on a GPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from whole_step import MODES, StepRunner, make_rows, prepare, time_steps  # noqa: E402
+
+
+def matmul_rate(device, dtype, n=8192, reps=10) -> float:
+    """Measured dense matmul FLOP/s on this device (the denominator of MFU)."""
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    a @ b
+    torch.cuda.synchronize() if device.type == "cuda" else None
+    start = time.perf_counter()
+    for _ in range(reps):
+        a @ b
+    torch.cuda.synchronize() if device.type == "cuda" else None
+    return 2 * n ** 3 * reps / (time.perf_counter() - start)
+
+
+def build_model(args):
+    if args.cpu:
+        from unlearn_fast.hub import load_model
+
+        model, _, _ = load_model("smollm2", device="cpu")
+        return model
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
+                         num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=4096,
+                         tie_word_embeddings=True, rope_theta=500000.0)
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        model = LlamaForCausalLM(config).to(torch.bfloat16)
+    return model.eval()
+
+
+def model_flops_per_step(model, tokens: int, cached: bool) -> float:
+    """Forward ≈ 2·params·tokens per pass (head included); backward to the inputs ≈ one forward."""
+    params = sum(p.numel() for p in model.parameters())
+    passes = 2 if cached else 3  # (teacher +) student forward + backward to the inputs
+    return 2 * params * tokens * passes
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--cpu", action="store_true", help="the CPU shape with the real SmolLM2")
+    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--modes", nargs="*", default=list(MODES))
+    parser.add_argument("--out", default="whole_step.json")
+    args = parser.parse_args(argv)
+    if not args.cpu and not torch.cuda.is_available():
+        parser.error("no GPU: use --cpu for the CPU shape")
+    device = torch.device("cpu" if args.cpu else "cuda")
+    model = prepare(build_model(args), rank=32 if args.cpu else 128)
+    rows = make_rows(model.config.vocab_size, rows=8, length=128 if args.cpu else 1024)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    rate = matmul_rate(device, next(model.parameters()).dtype, n=2048 if args.cpu else 8192)
+    results = []
+    for mode in args.modes:
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+        runner = StepRunner(model, rows, mode)
+        r = time_steps(runner, args.steps, sync)
+        r["mfu"] = model_flops_per_step(model, runner.tokens, mode == "fused+cache") / r["s_per_step"] / rate
+        if device.type == "cuda":
+            r["peak_gib"] = torch.cuda.max_memory_allocated() / 2 ** 30
+        results.append(r)
+        del runner
+    naive = next((r for r in results if r["mode"] == "naive"), None)
+    print(f"device: {torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu'}; "
+          f"measured matmul rate {rate / 1e12:.2f} TFLOP/s; torch {torch.__version__}")
+    print(f"{'mode':14}{'ms/step':>10}{'tokens/s':>11}{'× naive':>9}{'MFU':>7}{'GiB':>8}")
+    for r in results:
+        speedup = naive["s_per_step"] / r["s_per_step"] if naive else float("nan")
+        print(f"{r['mode']:14}{1e3 * r['s_per_step']:10.1f}{r['tokens_per_s']:11.0f}{speedup:9.2f}"
+              f"{100 * r['mfu']:6.1f}%{r.get('peak_gib', float('nan')):8.2f}")
+    with open(args.out, "w") as f:
+        json.dump({"device": str(device), "matmul_rate": rate, "results": results}, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()

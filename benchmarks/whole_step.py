@@ -1,0 +1,107 @@
+"""Whole EUL training steps, four ways, for the CPU suite and the GPU script.
+
+- ``naive``: what a plain transformers/PyTorch loop does — a teacher forward without grad and a
+  student forward, both to full-vocabulary logits, the KL / CE terms on them, backward, AdamW;
+- ``reference``: this package's objective on the pure-PyTorch ops (chunked loss head);
+- ``fused``: the same on the fused ops (C++ on CPU, Triton on GPU);
+- ``fused+cache``: fused, with the step cache warm (teacher states and frozen trunk stored).
+
+All four compute the same loss (``naive`` on materialised logits). One step = 8 rows × ``length``
+tokens: half forgotten, half retained, every position a target.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from unlearn_fast.encoding import Row, collate
+from unlearn_fast.layers import LayerConfig, attach, layers_disabled, unlearning_parameters
+from unlearn_fast.models import output_head
+from unlearn_fast.objective import EULObjective, ObjectiveConfig, coefficients
+from unlearn_fast.ops.loss_head import IGNORE_INDEX, row_losses
+from unlearn_fast.step_cache import StepCache
+from unlearn_fast.trainer import forced_backend
+
+MODES = ("naive", "reference", "fused", "fused+cache")
+
+
+def make_rows(vocab: int, rows: int = 8, length: int = 128, seed: int = 0) -> list[Row]:
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for i in range(rows):
+        ids = torch.randint(3, vocab, (length,), generator=g).tolist()
+        targets = ids[1:] + [IGNORE_INDEX]
+        out.append(Row(ids, targets, [t != IGNORE_INDEX for t in targets], forget=i < rows // 2))
+    return out
+
+
+def naive_loss(model, batch: dict, config: ObjectiveConfig, gamma: float) -> torch.Tensor:
+    """EUL's loss from full fp32 logits, the way an unfused loop computes it."""
+    with torch.no_grad(), layers_disabled(model):
+        teacher = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
+    student = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
+    kl_coef, ce_coef = (c.to(student.device) for c in coefficients(batch, config, gamma))
+    log_s = torch.log_softmax(student, -1)
+    log_t = torch.log_softmax(teacher, -1)
+    kl = (log_t.exp() * (log_t - log_s)).sum(-1)
+    targets = batch["targets"]
+    ce = -log_s.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1) * (targets != IGNORE_INDEX)
+    return row_losses(kl, ce, kl_coef, ce_coef, config.forget_kl_bound, config.forget_lm_bound).sum()
+
+
+@dataclass
+class StepRunner:
+    """One model with unlearning layers, an optimizer, and a step function per mode."""
+
+    model: torch.nn.Module
+    rows: list[Row]
+    mode: str
+    config: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+
+    def __post_init__(self):
+        self.device = next(self.model.parameters()).device
+        self.batch = {k: v.to(self.device) for k, v in collate(self.rows, 0).items()}
+        self.optimizer = torch.optim.AdamW(unlearning_parameters(self.model), lr=1e-4)
+        cache = StepCache(self.model, "causal") if self.mode == "fused+cache" else None
+        self.objective = EULObjective(self.model, "causal", self.config, cache)
+        self.tokens = int(self.batch["attention_mask"].sum())
+        if cache is not None:  # warm the cache: the first epoch fills it
+            self.objective(self.batch, self.rows)
+
+    def step(self) -> float:
+        backend = "reference" if self.mode == "reference" else "auto"
+        with forced_backend(backend):
+            if self.mode == "naive":
+                loss = naive_loss(self.model, self.batch, self.config, self.objective.gamma)
+            else:
+                loss, _ = self.objective(self.batch, self.rows)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        return loss.item()
+
+
+def prepare(model, rank: int = 32, blocks="all", seed: int = 0):
+    """Attach one unlearning layer per selected block, with a non-zero up-projection so the
+    student differs from the teacher as it does after the first steps."""
+    torch.manual_seed(seed)
+    attach(model, LayerConfig(rank=rank, blocks=blocks))
+    with torch.no_grad():
+        for p in unlearning_parameters(model):
+            if p.dim() == 2 and p.abs().sum() == 0:
+                p.normal_(0, 1e-3)
+    return model
+
+
+def time_steps(runner: StepRunner, steps: int, sync=lambda: None) -> dict:
+    runner.step()  # warm-up
+    sync()
+    start = time.perf_counter()
+    for _ in range(steps):
+        runner.step()
+    sync()
+    seconds = (time.perf_counter() - start) / steps
+    return {"mode": runner.mode, "s_per_step": seconds, "tokens_per_s": runner.tokens / seconds}
