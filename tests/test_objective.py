@@ -176,12 +176,13 @@ def trained_like(arch, seed=1, scale=0.5):
 
 def compare(model, task, batch, **weights):
     """Loss and gradients of EULObjective vs the hand computation; returns the hand parts."""
-    config = ObjectiveConfig(**{"alpha": 0.0, "lam": 0.0, "gamma": 0.0, "forget_kl_weight": 0.0, **weights})
+    config = ObjectiveConfig(**{"alpha": 0.0, "lam": 0.0, "gamma": 0.0, "forget_kl_weight": 0.0,
+                                "sharpening_guard": False, **weights})
     objective = EULObjective(model, task, config)
     params = [p for p in model.parameters() if p.requires_grad]
     loss, terms = objective(batch)
     got_grads = torch.autograd.grad(loss, params, allow_unused=True)
-    kwargs = {k: v for k, v in config.to_dict().items()}
+    kwargs = {k: v for k, v in config.to_dict().items() if k != "sharpening_guard"}
     kwargs["gamma"] = objective.gamma
     expected, parts = hand_loss(model, task, batch, **kwargs)
     want_grads = torch.autograd.grad(expected, params, allow_unused=True)
@@ -372,3 +373,40 @@ def test_causal_positions_of_each_term():
         real = torch.zeros_like(response_pos)
         real[:n - 1] = True
         assert torch.equal(batch["kl_mask"][i], response_pos if forget else real)
+
+
+def test_sharpening_guard_drops_forget_kl_where_the_student_is_more_confident():
+    """Guard on: a forgotten position whose target the student predicts better than the teacher
+    leaves the forget KL; elsewhere the loss is the paper's."""
+    from conftest import make_model, perturb, sample_batch
+    from unlearn_fast.layers import LayerConfig, attach
+    from unlearn_fast.objective import coefficients
+    from unlearn_fast.ops.loss_head import IGNORE_INDEX
+
+    torch.manual_seed(0)
+    model = make_model("llama")
+    attach(model, LayerConfig(rank=4))
+    perturb(model)
+    tokenizer = tokenizer_for("llama")
+    texts = [Example(text="the quick brown fox jumps over"), Example(text="a lazy dog sleeps all day long")]
+    batch = collate(encode(texts, tokenizer, "causal", forget=True, name="forget"), pad_token_id(tokenizer))
+    on = EULObjective(model, "causal", ObjectiveConfig(alpha=0, lam=0, gamma=0, sharpening_guard=True))
+    off = EULObjective(model, "causal", ObjectiveConfig(alpha=0, lam=0, gamma=0, sharpening_guard=False))
+    kl_coef, _ = coefficients(batch, off.config, 0.0)
+    student = output_states(model, "causal", batch).detach()
+    teacher = off.teacher_states(batch)
+    guarded = on._guard(batch, kl_coef, student, teacher)
+    # recompute the student / teacher target losses by hand from full logits
+    w = model.get_output_embeddings().weight
+    targets = batch["targets"]
+    has = (targets != IGNORE_INDEX) & (kl_coef < 0)
+
+    def nll(states):
+        logp = torch.log_softmax(states.double() @ w.double().t(), -1)
+        return -logp.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+
+    sharper = has & (nll(student) < nll(teacher))
+    assert sharper.any() and (has & ~sharper).any(), "the case must have both kinds of positions"
+    assert torch.all(guarded[sharper] == 0)
+    assert torch.equal(guarded[~sharper], kl_coef[~sharper])
+    assert on(batch)[0].item() != off(batch)[0].item()
