@@ -20,6 +20,10 @@ Tensor3 loss_rows_cpu(const at::Tensor& student_logits, const at::Tensor& teache
 Tensor3 loss_rows_meta(const at::Tensor& student_logits, const at::Tensor& teacher_logits,
                        const at::Tensor& targets, const at::Tensor& kl_coef, const at::Tensor& ce_coef,
                        double kl_bound, double ce_bound, double temperature);
+std::tuple<at::Tensor, at::Tensor> loss_rows_inplace_cpu(at::Tensor& student_logits, const at::Tensor& teacher_logits,
+                                                         const at::Tensor& targets, const at::Tensor& kl_coef,
+                                                         const at::Tensor& ce_coef, double kl_bound, double ce_bound,
+                                                         double temperature);
 #ifdef UNLEARN_FAST_WITH_CUDA
 // csrc/cuda/loss_rows.cu
 Tensor3 loss_rows_cuda(const at::Tensor& student_logits, const at::Tensor& teacher_logits,
@@ -142,6 +146,11 @@ PYBIND11_MODULE(_C, m) {
   m.def("loss_rows", &unlearn_fast::loss_rows, py::arg("student_logits"), py::arg("teacher_logits"),
         py::arg("targets"), py::arg("kl_coef"), py::arg("ce_coef"), py::arg("kl_bound"), py::arg("ce_bound"),
         py::arg("temperature"), py::call_guard<py::gil_scoped_release>(), unlearn_fast::kLossRowsDoc);
+  // CPU only, pybind only (it mutates an input): the loss head's chunk loop uses it to skip a buffer.
+  m.def("loss_rows_inplace", &unlearn_fast::loss_rows_inplace_cpu, py::arg("student_logits"),
+        py::arg("teacher_logits"), py::arg("targets"), py::arg("kl_coef"), py::arg("ce_coef"), py::arg("kl_bound"),
+        py::arg("ce_bound"), py::arg("temperature"), py::call_guard<py::gil_scoped_release>(),
+        "loss_rows on CPU tensors with the gradient written over student_logits; returns (kl, ce).");
   m.def("unlearning_layer_forward", &unlearn_fast::unlearning_layer_forward_cpu, py::arg("x"),
         py::arg("down_weight"), py::arg("down_bias"), py::arg("up_weight"), py::arg("up_bias"),
         py::arg("activation"), py::call_guard<py::gil_scoped_release>(), unlearn_fast::kUnlearningLayerForwardDoc);

@@ -33,11 +33,11 @@ INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 # Block sizes. On a GPU they are a first guess for H100/H200 that the GPU benchmark has not yet
 # tuned; under the interpreter small blocks keep CI fast (tl.dot needs every block dim >= 16).
-ROW_BLOCK_V = 64 if INTERPRET else 4096
+ROW_BLOCK_V = 256 if INTERPRET else 4096
 ROW_WARPS = 1 if INTERPRET else 8
-PAIR_BLOCKS = dict(BLOCK_M=16, BLOCK_V=32, BLOCK_K=16) if INTERPRET else dict(BLOCK_M=64, BLOCK_V=128, BLOCK_K=64)
+PAIR_BLOCKS = dict(BLOCK_M=32, BLOCK_V=128, BLOCK_K=32) if INTERPRET else dict(BLOCK_M=64, BLOCK_V=128, BLOCK_K=64)
 PAIR_WARPS, PAIR_STAGES = (1, 1) if INTERPRET else (8, 3)
-GRAD_BLOCKS = dict(BLOCK_M=16, BLOCK_H=16, BLOCK_V=32) if INTERPRET else dict(BLOCK_M=64, BLOCK_H=128, BLOCK_V=64)
+GRAD_BLOCKS = dict(BLOCK_M=32, BLOCK_H=32, BLOCK_V=128) if INTERPRET else dict(BLOCK_M=64, BLOCK_H=128, BLOCK_V=64)
 GRAD_WARPS, GRAD_STAGES = (1, 1) if INTERPRET else (8, 3)
 # The interpreter's tl.dot gives garbage for 16-bit operands (numpy has no bf16): there the kernels
 # upcast 16-bit tiles to fp32 before tl.dot, which is exact (a bf16 x bf16 product fits in fp32).
@@ -82,7 +82,8 @@ def _loss_rows_kernel(
             f = tl.exp((m_t - mt_new) * inv_T)
             e = tl.exp((t - mt_new) * inv_T)
             zt = zt * f + tl.sum(e, axis=0)
-            a = a * f + tl.sum(tl.where(mask, e * (t - s), 0.0), axis=0)
+            diff = tl.where(mask, t, 0.0) - tl.where(mask, s, 0.0)  # no (-inf) - (-inf) in padding
+            a = a * f + tl.sum(e * diff, axis=0)
             m_t = mt_new
     if TEMP_ONE:
         zT = z1
@@ -291,9 +292,14 @@ def grad_hidden(grad_logits, weight, scale, out):
     assert grad_logits.dtype == torch.float32 and grad_logits.stride(1) == 1 and weight.stride(1) == 1
     if M == 0:
         return
+    # The interpreter truncates fp32 -> 16-bit stores (GPUs round to nearest even): there, stage the
+    # result in fp32 and let torch round it.
+    dest = torch.empty(out.shape, dtype=torch.float32, device=out.device) if INTERPRET and out.dtype != torch.float32 else out
     grid = (triton.cdiv(M, GRAD_BLOCKS["BLOCK_M"]) * triton.cdiv(H, GRAD_BLOCKS["BLOCK_H"]),)
     _grad_hidden_kernel[grid](
-        grad_logits, weight, out, M, V, H, grad_logits.stride(0), weight.stride(0), out.stride(0), float(scale),
+        grad_logits, weight, dest, M, V, H, grad_logits.stride(0), weight.stride(0), dest.stride(0), float(scale),
         SPLIT_BF16=weight.dtype == torch.bfloat16, PRECISION="ieee", DOT_FP32=DOT_FP32,
         num_warps=GRAD_WARPS, num_stages=GRAD_STAGES, **GRAD_BLOCKS,
     )
+    if dest is not out:
+        out.copy_(dest)

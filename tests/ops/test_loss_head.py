@@ -1,5 +1,11 @@
 """The chunked loss head against a float64, full-logits autograd oracle written here."""
 
+import importlib
+import importlib.util
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -141,3 +147,252 @@ def test_shape_errors():
         eul_loss_head(hs, ht, w[:, :3], targets, kl_coef, ce_coef)
     with pytest.raises(ValueError, match="targets"):
         eul_loss_head(hs, ht, w, targets[:3], kl_coef, ce_coef)
+
+
+# ---------------------------------------------------------------------------------------------
+# Every backend against the float64 oracle, forward and backward, on odd shapes.
+# Triton runs on the CPU under TRITON_INTERPRET=1 (tiny shapes: the interpreter is slow).
+# ---------------------------------------------------------------------------------------------
+# TRITON_INTERPRET must be set before triton is imported (its standard library is decorated at import),
+# and anything may import triton first in a full test run (torch.compile does). So the Triton cases run
+# in this process only when the variable was set when the tests started; otherwise
+# test_triton_cases_under_the_interpreter runs them in a fresh subprocess that sets it.
+INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+HAS_TRITON = importlib.util.find_spec("triton") is not None
+
+
+@pytest.fixture(scope="module")
+def triton_interpreted():
+    """The Triton kernels module, interpreted on the CPU."""
+    if not HAS_TRITON:
+        pytest.skip("triton is not installed")
+    if not INTERPRETED:
+        pytest.skip("Triton cases run in test_triton_cases_under_the_interpreter's subprocess")
+    return importlib.import_module("unlearn_fast.kernels.loss_head")
+
+
+def test_triton_cases_under_the_interpreter():
+    """Run this file's Triton cases (``-k triton``) with TRITON_INTERPRET=1 set from the start."""
+    if not HAS_TRITON:
+        pytest.skip("triton is not installed")
+    if INTERPRETED:
+        pytest.skip("TRITON_INTERPRET is set: the Triton cases run in this process")
+    env = dict(os.environ, TRITON_INTERPRET="1", UNLEARN_FAST_BACKEND="auto")
+    cmd = [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", __file__, "-k",
+           "triton and not under_the_interpreter"]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-3000:]
+    assert " passed" in proc.stdout and "skipped" not in proc.stdout.splitlines()[-1], proc.stdout[-2000:]
+
+
+@pytest.fixture(params=["reference", "cpp", "triton"])
+def backend(request, monkeypatch):
+    """Force one backend (skipped where it cannot run here)."""
+    name = request.param
+    if name == "cpp":
+        from unlearn_fast._ext import C
+
+        if C is None:
+            pytest.skip("C++ extension not built")
+    if name == "triton":
+        request.getfixturevalue("triton_interpreted")
+    monkeypatch.setenv("UNLEARN_FAST_BACKEND", name)
+    return name
+
+
+def _mid_bound(values: torch.Tensor) -> float:
+    """A cap that splits ``values`` and sits in their widest gap near the median (fp32 and fp64 then
+    agree on which rows are capped)."""
+    v = torch.sort(values.double().unique()).values
+    gaps = v[1:] - v[:-1]
+    mid = v.numel() // 2
+    lo, hi = max(0, mid - 4), min(gaps.numel(), mid + 4)
+    i = lo + int(torch.argmax(gaps[lo:hi]))
+    return float((v[i] + v[i + 1]) / 2)
+
+
+def scenario(name):
+    """(inputs, kwargs) of one named case; every case has N = 37, H = 72, V = 1031 unless it says."""
+    n, h, v = 37, 72, 1031
+    hs, ht, w, targets, kl_coef, ce_coef = make(n, h, v, seed=3)
+    kwargs = dict(chunk_rows=16)
+    if name == "odd":  # ignore_index rows, zero and mixed-sign coefficients, several chunks
+        pass
+    elif name == "bias_T2":
+        kwargs.update(bias=torch.randn(v, generator=torch.Generator().manual_seed(9)), temperature=2.0,
+                      chunk_rows=64)
+    elif name == "T_half_softcap":
+        kwargs.update(temperature=0.5, logit_scale=0.8, logit_softcap=5.0)
+    elif name == "all_ignored":
+        targets = torch.full_like(targets, IGNORE_INDEX)
+    elif name == "retain_only":
+        kl_coef, ce_coef = torch.full((n,), 0.8 / n), torch.full((n,), 1.0 / n)
+    elif name == "forget_only":  # maximised terms, half of the rows past each cap
+        kl_coef, ce_coef = torch.full((n,), -1.0 / n), torch.full((n,), -0.2 / n)
+        _, kl, ce = oracle(hs.detach(), ht, w, targets, kl_coef, ce_coef)
+        kwargs.update(kl_bound=_mid_bound(kl), ce_bound=_mid_bound(ce[targets != IGNORE_INDEX]))
+    elif name == "no_teacher":
+        ht = None
+    elif name == "small_noise":  # EUL's start: student = teacher + 1e-3
+        hs, ht, w, targets, kl_coef, ce_coef = make(n, h, v, seed=4, noise=1e-3)
+    else:
+        raise KeyError(name)
+    return (hs, ht, w, targets, kl_coef, ce_coef), kwargs
+
+
+SCENARIOS = ["odd", "bias_T2", "T_half_softcap", "all_ignored", "retain_only", "forget_only", "no_teacher",
+             "small_noise"]
+
+
+def _check_against_oracle(args, kwargs, *, loss_tol=1e-5, grad_tol=1e-4):
+    hs, ht, w, targets, kl_coef, ce_coef = args
+    out = eul_loss_head(*args, **kwargs)
+    out.loss.backward(torch.tensor(1.7))
+    ref_kwargs = {k: v for k, v in kwargs.items() if k != "chunk_rows"}
+    hs64 = hs.detach().double().requires_grad_(True)
+    ref, kl, ce = oracle(hs64, ht, w, targets, kl_coef, ce_coef, **ref_kwargs)
+    (ref * 1.7).backward()
+    torch.testing.assert_close(out.loss.double(), ref.detach(), rtol=loss_tol, atol=loss_tol)
+    torch.testing.assert_close(out.kl.double(), kl.detach(), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(out.ce.double(), ce.detach(), rtol=1e-5, atol=1e-5)
+    rel = ((hs.grad.double() - hs64.grad).norm() / hs64.grad.norm().clamp(min=1e-30)).item()
+    assert rel < grad_tol, rel
+    return out, hs64.grad
+
+
+@pytest.mark.parametrize("name", SCENARIOS)
+def test_every_backend_matches_float64(backend, name):
+    args, kwargs = scenario(name)
+    out, grad_ref = _check_against_oracle(args, kwargs)
+    if name == "all_ignored":
+        assert torch.all(out.ce == 0)
+    if name == "forget_only":  # some rows capped (no gradient), some not
+        capped = out.kl.double() > kwargs["kl_bound"]
+        assert capped.any() and (~capped).any()
+
+
+def test_every_backend_bf16(backend):
+    """bf16 hidden states and head: fp32 logits, so the loss matches fp64 on the same bf16 values; the
+    gradient is as good as its bf16 rounding."""
+    hs, ht, w, targets, kl_coef, ce_coef = make(37, 72, 1031, dtype=torch.bfloat16, noise=1e-2, seed=5)
+    out = eul_loss_head(hs, ht, w, targets, kl_coef, ce_coef, chunk_rows=16)
+    out.loss.backward()
+    hs64 = hs.detach().double().requires_grad_(True)
+    ref, _, _ = oracle(hs64, ht, w, targets, kl_coef, ce_coef)
+    ref.backward()
+    torch.testing.assert_close(out.loss.double(), ref.detach(), rtol=1e-4, atol=1e-4)
+    assert hs.grad.dtype == torch.bfloat16
+    rel = (hs.grad.double() - hs64.grad).norm() / hs64.grad.norm()
+    floor = (hs64.grad.to(torch.bfloat16).double() - hs64.grad).norm() / hs64.grad.norm()
+    assert rel < 1.2 * floor, (rel, floor)  # as good as rounding the exact gradient to bf16
+
+
+def test_every_backend_student_equal_teacher_is_exact(backend):
+    hs, ht, w, targets, _, _ = make(21, 40, 333, noise=0.0)
+    n = hs.shape[0]
+    for T in (1.0, 2.0):
+        hs.grad = None
+        out = eul_loss_head(hs, ht, w, torch.full((n,), IGNORE_INDEX), torch.ones(n), torch.zeros(n),
+                            temperature=T, chunk_rows=8)
+        out.loss.backward()
+        assert out.kl.abs().max() < 1e-6
+        assert hs.grad.abs().max() < 1e-6
+
+
+# ---------------------------------------------------------------------------------------------
+# The Triton kernels one by one (interpreter).
+# ---------------------------------------------------------------------------------------------
+def test_triton_row_kernel_in_place_and_bad_target(triton_interpreted):
+    from unlearn_fast.ops import loss_rows_reference
+
+    g = torch.Generator().manual_seed(2)
+    n, V = 9, 517
+    s = torch.randn(n, V, generator=g) * 3
+    t = s + torch.randn(n, V, generator=g)
+    targets = torch.randint(0, V, (n,), generator=g)
+    targets[::4] = IGNORE_INDEX
+    kl_coef = torch.tensor([0.8, -1.0, 0.0, 0.3, -0.5, 1.0, -1.0, 0.2, 0.0])
+    ce_coef = torch.tensor([1.0, -0.2, 0.0, 0.5, 1.0, -1.0, 0.3, 0.0, 1.0])
+    for T in (1.0, 2.0):
+        ref = loss_rows_reference(s, t, targets, kl_coef, ce_coef, 0.5, 4.0, T)
+        s2 = s.clone()
+        kl, ce, grad = triton_interpreted.loss_rows(s2, t, targets, kl_coef, ce_coef, 0.5, 4.0, T, grad=s2)
+        assert grad.data_ptr() == s2.data_ptr()
+        for got, want in zip((kl, ce, grad), ref):
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    bad = targets.clone()
+    bad[1] = V
+    _, ce, _ = triton_interpreted.loss_rows(s, t, bad, kl_coef, ce_coef, 0.5, 4.0, 1.0)
+    assert torch.isnan(ce[1]) and not torch.isnan(ce[2:]).any()
+
+
+def test_triton_gemm_kernels_bf16(triton_interpreted):
+    """The logits pair reads one weight tile for both products; grad_hidden keeps ~16 bits of the
+    logit gradient with a bf16 head (hi/lo split), where rounding it to bf16 would lose ~1e-3."""
+    g = torch.Generator().manual_seed(0)
+    M, H, V = 19, 40, 77
+    xs, xt = (torch.randn(M, H, generator=g).bfloat16() for _ in range(2))
+    w = (torch.randn(V, H, generator=g) / H ** 0.5).bfloat16()
+    b = torch.randn(V, generator=g)
+    out_s, out_t = torch.empty(M, V), torch.empty(M, V)
+    triton_interpreted.logits_pair(xs, xt, w, b, 0.7, out_s, out_t)
+    for x, out in ((xs, out_s), (xt, out_t)):
+        want = 0.7 * (x.double() @ w.double().t() + b.double())
+        torch.testing.assert_close(out.double(), want, rtol=1e-6, atol=1e-6)
+    grad = torch.randn(M, V, generator=g) * 1e-3
+    out = torch.empty(M, H)
+    triton_interpreted.grad_hidden(grad, w, 1.3, out)
+    want = 1.3 * grad.double() @ w.double()
+    assert ((out.double() - want).norm() / want.norm()) < 1e-4
+
+
+# ---------------------------------------------------------------------------------------------
+# torch.compile, opcheck and backend choice
+# ---------------------------------------------------------------------------------------------
+def test_torch_compile_fullgraph_on_cpu():
+    """The forward is one custom op with a fake implementation: no graph break, same numbers."""
+    hs, ht, w, targets, kl_coef, ce_coef = make(13, 8, 37)
+
+    def step(h, t):
+        out = eul_loss_head(h, t, w, targets, kl_coef, ce_coef, temperature=2.0, chunk_rows=5)
+        return out.loss * 2 + out.kl.sum()
+
+    torch._dynamo.reset()
+    compiled = torch.compile(step, fullgraph=True)
+    loss = compiled(hs, ht)
+    loss.backward()
+    grad = hs.grad.clone()
+    hs.grad = None
+    eager = step(hs, ht)
+    eager.backward()
+    torch.testing.assert_close(loss, eager)
+    torch.testing.assert_close(grad, hs.grad)
+
+
+def test_custom_op_passes_opcheck():
+    from unlearn_fast.ops.loss_head import _loss_head_fwd
+
+    hs, ht, w, targets, kl_coef, ce_coef = make(11, 8, 29)
+    for teacher in (ht, None):
+        args = (hs, teacher, w, None, targets, kl_coef, ce_coef, float("inf"), float("inf"), 1.5, 1.0, None, 4,
+                "reference", False)
+        torch.library.opcheck(_loss_head_fwd, args)
+
+
+def test_backend_choice(monkeypatch):
+    from unlearn_fast.errors import UnlearnFastError
+    from unlearn_fast.ops.backend import pick_backend
+
+    available = ("cpp", "cuda", "triton")
+    monkeypatch.setenv("UNLEARN_FAST_BACKEND", "cuda")
+    with pytest.raises(UnlearnFastError):
+        pick_backend(torch.device("cpu"), available)
+    monkeypatch.setenv("UNLEARN_FAST_BACKEND", "triton")
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    if not torch.cuda.is_available():
+        with pytest.raises(UnlearnFastError, match="Triton"):
+            pick_backend(torch.device("cpu"), available)
+    monkeypatch.setenv("UNLEARN_FAST_BACKEND", "auto")
+    from unlearn_fast._ext import C
+
+    assert pick_backend(torch.device("cpu"), available) == ("cpp" if C is not None else "reference")

@@ -277,3 +277,14 @@ def test_cuda_matches_cpu():  # pragma: no cover - runs on the GPU machine only
             out_op = torch.ops.unlearn_fast.loss_rows(*dev, kb, cb, T)
             for x, y in zip(out_op, out):
                 torch.testing.assert_close(x, y)
+
+
+@pytest.mark.parametrize("T", [1.0, 2.0])
+@pytest.mark.parametrize("teacher", [True, False], ids=["teacher", "no_teacher"])
+def test_inplace_variant_writes_the_gradient_over_the_student_logits(T, teacher):
+    """loss_rows_inplace (the loss head's CPU chunk loop uses it) equals loss_rows exactly."""
+    s, t, targets, kl_coef, ce_coef = make_inputs(23, 1031, teacher=teacher, seed=17)
+    kl, ce, grad = C.loss_rows(s, t, targets, kl_coef, ce_coef, 0.7, 5.0, T)
+    s2 = s.clone()
+    kl2, ce2 = C.loss_rows_inplace(s2, t, targets, kl_coef, ce_coef, 0.7, 5.0, T)
+    assert torch.equal(kl, kl2) and torch.equal(ce, ce2) and torch.equal(grad, s2)

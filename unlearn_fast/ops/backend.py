@@ -1,8 +1,10 @@
 """Backend choice for the fused ops: made here and nowhere else.
 
 ``UNLEARN_FAST_BACKEND`` forces a backend for every op: ``auto`` (default), ``reference``,
-``cpp`` or ``triton``. ``auto`` picks per tensor device: CUDA → Triton where an op has a Triton
-kernel, CPU → the C++ extension where built, otherwise the PyTorch reference.
+``cpp``, ``cuda`` (the CUDA C++ kernels of ``_C``) or ``triton``. ``auto`` picks per tensor device:
+CUDA → Triton where an op has a Triton kernel (else CUDA C++ where built), CPU → the C++ extension
+where built, otherwise the PyTorch reference. ``triton`` on CPU tensors needs ``TRITON_INTERPRET=1``
+set before triton is imported (the tests use that).
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import torch
 
 from ..errors import UnlearnFastError
 
-BACKENDS = ("auto", "reference", "cpp", "triton")
+BACKENDS = ("auto", "reference", "cpp", "cuda", "triton")
 ENV_VAR = "UNLEARN_FAST_BACKEND"
 
 
@@ -29,6 +31,18 @@ def cpp_ops():
     from .._ext import C
 
     return C
+
+
+def triton_error() -> str:
+    """Why Triton kernels cannot run here ('' when they can): triton missing, or no GPU and no
+    interpreter."""
+    import importlib.util
+
+    if importlib.util.find_spec("triton") is None:
+        return "triton is not installed (pip install triton)"
+    if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
+        return "no CUDA device, and TRITON_INTERPRET=1 is not set"
+    return ""
 
 
 def pick_backend(device: torch.device, available: tuple[str, ...]) -> str:
@@ -48,9 +62,23 @@ def pick_backend(device: torch.device, available: tuple[str, ...]) -> str:
             from .._ext import C_ERROR
 
             raise UnlearnFastError(f"{ENV_VAR}=cpp but the C++ extension is not live: {C_ERROR}")
+        if forced == "cuda":
+            from .._ext import has_cuda_ops
+
+            if not has_cuda_ops():
+                raise UnlearnFastError(f"{ENV_VAR}=cuda but unlearn_fast._C was built without CUDA kernels")
+            if device.type != "cuda":
+                raise UnlearnFastError(f"{ENV_VAR}=cuda but the tensors are on {device}")
+        if forced == "triton" and triton_error():
+            raise UnlearnFastError(f"{ENV_VAR}=triton but Triton cannot run: {triton_error()}")
         return forced
-    if device.type == "cuda" and "triton" in available:
-        return "triton"
+    if device.type == "cuda":
+        from .._ext import has_cuda_ops
+
+        if "triton" in available and not triton_error():
+            return "triton"
+        if "cuda" in available and has_cuda_ops():
+            return "cuda"
     if device.type == "cpu" and "cpp" in available and cpp_ops() is not None:
         return "cpp"
     return "reference"

@@ -16,20 +16,23 @@ Only one chunk of [rows × vocab] logits exists at a time; logits and their grad
 whatever the hidden-state dtype (bf16 logits lose the KL gradient when student ≈ teacher, which
 is exactly where EUL starts). The gradient for the student hidden states (and the head weight, if
 it requires grad) is produced during the forward pass, chunk by chunk, and scaled in backward.
+The forward pass is one torch custom op (``unlearn_fast::eul_loss_head_fwd``), so ``torch.compile``
+sees a single node.
 """
 
 from __future__ import annotations
 
+import importlib
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
 from torch import Tensor
 
-from .backend import cpp_ops, pick_backend
+from .backend import cpp_ops, pick_backend, triton_error
 
 IGNORE_INDEX = -100
-DEFAULT_CHUNK_ROWS = 1024
+DEFAULT_CHUNK_ROWS = 512  # CPU: 11x less peak memory than naive at V = 49152; GPU: 0.5 GiB of fp32 logits at V = 128256
 
 
 def loss_rows_reference(
@@ -87,70 +90,182 @@ class LossHeadOutput:
     ce: Tensor
 
 
-RowsFn = Callable[..., tuple[Tensor, Tensor, Tensor]]
+# ---------------------------------------------------------------------------------------------
+# Backends. A backend is a name (a string, so torch.compile sees a constant): it picks the row
+# kernel, and on CUDA tensors (or Triton under the interpreter) the GEMMs run as Triton kernels.
+#   reference: loss_rows_reference (any device)      cpp:    _C.loss_rows on CPU tensors
+#   cuda:      _C.loss_rows on CUDA tensors            triton: kernels/loss_head.py
+# On CUDA, ``auto`` picks triton; whether the CUDA C++ row kernel should be the default instead is
+# for benchmarks/gpu_loss_head.py to decide (it times both) and has not been measured yet.
+# ---------------------------------------------------------------------------------------------
 
 
-def _cpp_rows(*args):
-    return cpp_ops().loss_rows(*args)
+def _triton_kernels():
+    # imports triton only when used; via sys.modules, so tests can re-import it under TRITON_INTERPRET
+    return importlib.import_module("unlearn_fast.kernels.loss_head")
 
 
-_ROWS = {"reference": loss_rows_reference, "cpp": _cpp_rows}
+def _rows(backend: str, s: Tensor, t: Tensor, targets: Tensor, kl_coef: Tensor, ce_coef: Tensor,
+          kl_bound: float, ce_bound: float, temperature: float) -> tuple[Tensor, Tensor, Tensor]:
+    """The row op of ``backend``; the returned gradient may be ``s`` itself, overwritten."""
+    if backend == "triton":
+        return _triton_kernels().loss_rows(s, t, targets, kl_coef, ce_coef, kl_bound, ce_bound, temperature, grad=s)
+    if backend in ("cpp", "cuda"):
+        C = cpp_ops()
+        if s.device.type == "cpu" and hasattr(C, "loss_rows_inplace"):
+            kl, ce = C.loss_rows_inplace(s, t, targets, kl_coef, ce_coef, kl_bound, ce_bound, temperature)
+            return kl, ce, s
+        return C.loss_rows(s, t, targets, kl_coef, ce_coef, kl_bound, ce_bound, temperature)
+    return loss_rows_reference(s, t, targets, kl_coef, ce_coef, kl_bound, ce_bound, temperature)
 
 
-def _logits(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], scale: float, softcap: Optional[float]):
-    """fp32 logits of one chunk, and the factor d(logits)/d(raw logits) where a soft-cap applies."""
-    raw = hidden.float() @ weight.t()
-    if bias is not None:
-        raw = raw + bias
-    raw = raw * scale
-    if softcap is None:
-        return raw, None
-    squashed = torch.tanh(raw / softcap)
-    return softcap * squashed, 1.0 - squashed * squashed
+def _mm_fp32(a: Tensor, b: Tensor) -> Tensor:
+    """a @ b with an fp32 result from fp32 accumulation, whatever the (matching) input dtypes."""
+    if a.dtype == torch.float32 and b.dtype == torch.float32:
+        return a @ b
+    if a.is_cuda and a.dtype == b.dtype:
+        try:
+            return torch.mm(a, b, out_dtype=torch.float32)  # 16-bit tensor cores, fp32 output (torch >= 2.8)
+        except (TypeError, RuntimeError):  # older torch, or a dtype without that kernel
+            pass
+    return a.float() @ b.float()
 
 
-class _LossHeadFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, student_hidden, teacher_hidden, weight, bias, targets, kl_coef, ce_coef,
-                kl_bound, ce_bound, temperature, logit_scale, logit_softcap, chunk_rows, rows_fn):
-        n = student_hidden.shape[0]
-        w32 = weight.detach().float()
-        b32 = None if bias is None else bias.detach().float()
-        want_w_grad = weight.requires_grad
-        grad_hidden = torch.empty_like(student_hidden)
-        grad_weight = torch.zeros_like(w32) if want_w_grad else None
-        kl_all = torch.zeros(n, dtype=torch.float32, device=student_hidden.device)
-        ce_all = torch.zeros_like(kl_all)
-        total = torch.zeros((), dtype=torch.float64, device=student_hidden.device)
-        empty = torch.empty(0, device=student_hidden.device)
-        for start in range(0, n, chunk_rows):
-            rows = slice(start, min(start + chunk_rows, n))
-            hs = student_hidden[rows]
-            s, s_squash = _logits(hs, w32, b32, logit_scale, logit_softcap)
-            t = empty if teacher_hidden is None else _logits(teacher_hidden[rows], w32, b32, logit_scale, logit_softcap)[0]
-            kl, ce, g = rows_fn(s.contiguous(), t.contiguous(), targets[rows].contiguous(),
-                                kl_coef[rows].contiguous(), ce_coef[rows].contiguous(),
-                                float(kl_bound), float(ce_bound), float(temperature))
-            total += row_losses(kl, ce, kl_coef[rows], ce_coef[rows], kl_bound, ce_bound).double().sum()
-            kl_all[rows], ce_all[rows] = kl, ce
-            if s_squash is not None:
-                g = g * s_squash
-            g = g * logit_scale
-            grad_hidden[rows] = (g @ w32).to(grad_hidden.dtype)
-            if want_w_grad:
-                grad_weight += g.t() @ hs.float()
-        ctx.save_for_backward(grad_hidden, grad_weight if want_w_grad else None)
-        ctx.want_w_grad = want_w_grad
-        ctx.weight_dtype = weight.dtype
-        ctx.mark_non_differentiable(kl_all, ce_all)
-        return total.float(), kl_all, ce_all
+class _Head:
+    """The frozen head in the form one backend's GEMMs want, and the three per-chunk products."""
 
-    @staticmethod
-    def backward(ctx, grad_loss, _grad_kl, _grad_ce):
-        grad_hidden, grad_weight = ctx.saved_tensors
-        gh = grad_hidden * grad_loss.to(grad_hidden.dtype)
-        gw = (grad_weight * grad_loss).to(ctx.weight_dtype) if ctx.want_w_grad else None
-        return gh, None, gw, None, None, None, None, None, None, None, None, None, None, None
+    def __init__(self, backend: str, weight: Tensor, bias: Optional[Tensor], scale: float, hidden_dtype):
+        self.use_triton = backend == "triton" or (weight.is_cuda and backend == "cuda" and not triton_error())
+        w = weight.detach()
+        if self.use_triton and w.dtype != hidden_dtype:
+            w = w.float()  # mixed dtypes (rare): the Triton GEMMs want one dtype; fp32 loses nothing
+        elif not self.use_triton and not w.is_cuda:
+            w = w.float()  # CPU GEMMs in fp32 (no copy for an fp32 head)
+        self.weight = w.contiguous() if w.stride(-1) != 1 else w
+        self.bias = None if bias is None else bias.detach().float()
+        self.scale = scale
+
+    def logits(self, hs: Tensor, ht: Optional[Tensor], out_s: Tensor, out_t: Optional[Tensor]) -> None:
+        """fp32 ``scale * (h @ Wᵀ + b)`` for the student (and teacher) rows into the given buffers."""
+        if self.use_triton:
+            cast = self.weight.dtype
+            _triton_kernels().logits_pair(hs.to(cast).contiguous(), None if ht is None else ht.to(cast).contiguous(),
+                                          self.weight, self.bias, self.scale, out_s, out_t)
+            return
+        for h, out in ((hs, out_s), (ht, out_t)):
+            if h is None:
+                continue
+            if out.device.type == "cpu":
+                h = h.float()
+                if self.bias is None:
+                    torch.mm(h, self.weight.t(), out=out)
+                else:
+                    torch.addmm(self.bias, h, self.weight.t(), out=out)
+            else:
+                out.copy_(_mm_fp32(h.to(self.weight.dtype), self.weight.t()))
+                if self.bias is not None:
+                    out.add_(self.bias)
+            if self.scale != 1.0:
+                out.mul_(self.scale)
+
+    def grad_hidden(self, g: Tensor, out: Tensor) -> None:
+        """``out = scale * (g @ W)`` for fp32 logit gradients ``g``."""
+        if self.use_triton:
+            _triton_kernels().grad_hidden(g, self.weight, self.scale, out)
+            return
+        if out.dtype == torch.float32 and self.weight.dtype == torch.float32:
+            torch.mm(g, self.weight, out=out)  # straight into grad_hidden: no temporary
+            if self.scale != 1.0:
+                out.mul_(self.scale)
+            return
+        if self.weight.dtype == torch.bfloat16:
+            # g as bf16 hi + lo parts: rounding g to bf16 alone loses the KL gradient near student == teacher
+            hi = g.to(torch.bfloat16)
+            lo = (g - hi.float()).to(torch.bfloat16)
+            r = _mm_fp32(hi, self.weight) + _mm_fp32(lo, self.weight)
+        else:
+            r = g @ self.weight.float()
+        out.copy_(r * self.scale if self.scale != 1.0 else r)  # scale before rounding to out's dtype
+
+
+# The forward pass is one torch custom op: torch.compile sees a single node with a fake (shape-only)
+# implementation instead of tracing the chunk loop and breaking its graph at every C++ / Triton call.
+# It returns the loss, the per-row terms and the gradients, which backward only scales.
+@torch.library.custom_op("unlearn_fast::eul_loss_head_fwd", mutates_args=())
+def _loss_head_fwd(
+    student_hidden: Tensor, teacher_hidden: Optional[Tensor], weight: Tensor, bias: Optional[Tensor],
+    targets: Tensor, kl_coef: Tensor, ce_coef: Tensor, kl_bound: float, ce_bound: float, temperature: float,
+    logit_scale: float, logit_softcap: Optional[float], chunk_rows: int, backend: str, want_w_grad: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """(loss, kl, ce, grad_hidden, grad_weight); grad_weight is empty unless ``want_w_grad``."""
+    n, V = student_hidden.shape[0], weight.shape[0]
+    device = student_hidden.device
+    head = _Head(backend, weight, bias, logit_scale, student_hidden.dtype)
+    grad_hidden = torch.empty(student_hidden.shape, dtype=student_hidden.dtype, device=device)
+    grad_weight = torch.zeros(weight.shape if want_w_grad else (0,), dtype=torch.float32, device=device)
+    kl_all = torch.zeros(n, dtype=torch.float32, device=device)
+    ce_all = torch.zeros_like(kl_all)
+    # One pair of fp32 logit buffers for all chunks; the row op writes the gradient over s.
+    rows_per_chunk = max(1, min(chunk_rows, n))
+    s_buf = torch.empty(rows_per_chunk, V, dtype=torch.float32, device=device)
+    t_buf = None if teacher_hidden is None else torch.empty_like(s_buf)
+    empty = torch.empty(0, device=device)
+    for start in range(0, n, rows_per_chunk):
+        rows = slice(start, min(start + rows_per_chunk, n))
+        m = rows.stop - rows.start
+        s, t = s_buf[:m], None if t_buf is None else t_buf[:m]
+        hs = student_hidden[rows]
+        head.logits(hs, None if teacher_hidden is None else teacher_hidden[rows], s, t)
+        squash = None
+        if logit_softcap is not None:
+            squash = _softcap_(s, logit_softcap)
+            if t is not None:
+                _softcap_(t, logit_softcap)
+        kl, ce, g = _rows(backend, s, empty if t is None else t, targets[rows], kl_coef[rows], ce_coef[rows],
+                          kl_bound, ce_bound, temperature)
+        kl_all[rows], ce_all[rows] = kl, ce
+        if squash is not None:
+            g = g * squash
+        head.grad_hidden(g, grad_hidden[rows])
+        if want_w_grad:
+            grad_weight.addmm_(g.t(), hs.float(), alpha=logit_scale)
+    # the loss from the per-row terms, once for all rows (float64 sum: N terms of mixed sign)
+    total = row_losses(kl_all, ce_all, kl_coef, ce_coef, kl_bound, ce_bound).double().sum().float()
+    return total, kl_all, ce_all, grad_hidden, grad_weight
+
+
+@_loss_head_fwd.register_fake
+def _(student_hidden, teacher_hidden, weight, bias, targets, kl_coef, ce_coef, kl_bound, ce_bound, temperature,
+      logit_scale, logit_softcap, chunk_rows, backend, want_w_grad):
+    n = student_hidden.shape[0]
+    f32 = dict(dtype=torch.float32, device=student_hidden.device)
+    return (student_hidden.new_empty((), **f32), student_hidden.new_empty((n,), **f32),
+            student_hidden.new_empty((n,), **f32), torch.empty_like(student_hidden, memory_format=torch.contiguous_format),
+            student_hidden.new_empty(weight.shape if want_w_grad else (0,), **f32))
+
+
+def _setup_context(ctx, inputs, output):
+    ctx.save_for_backward(output[3], output[4])
+    ctx.want_w_grad = inputs[-1]
+    ctx.weight_dtype = inputs[2].dtype
+
+
+def _backward(ctx, grad_loss, _grad_kl, _grad_ce, _grad_gh, _grad_gw):
+    grad_hidden, grad_weight = ctx.saved_tensors
+    gh = grad_hidden * grad_loss.to(grad_hidden.dtype)
+    gw = (grad_weight * grad_loss).to(ctx.weight_dtype) if ctx.want_w_grad else None
+    return gh, None, gw, None, None, None, None, None, None, None, None, None, None, None, None
+
+
+_loss_head_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _softcap_(x: Tensor, cap: float) -> Tensor:
+    """x ← cap·tanh(x/cap) in place; returns d(new x)/d(old x) = 1 − tanh²."""
+    x.div_(cap).tanh_()
+    squash = 1.0 - x * x
+    x.mul_(cap)
+    return squash
 
 
 def _check(student_hidden, teacher_hidden, weight, targets, kl_coef, ce_coef):
@@ -170,10 +285,14 @@ def _run(backend: str, student_hidden: Tensor, teacher_hidden: Optional[Tensor],
          chunk_rows=DEFAULT_CHUNK_ROWS) -> LossHeadOutput:
     _check(student_hidden, teacher_hidden, weight, targets, kl_coef, ce_coef)
     teacher = None if teacher_hidden is None else teacher_hidden.detach()
-    loss, kl, ce = _LossHeadFunction.apply(
+    if bias is not None and bias.requires_grad:
+        bias = bias.detach()  # the head is frozen: no bias gradient (as before)
+    loss, kl, ce, _, _ = _loss_head_fwd(
         student_hidden, teacher, weight, bias, targets.long(), kl_coef.float(), ce_coef.float(),
-        kl_bound, ce_bound, temperature, float(logit_scale), logit_softcap, int(chunk_rows), _ROWS[backend])
-    return LossHeadOutput(loss, kl, ce)
+        float(kl_bound), float(ce_bound), float(temperature), float(logit_scale),
+        None if logit_softcap is None else float(logit_softcap), int(chunk_rows), backend,
+        bool(weight.requires_grad))
+    return LossHeadOutput(loss, kl.detach(), ce.detach())
 
 
 def eul_loss_head_reference(student_hidden, teacher_hidden, weight, targets, kl_coef, ce_coef, **kwargs) -> LossHeadOutput:
@@ -213,7 +332,7 @@ def eul_loss_head(
     Returns:
         :class:`LossHeadOutput` with the scalar loss and per-row KL and CE.
     """
-    backend = pick_backend(student_hidden.device, available=("cpp",))
+    backend = pick_backend(student_hidden.device, available=("cpp", "cuda", "triton"))
     return _run(backend, student_hidden, teacher_hidden, weight, targets, kl_coef, ce_coef, bias=bias,
                 kl_bound=kl_bound, ce_bound=ce_bound, temperature=temperature, logit_scale=logit_scale,
                 logit_softcap=logit_softcap, chunk_rows=chunk_rows)
