@@ -2,8 +2,7 @@
 
 Tolerance: the forget-set answer loss rises by at least 1 nat; the retain-set answer loss rises
 by at most 0.25 nat (it usually falls, since the task loss trains on the retained answers).
-Settings are the demo's (γ = 1): with the paper's γ = 0.2 and this few steps, the retained
-answers' task loss sharpens every capital first and maximising the forget KL amplifies that.
+γ = 1 makes this short run (10 steps) forget reliably; the demo runs the paper's γ = 0.2 for longer.
 """
 
 import importlib.util
@@ -39,7 +38,7 @@ def test_short_run_forgets_and_retains():
     before = answer_loss(forget), answer_loss(retain)
     unlearn(model, tokenizer, forget, retain, model_name=name, evaluate=False,
             layers=LayerConfig(rank=8, blocks=4), objective=ObjectiveConfig(gamma=1.0),
-            training=TrainConfig(epochs=6, batch_size=8, lr=2e-3, progress=False))
+            training=TrainConfig(epochs=10, batch_size=8, lr=2e-3, progress=False))
     after = answer_loss(forget), answer_loss(retain)
     assert after[0] > before[0] + 1.0, (before, after)
     assert after[1] < before[1] + 0.25, (before, after)

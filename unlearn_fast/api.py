@@ -19,13 +19,15 @@ import torch
 from torch import nn
 
 from . import __version__
+from . import distributed
 from .artifacts import check_writable, model_fingerprint, write_artifact
+from .checkpoint import data_fingerprint
 from .data import Columns, Example, check_overlap, fingerprint, load_examples, resolve_labels
 from .encoding import encode, pad_token_id
-from .errors import DataError
+from .errors import DataError, UnlearnFastError
 from .evaluation import evaluate_sets
 from .grams import collect_grams
-from .layers import LayerConfig, attach, describe, layer_state
+from .layers import LayerConfig, attach, describe, layer_state, layers_disabled
 from .models import detect_task
 from .objective import EULObjective, ObjectiveConfig
 from .step_cache import StepCache
@@ -81,6 +83,8 @@ def unlearn(
     """
     layers = layers or LayerConfig()
     objective = objective or ObjectiveConfig()
+    if not distributed.is_main():  # under torchrun, rank 0 speaks for the job
+        log = lambda *args, **kwargs: None  # noqa: E731
     training = training or TrainConfig()
     if out is not None:
         check_writable(out, overwrite)
@@ -101,17 +105,33 @@ def unlearn(
     base_fingerprint = model_fingerprint(model)
     sets = {"forget": forget_set, "retain": retain_set}
     eval_labels = {"forget": forget_labels, "retain": retain_labels}
-    before = evaluate_sets(model, tokenizer, task, sets, eval_labels, general_text, max_length) if evaluate else {}
+    world = distributed.world_size()  # > 1 under torchrun: data parallel (see unlearn_fast.distributed)
+    if world > 1:
+        distributed.check_same(base_fingerprint + data_fingerprint(forget_rows, retain_rows), "base model and data")
+    if training.shard_base:
+        _check_shardable(objective, task)
+    else:
+        before = evaluate_sets(model, tokenizer, task, sets, eval_labels, general_text, max_length) if evaluate else {}
 
+    torch.manual_seed(training.seed)  # the layers' initial weights are part of a reproducible run
     attach(model, layers)
+    if training.shard_base:  # every rank evaluates the same rows: the sharded forwards run in lockstep
+        distributed.shard_base(model, task)
+        with layers_disabled(model):
+            before = evaluate_sets(model, tokenizer, task, sets, eval_labels, general_text, max_length) if evaluate else {}
     cache = None
-    if training.teacher_cache or training.shared_trunk:
+    if (training.teacher_cache or training.shared_trunk) and not training.shard_base:
         cache = StepCache(model, task, teacher=training.teacher_cache, trunk=training.shared_trunk)
     loss = EULObjective(model, task, objective, cache)
     pad = pad_token_id(tokenizer)
     result = train(model, loss, forget_rows, retain_rows, training, pad)
-    grams, gram_tokens = collect_grams(model, task, forget_rows, pad, training.batch_size)
+    if world > 1:  # each rank takes a share of the batches; the Gram matrices are summed
+        grams, gram_tokens = distributed.collect_grams(model, task, forget_rows, pad, training.batch_size,
+                                                       lockstep=training.shard_base)
+    else:
+        grams, gram_tokens = collect_grams(model, task, forget_rows, pad, training.batch_size)
     after = evaluate_sets(model, tokenizer, task, sets, eval_labels, general_text, max_length) if evaluate else {}
+    times = distributed.all_gather_floats(result.update_time_s - result.earlier_time_s)
 
     metrics = {"before": before, "after": after, "update_time_s": result.update_time_s,
                "steps": result.steps, "train_tokens": result.tokens,
@@ -131,8 +151,32 @@ def unlearn(
         "grams": {"tokens": gram_tokens, "augmented_with_bias_column": True, "dtype": "float64"},
         "metrics": metrics,
         "update_time_s": result.update_time_s,
+        # per rank: the interrupted runs' update time (if resumed) + this run's; total: rank-seconds
+        "update_time": {"per_rank_s": [result.earlier_time_s + t for t in times],
+                        "total_s": result.earlier_rank_time_s + sum(times),
+                        "resumed_from_step": result.resumed_from},
+        "distributed": {"world_size": world, "shard_base": training.shard_base,
+                        "sharded_params": distributed.sharded_params(model),
+                        "backend": distributed.backend_name(),
+                        "teacher_cache_rows_per_rank": distributed.all_gather_floats(
+                            len(cache.teacher) if cache is not None else 0)},
     }
     written = None
     if out is not None:
-        written = write_artifact(out, {**layer_state(model), **grams}, manifest, overwrite)
+        # one artifact, from rank 0, once every rank has finished (a rank that failed never gets
+        # here, and its peers fail in a collective before it): nothing partial is left behind
+        distributed.barrier()
+        if distributed.is_main():
+            written = write_artifact(out, {**layer_state(model), **grams}, manifest, overwrite)
+        distributed.barrier()
+        written = Path(out) if written is None else written
     return UnlearnResult(model, metrics, manifest, result, written, grams)
+
+
+def _check_shardable(objective: ObjectiveConfig, task: str) -> None:
+    if not distributed.is_distributed():
+        raise UnlearnFastError("--shard-base needs torch.distributed: launch with torchrun "
+                               "(torchrun --nproc_per_node N -m unlearn_fast.cli unlearn ... --shard-base)")
+    if objective.alpha == 0 or objective.forget_kl_weight == 0:
+        # the teacher runs only on ranks whose rows have a KL term: the ranks' forwards would differ
+        raise UnlearnFastError("--shard-base needs both KL terms on (alpha > 0 and forget KL weight > 0)")

@@ -24,7 +24,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .errors import ArtifactError
-from .layers import attach_from_description, sites
+from .layers import UnlearningSite, attach_from_description, sites
 
 FORMAT_VERSION = 1
 WEIGHTS_FILE = "unlearning_layers.safetensors"
@@ -160,3 +160,51 @@ def load_layers(model: nn.Module, artifact: Union[str, Path], check_base: bool =
                 state[name] = tensors[key]
             layer.load_state_dict(state)
     return manifest
+
+
+
+def load_layers_together(model: nn.Module, artifacts, check_base: bool = True) -> list[dict]:
+    """Attach the layers of several artifacts at once (e.g. K requests' layers before fusing them).
+
+    In a block that several artifacts cover, their layers run side by side and their outputs are
+    summed on the residual (see :mod:`unlearn_fast.ops.unlearning_layer`). All artifacts are read
+    and checked (checksum, base model, tensors present, one activation per block) before the
+    model is touched. Returns the manifests, in order.
+    """
+    artifacts = list(artifacts)
+    if not artifacts:
+        raise ArtifactError("no artifacts given to attach")
+    if sites(model):
+        raise ArtifactError("the model already has unlearning layers attached; load a fresh base model")
+    loaded = [read_artifact(a) for a in artifacts]
+    fingerprint = model_fingerprint(model) if check_base else None
+    activation: dict[str, tuple[str, object]] = {}
+    for artifact, (manifest, tensors) in zip(artifacts, loaded):
+        if check_base and manifest["base_model"]["fingerprint"] != fingerprint:
+            raise ArtifactError(f"{artifact}: these layers were trained on a different base model "
+                                f"({manifest['base_model'].get('name_or_path')}); refusing to attach them")
+        for rec in manifest["layers"]["sites"]:
+            for k, act in enumerate(rec["activations"]):
+                seen = activation.setdefault(rec["path"], (act, artifact))
+                if seen[0] != act:
+                    raise ArtifactError(f"{artifact}: {rec['path']} uses {act} but {seen[1]} uses {seen[0]}; "
+                                        f"layers in one block must share their activation")
+                for name in ("down.weight", "down.bias", "up.weight", "up.bias"):
+                    if f"{rec['path']}.{k}.{name}" not in tensors:
+                        raise ArtifactError(f"{Path(artifact) / WEIGHTS_FILE}: missing tensor {rec['path']}.{k}.{name}")
+    for manifest, tensors in loaded:
+        records = manifest["layers"]["sites"]
+        offsets = {}
+        for rec in records:
+            try:
+                target = model.get_submodule(rec["path"])
+            except AttributeError:
+                target = None  # attach_from_description names the missing module
+            offsets[rec["path"]] = len(target.layers) if isinstance(target, UnlearningSite) else 0
+        attach_from_description(model, records)
+        for rec in records:
+            site = model.get_submodule(rec["path"])
+            for k in range(len(rec["ranks"])):
+                layer = site.layers[offsets[rec["path"]] + k]
+                layer.load_state_dict({name: tensors[f"{rec['path']}.{k}.{name}"] for name in layer.state_dict()})
+    return [manifest for manifest, _ in loaded]

@@ -132,3 +132,183 @@ def evaluate_sets(model: nn.Module, tokenizer, task: str, sets: dict[str, Sequen
         metrics["general_perplexity"] = perplexity(model, tokenizer, general_text, max_length)
     model.train(was_training)
     return metrics
+
+
+# ---------------------------------------------------------------------------------------------
+# Per-example statistics, membership inference, comparison with a retrained model (issue 4).
+# Metric functions live in :mod:`unlearn_fast.metrics`; here they meet a model.
+
+
+def target_text(example: Example) -> str:
+    """The text whose tokens are the targets: the response, or the whole text."""
+    return example.response if example.prompt is not None else (example.text or "")
+
+
+@torch.no_grad()
+def example_stats(model: nn.Module, tokenizer, task: str, examples: Sequence[Example],
+                  labels: Optional[Sequence[int]] = None, max_length: int = 256, batch_size: int = 16,
+                  k: float = 0.4, vocab_chunk: int = 8192) -> list[dict]:
+    """Teacher-forced statistics of each example's target tokens, one dict per example.
+
+    Keys: ``loss`` (mean NLL, nats), ``tokens``, ``exact_memorization`` (open-unlearning's: the share
+    of target tokens that are the argmax prediction) and the four membership-inference scores of
+    :func:`unlearn_fast.metrics.mia_scores` (loss-oriented: higher = less like a training member).
+    Uses :func:`unlearn_fast.models.output_states` and the output head in row and vocabulary chunks
+    (:func:`unlearn_fast.metrics.token_stats`): no [tokens × vocab] logits are held.
+    """
+    from .metrics import mia_scores, token_stats
+
+    was_training = model.training
+    model.eval()
+    rows = encode(examples, tokenizer, task, forget=False, name="evaluated set", model_config=model.config,
+                  labels=labels, max_length=max_length)
+    if len(rows) != len(examples):
+        raise ValueError("per-example statistics need one row per example")
+    head = output_head(model, task)
+    device = next(model.parameters()).device
+    pad = pad_token_id(tokenizer)
+    out: list[dict] = []
+    try:
+        for i in range(0, len(rows), batch_size):
+            group = rows[i:i + batch_size]
+            batch = {k_: v.to(device) for k_, v in collate(group, pad).items()}
+            states = output_states(model, task, batch)
+            has_target = batch["targets"] != IGNORE_INDEX
+            stats = token_stats(states[has_target], head.weight, batch["targets"][has_target], bias=head.bias,
+                                logit_scale=head.logit_scale, logit_softcap=head.logit_softcap,
+                                vocab_chunk=vocab_chunk)
+            counts = has_target.sum(1).tolist()
+            start = 0
+            for j, n in enumerate(counts):
+                if n == 0:
+                    raise ValueError(f"example {i + j + 1} has no target tokens")
+                part = slice(start, start + n)
+                start += n
+                lp = stats.logprob[part].cpu().tolist()
+                record = {"tokens": n, "loss": -sum(lp) / n,
+                          "exact_memorization": float(stats.argmax_hit[part].float().mean())}
+                record.update(mia_scores(lp, target_text(examples[i + j]), stats.mean_logprob[part].cpu().tolist(),
+                                         stats.var_logprob[part].cpu().tolist(), k))
+                out.append(record)
+    finally:
+        model.train(was_training)
+    return out
+
+
+def membership_inference(forget_stats: Sequence[dict], holdout_stats: Sequence[dict]) -> dict[str, float]:
+    """AUC of every attack, forget set against held-out examples (0.5 = indistinguishable)."""
+    from .metrics import ATTACKS, mia_auc
+
+    return {a: mia_auc([s[a] for s in forget_stats], [s[a] for s in holdout_stats])
+            for a in ATTACKS if forget_stats and a in forget_stats[0]}
+
+
+def generation_scores(model: nn.Module, tokenizer, examples: Sequence[Example], max_new_tokens: int = 8) -> dict:
+    """Greedy-completion figures of prompt/response examples, averaged over the set.
+
+    ``accuracy``: the completion contains the response (as :func:`answer_hits`); ``exact_match``: the
+    completion's first w words equal the response's w words after normalisation (greedy completions
+    run on past the answer, so the whole completion is not compared); ``rougeL_recall`` (what
+    open-unlearning reports as ``*_Q_A_ROUGE``) and ``rougeL_f1`` of the whole completion against the
+    response.
+    """
+    from .metrics import exact_match, normalise_answer, rouge_l
+
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    texts = completions(model, tokenizer, [e.prompt for e in examples], max_new_tokens)
+    acc = em = recall = f1 = 0.0
+    for e, t in zip(examples, texts):
+        ref = normalise_answer(e.response)
+        acc += ref in normalise_answer(t)
+        words = len(ref.split())
+        em += exact_match(" ".join(normalise_answer(t).split()[:words]), ref)
+        r = rouge_l(t, e.response)
+        recall += r.recall
+        f1 += r.fmeasure
+    n = max(len(examples), 1)
+    return {"accuracy": acc / n, "exact_match": em / n, "rougeL_recall": recall / n, "rougeL_f1": f1 / n}
+
+
+def _mean(values) -> float:
+    values = list(values)
+    return sum(values) / len(values) if values else float("nan")
+
+
+def evaluate_model(model: nn.Module, tokenizer, task: str, sets: dict[str, Sequence[Example]],
+                   labels: Optional[dict[str, Optional[Sequence[int]]]] = None, *, forget: str = "forget",
+                   holdout: Optional[str] = "test", general_text: Optional[Sequence[str]] = None,
+                   max_length: int = 256, max_new_tokens: int = 8, k: float = 0.4) -> dict:
+    """Every figure of one model on named sets (forget / retain / test ...), for the report.
+
+    Returns ``{"figures": {...}, "per_example": {set: [stats dict, ...]}}``. Figures, per set S:
+    ``S_accuracy`` (answer or classification accuracy), ``S_exact_match``, ``S_rougeL_recall``,
+    ``S_rougeL_f1`` (prompt/response sets), ``S_loss`` (mean per-example target NLL), ``S_perplexity``
+    (exp of the token-weighted mean NLL), ``S_exact_memorization``; ``forget_lm_loss`` (the paper's
+    forget-set LM loss: the NLL of the forgotten answers / texts, i.e. ``forget_loss``); with a
+    ``holdout`` set, ``mia`` = AUC per attack of forget against held-out (see :func:`membership_inference`);
+    ``general_perplexity`` with ``general_text`` (causal LMs).
+    """
+    labels = labels or {}
+    was_training = model.training
+    model.eval()
+    figures: dict = {}
+    per_example: dict[str, list[dict]] = {}
+    try:
+        for name, examples in sets.items():
+            if not examples:
+                continue
+            set_labels = labels.get(name)
+            if task == "classification":
+                if set_labels is not None:
+                    hits = classification_hits(model, tokenizer, examples, set_labels)
+                    figures[f"{name}_accuracy"] = sum(hits) / len(hits)
+                else:
+                    continue
+            elif examples[0].prompt is not None:
+                for key, value in generation_scores(model, tokenizer, examples, max_new_tokens).items():
+                    figures[f"{name}_{key}"] = value
+            stats = example_stats(model, tokenizer, task, examples, labels=set_labels, max_length=max_length, k=k)
+            per_example[name] = stats
+            figures[f"{name}_loss"] = _mean(s["loss"] for s in stats)
+            tokens = sum(s["tokens"] for s in stats)
+            figures[f"{name}_perplexity"] = math.exp(sum(s["loss"] * s["tokens"] for s in stats) / tokens)
+            figures[f"{name}_exact_memorization"] = _mean(s["exact_memorization"] for s in stats)
+        if forget in per_example:
+            figures["forget_lm_loss"] = figures[f"{forget}_loss"]
+            if holdout and holdout in per_example:
+                figures["mia"] = membership_inference(per_example[forget], per_example[holdout])
+        if general_text and task == "causal":
+            figures["general_perplexity"] = perplexity(model, tokenizer, general_text, max_length)
+    finally:
+        model.train(was_training)
+    return {"figures": figures, "per_example": per_example}
+
+
+def compare_to_retrained(result: dict, retrained: dict, forget: str = "forget", statistic: str = "loss") -> dict:
+    """Figures that need the model retrained without the forget set (the gold standard).
+
+    ``forget_quality``: KS-test p-value between the per-example ``statistic`` (default the answer loss)
+    of this model and of the retrained model on the forget set (open-unlearning's ``forget_quality``,
+    computed on the loss instead of TOFU's truth ratio, which needs perturbed answers);
+    ``ks_statistic``; ``gap``: every scalar figure minus the retrained model's (and per MIA attack);
+    ``privleak``: per attack, MUSE's relative AUC difference (:func:`unlearn_fast.metrics.privleak`).
+    """
+    from .metrics import ks_2samp, privleak
+
+    mine, gold = result["figures"], retrained["figures"]
+    out: dict = {}
+    a = [s[statistic] for s in result["per_example"].get(forget, [])]
+    b = [s[statistic] for s in retrained["per_example"].get(forget, [])]
+    if a and b:
+        ks = ks_2samp(a, b)
+        out["forget_quality"] = ks.pvalue
+        out["ks_statistic"] = ks.statistic
+        out["forget_quality_statistic"] = statistic
+    gap = {k: mine[k] - gold[k] for k in mine
+           if k in gold and isinstance(mine[k], (int, float)) and isinstance(gold[k], (int, float))}
+    if "mia" in mine and "mia" in gold:
+        gap["mia"] = {k: mine["mia"][k] - gold["mia"][k] for k in mine["mia"] if k in gold["mia"]}
+        out["privleak"] = {k: privleak(mine["mia"][k], gold["mia"][k]) for k in mine["mia"] if k in gold["mia"]}
+    out["gap"] = gap
+    return out

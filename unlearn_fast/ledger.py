@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Optional, Union
 
 from .artifacts import read_artifact, read_manifest, write_artifact
-from .errors import ArtifactError, UnlearnFastError
+from .errors import UnlearnFastError
 from .fusion import DEFAULT_RHO, check_compatible, fuse_paths, request_records, with_cross_terms
 
 LEDGER_FILE = "ledger.json"
@@ -107,17 +107,16 @@ def add_request(ledger: PathLike, artifact: PathLike, name: Optional[str] = None
     else:
         state = {"format_version": LEDGER_VERSION, "base_model": manifest.get("base_model"),
                  "task": manifest.get("task"), "created": _now(), "next": 1, "requests": [], "merged": None}
+    request = request_records(manifest)[0]
+    known = {r["request"]["id"]: r["id"] for r in state["requests"]}
+    if request["id"] in known:
+        raise LedgerError(f"{artifact}: this request is already in the ledger as {known[request['id']]}")
     if state["requests"]:
         first = state["requests"][0]
         check_compatible([read_manifest(ledger / first["artifact"]), manifest],
                          [f"ledger {ledger} ({first['id']})", str(artifact)])
-        known = {r["request"]["id"]: r["id"] for r in state["requests"]}
     else:
         check_compatible([manifest], [str(artifact)])
-        known = {}
-    request = request_records(manifest)[0]
-    if request["id"] in known:
-        raise LedgerError(f"{artifact}: this request is already in the ledger as {known[request['id']]}")
     rid = f"r{state['next']}"
     record = {"id": rid, "name": name, "added": _now(), "source": str(artifact), "request": request,
               "artifact": f"{REQUESTS_DIR}/{rid}"}

@@ -189,6 +189,7 @@ class EULObjective:
         """
         kl_coef, ce_coef = coefficients(batch, self.config, self.gamma)
         rows_used = (kl_coef != 0) | (ce_coef != 0)
+        kl_off, ce_off = kl_coef == 0, ce_coef == 0  # switched off by the config (not by the guard)
         cache = self.cache if rows is not None else None
         teacher = self._teacher(batch, rows, cache) if bool((kl_coef != 0).any()) else None
         student = self._student(batch, rows, cache)
@@ -214,7 +215,7 @@ class EULObjective:
         full_ce = torch.zeros(rows_used.shape, dtype=torch.float32)
         full_kl[rows_used] = out.kl.cpu()
         full_ce[rows_used] = out.ce.cpu()
-        full_kl[kl_coef == 0] = float("nan")  # a switched-off term is not computed: report it absent,
-        full_ce[ce_coef == 0] = float("nan")  # not as 0
+        full_kl[kl_off] = float("nan")  # a switched-off term is not computed: report it absent,
+        full_ce[ce_off] = float("nan")  # not as 0
 
         return out.loss, term_means(batch, full_kl, full_ce)

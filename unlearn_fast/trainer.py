@@ -20,6 +20,8 @@ from typing import Iterator, Optional, Sequence
 import torch
 from torch import nn
 
+from . import checkpoint
+from .distributed import DataParallel, all_gather_floats, term_counts
 from .encoding import Row, collate, pad_token_id, token_count
 from .errors import TrainingError, UnlearnFastError
 from .layers import unlearning_parameters
@@ -47,6 +49,13 @@ class TrainConfig:
     shared_trunk: bool = True
     bucket_by_length: bool = True
     backend: str = "auto"
+    # checkpoints (see unlearn_fast.checkpoint): every ``checkpoint_every`` steps (0: only after
+    # the last step) into ``checkpoint_dir``; ``resume`` continues from the newest one there
+    checkpoint_dir: Optional[str] = None
+    checkpoint_every: int = 0
+    resume: bool = False
+    # FSDP2-shard the frozen base over the ranks (see unlearn_fast.distributed)
+    shard_base: bool = False
 
     def __post_init__(self):
         if self.schedule not in SCHEDULES:
@@ -57,6 +66,12 @@ class TrainConfig:
             raise UnlearnFastError(f"learning rate must be > 0, got {self.lr}")
         if self.backend not in BACKENDS:
             raise UnlearnFastError(f"backend must be one of {', '.join(BACKENDS)}, got {self.backend!r}")
+        if self.checkpoint_dir is not None:
+            self.checkpoint_dir = str(self.checkpoint_dir)
+        if self.checkpoint_every < 0:
+            raise UnlearnFastError(f"checkpoint interval must be ≥ 0 steps, got {self.checkpoint_every}")
+        if self.resume and not self.checkpoint_dir:
+            raise UnlearnFastError("resume needs a checkpoint directory (--checkpoint-dir)")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -68,6 +83,9 @@ class TrainResult:
     update_time_s: float
     tokens: int
     history: list[dict] = field(default_factory=list)
+    resumed_from: int = 0  # steps loaded from a checkpoint
+    earlier_time_s: float = 0.0  # update time of the interrupted run(s), included in update_time_s
+    earlier_rank_time_s: float = 0.0  # the same summed over their ranks
 
 
 def _length(row: Row) -> int:
@@ -124,13 +142,20 @@ def _schedule(step: int, total: int, warmup: int) -> float:
 
 
 def train(model: nn.Module, objective: EULObjective, forget: Sequence[Row], retain: Sequence[Row],
-          config: TrainConfig, pad_id: int) -> TrainResult:
+          config: TrainConfig, pad_id: int, params: Optional[Sequence[nn.Parameter]] = None) -> TrainResult:
     """Train the model's unlearning layers on the EUL objective; the base stays frozen.
 
+    ``objective`` is any callable batch → (loss, terms dict) (the baselines of
+    :mod:`unlearn_fast.baselines` pass theirs). ``params`` (default: the unlearning layers'
+    parameters) are what the optimiser updates; the caller makes them require grad.
+    Under ``torch.distributed`` (world size > 1) each rank trains on its share of every global
+    batch and the gradients are all-reduced (see :mod:`unlearn_fast.distributed`); with
+    ``config.checkpoint_dir`` checkpoints are saved, and ``config.resume`` continues from the
+    newest (see :mod:`unlearn_fast.checkpoint`).
     Raises TrainingError (before anything is written) if the loss becomes NaN or infinite.
     """
     torch.manual_seed(config.seed)
-    params = unlearning_parameters(model)
+    params = unlearning_parameters(model) if params is None else list(params)
     if not params:
         raise UnlearnFastError("the model has no unlearning layers to train")
     device = params[0].device
@@ -138,36 +163,73 @@ def train(model: nn.Module, objective: EULObjective, forget: Sequence[Row], reta
     total = count_steps(forget, retain, config)
     warmup = int(math.ceil(config.warmup_ratio * total))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: _schedule(s, total, warmup))
-    progress = _progress(total, config.progress)
     history, tokens = [], 0
+    dp = DataParallel.current(params, retain, forget, objective)  # None in one process
+    if dp is not None:
+        dp.broadcast_parameters()
+    first, earlier, earlier_ranks, key = 0, 0.0, 0.0, None
+    if config.checkpoint_dir:
+        key = checkpoint.run_key(config, total, params, forget, retain)
+        found = checkpoint.latest(config.checkpoint_dir) if config.resume else None
+        if found is not None:
+            saved = checkpoint.restore(found, params, optimizer, scheduler, key)
+            first, history, tokens = saved["step"], saved["progress"]["history"], saved["progress"]["tokens"]
+            earlier, earlier_ranks = saved["progress"]["update_time_s"], saved["progress"]["rank_time_s"]
+    progress = _progress(total, config.progress and (dp is None or dp.rank == 0))
+    progress.update(first)
+    resumed_tokens = tokens
     model.train(False)  # dropout off: teacher and student must see the same function
     start = time.perf_counter()
     for step, group in enumerate(batches(forget, retain, config)):
         if step >= total:
             break
-        batch = {k: v.to(device) for k, v in collate(group, pad_id).items()}
+        if step < first:  # finished before the checkpoint we resumed from
+            continue
+        rows, counted = (group, True) if dp is None else dp.share(group)
+        batch = {k: v.to(device) for k, v in collate(rows, pad_id).items()}
+        if dp is not None:  # normalise each term by its positions in the global batch
+            batch["term_counts"] = global_counts = term_counts(group)
         with forced_backend(config.backend):
-            loss, terms = objective(batch, group)
-        if not torch.isfinite(loss):
+            loss, terms = objective(batch, rows)
+        if dp is None and not torch.isfinite(loss):
             progress.close()
-            shown = ", ".join(f"{k}={v:.4g}" for k, v in terms.items())
-            raise TrainingError(f"the loss became {loss.item()} at step {step + 1} ({shown}); "
-                                "nothing was written. Try a lower learning rate (--lr).")
+            _not_finite(loss.item(), step, terms)
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        (loss if counted else loss * 0).backward()
+        if dp is None:
+            value, step_tokens = loss.item(), token_count(batch)
+        else:  # gradients, loss and term sums of all ranks, in one all-reduce
+            value, terms, step_tokens = dp.reduce(loss, terms, rows, group, counted, global_counts)
+            if not math.isfinite(value):
+                progress.close()
+                _not_finite(value, step, terms)
         torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
         optimizer.step()
         scheduler.step()
-        tokens += token_count(batch)
+        tokens += step_tokens
         elapsed = time.perf_counter() - start
-        record = {"step": step + 1, "loss": loss.item(), **terms}
+        record = {"step": step + 1, "loss": value, **terms}
         history.append(record)
+        if config.checkpoint_dir and (step + 1 == total or
+                                      (config.checkpoint_every and (step + 1) % config.checkpoint_every == 0)):
+            rank_time = earlier_ranks + (sum(all_gather_floats(elapsed)) if dp is not None else elapsed)
+            if dp is None or dp.rank == 0:
+                checkpoint.save(config.checkpoint_dir, step + 1, params, optimizer, scheduler, key,
+                                {"history": history, "tokens": tokens, "update_time_s": earlier + elapsed,
+                                 "rank_time_s": rank_time, "world_size": 1 if dp is None else dp.world})
         progress.update(1)
         progress.set_postfix({"loss": f"{record['loss']:.3f}",
                               **{k: f"{terms[k]:.3f}" for k in TERMS if not math.isnan(terms[k])},
-                              "tok/s": f"{tokens / elapsed:.0f}"})
+                              "tok/s": f"{(tokens - resumed_tokens) / elapsed:.0f}"})
     progress.close()
-    return TrainResult(len(history), time.perf_counter() - start, tokens, history)
+    return TrainResult(len(history), earlier + time.perf_counter() - start, tokens, history,
+                       resumed_from=first, earlier_time_s=earlier, earlier_rank_time_s=earlier_ranks)
+
+
+def _not_finite(value: float, step: int, terms: dict):
+    shown = ", ".join(f"{k}={v:.4g}" for k, v in terms.items())
+    raise TrainingError(f"the loss became {value} at step {step + 1} ({shown}); "
+                        "nothing was written. Try a lower learning rate (--lr).")
 
 
 @contextlib.contextmanager

@@ -9,11 +9,11 @@
 //   backward: dU = g^T act(h),  dh = (g U) * act'(h),  db = sum_rows dh,
 //             dD = dh^T x,       dx = g + dh D,          dc = sum_rows g      (g = dL/dy)
 //
-// All K layers share one activation (a block's layers always do). The four GEMMs go to at::mm / addmm
-// (MKL or OpenBLAS); everything else is one fused pass per step, so the [N, d] tensors are touched as
-// few times as the math allows: forward reads x twice (down GEMM, residual add) and writes y once;
-// backward reads g three times (two GEMMs and one pass that both copies it into dx and sums its
-// columns) and x once. The eager composition (Linear, act, Linear, add per layer) instead makes K
+// All K layers share one activation (a block's layers always do). The six GEMMs (two forward, four
+// backward) go to at::mm / addmm (MKL or OpenBLAS); everything else is one fused pass per step, so the
+// [N, d] tensors are touched as few times as the math allows: forward reads x twice (down GEMM,
+// residual add) and writes y once; backward reads g three times (two GEMMs and one pass that both
+// copies it into dx and sums its columns) and x once. The eager composition (Linear, act, Linear, add per layer) instead makes K
 // passes of every kind. Only the pre-activation h ([N, R], fp32) is saved for backward; act(h) is
 // recomputed there in the same pass that forms dh.
 //
@@ -28,13 +28,12 @@
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
 #include <ATen/ops/mm.h>
-#include <ATen/ops/zeros.h>
 #include <c10/util/Exception.h>
 #include <c10/util/string_view.h>
 
 #include <algorithm>
-#include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <tuple>
 #include <vector>
 
@@ -52,35 +51,118 @@ Act parse_activation(c10::string_view name) {
                     "'; choose relu, gelu or silu");
 }
 
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__)) && !defined(__INTEL_COMPILER)
+#define UNLEARN_FAST_SPAN_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+#else
+#define UNLEARN_FAST_SPAN_CLONES
+#endif
+// The helpers must be inlined into each clone to be compiled for its instruction set.
+#if defined(__GNUC__) || defined(__clang__)
+#define UNLEARN_FAST_INLINE inline __attribute__((always_inline))
+#else
+#define UNLEARN_FAST_INLINE inline
+#endif
+
+// exp(x) for float without branches or library calls, so the activation loops vectorise (with std::exp
+// and std::erf they do not, and at R = 128 gelu's passes took longer than a GEMM). Cephes-style range
+// reduction and a degree-6 polynomial, about 1 ulp; the same as csrc/cpu/loss_rows.cpp. exp(x) for
+// x < -87 is 0, x > 88 is clamped to exp(88).
+UNLEARN_FAST_INLINE float vexp(float x) {
+  const float xc = x > 88.0f ? 88.0f : x;
+  const float n = (xc * 1.44269504088896341f + 12582912.0f) - 12582912.0f;  // round(x / ln2)
+  float r = xc - n * 0.693359375f;
+  r = r - n * -2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * (r * r) + r + 1.0f;
+  const int32_t bits = (static_cast<int32_t>(n < -126.0f ? -126.0f : n) + 127) << 23;  // 2^n
+  float scale;
+  std::memcpy(&scale, &bits, sizeof(scale));
+  const float y = p * scale;
+  return xc < -87.0f ? 0.0f : y;
+}
+
 constexpr float kInvSqrt2 = 0.70710678118654752f;
 constexpr float kInvSqrt2Pi = 0.39894228040143268f;
 
+// Phi(h) = (1 + erf(h / sqrt 2)) / 2, the standard normal CDF, for the exact (erf) gelu. erf by
+// Abramowitz & Stegun 7.1.26 (absolute error <= 1.5e-7, the polynomial ATen's vectorised erf uses);
+// the tail is formed directly (not as 1 - (1 - tail)), so Phi keeps its relative accuracy for h << 0.
+UNLEARN_FAST_INLINE float normal_cdf(float h) {
+  const float z = (h < 0.f ? -h : h) * kInvSqrt2;
+  const float t = 1.f / (1.f + 0.3275911f * z);
+  const float poly = t * (0.254829592f + t * (-0.284496736f + t * (1.421413741f + t * (-1.453152027f + t * 1.061405429f))));
+  const float tail = 0.5f * poly * vexp(-z * z);  // Phi(-|h|)
+  return h < 0.f ? tail : 1.f - tail;
+}
+
 // act(h); gelu is the exact (erf) form, as torch.nn.functional.gelu's default.
 template <Act A>
-inline float act_value(float h) {
+UNLEARN_FAST_INLINE float act_value(float h) {
   if constexpr (A == Act::kRelu) {
     return h > 0.f ? h : 0.f;
   } else if constexpr (A == Act::kGelu) {
-    return 0.5f * h * (1.f + std::erf(h * kInvSqrt2));
+    return h * normal_cdf(h);
   } else {
-    return h / (1.f + std::exp(-h));
+    return h / (1.f + vexp(-h));
   }
 }
 
-// act(h) and act'(h) together (backward needs both). relu'(0) = 0, as torch's threshold_backward.
+// act'(h) (backward also recomputes act(h) for dU). relu'(0) = 0, as torch's threshold_backward.
 template <Act A>
-inline void act_value_and_slope(float h, float& value, float& slope) {
+UNLEARN_FAST_INLINE float act_slope(float h) {
   if constexpr (A == Act::kRelu) {
-    value = h > 0.f ? h : 0.f;
-    slope = h > 0.f ? 1.f : 0.f;
+    return h > 0.f ? 1.f : 0.f;
   } else if constexpr (A == Act::kGelu) {
-    const float cdf = 0.5f * (1.f + std::erf(h * kInvSqrt2));
-    value = h * cdf;
-    slope = cdf + h * kInvSqrt2Pi * std::exp(-0.5f * h * h);
+    return normal_cdf(h) + h * kInvSqrt2Pi * vexp(-0.5f * h * h);
   } else {
-    const float s = 1.f / (1.f + std::exp(-h));
-    value = h * s;
-    slope = s * (1.f + h * (1.f - s));
+    const float s = 1.f / (1.f + vexp(-h));
+    return s * (1.f + h * (1.f - s));
+  }
+}
+
+template <Act A>
+UNLEARN_FAST_INLINE void forward_span(const float* h, float* a, int64_t n) {
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) a[i] = act_value<A>(h[i]);
+}
+
+// a = act(h) over a span of [rows, R] elements.
+UNLEARN_FAST_SPAN_CLONES
+void activation_forward_span(Act act, const float* h, float* a, int64_t n) {
+  switch (act) {
+    case Act::kRelu: forward_span<Act::kRelu>(h, a, n); break;
+    case Act::kGelu: forward_span<Act::kGelu>(h, a, n); break;
+    case Act::kSilu: forward_span<Act::kSilu>(h, a, n); break;
+  }
+}
+
+template <Act A>
+UNLEARN_FAST_INLINE void backward_rows(const float* h, float* a, float* da, double* colsum, int64_t rows, int64_t R) {
+  for (int64_t i = 0; i < rows; ++i) {
+    const float* hr = h + i * R;
+    float* ar = a + i * R;
+    float* dr = da + i * R;
+#pragma omp simd
+    for (int64_t j = 0; j < R; ++j) {
+      ar[j] = act_value<A>(hr[j]);
+      dr[j] *= act_slope<A>(hr[j]);
+      colsum[j] += dr[j];
+    }
+  }
+}
+
+// Over [rows, R]: a = act(h); da <- da * act'(h) (it becomes dh); colsum += column sums of dh.
+UNLEARN_FAST_SPAN_CLONES
+void activation_backward_rows(Act act, const float* h, float* a, float* da, double* colsum, int64_t rows, int64_t R) {
+  switch (act) {
+    case Act::kRelu: backward_rows<Act::kRelu>(h, a, da, colsum, rows, R); break;
+    case Act::kGelu: backward_rows<Act::kGelu>(h, a, da, colsum, rows, R); break;
+    case Act::kSilu: backward_rows<Act::kSilu>(h, a, da, colsum, rows, R); break;
   }
 }
 
@@ -88,37 +170,24 @@ inline void act_value_and_slope(float h, float& value, float& slope) {
 int64_t row_grain(int64_t width) { return std::max<int64_t>(1, 32768 / std::max<int64_t>(width, 1)); }
 
 // a = act(h), elementwise over [n, R].
-template <Act A>
-void activation_forward(const at::Tensor& h, at::Tensor& a) {
+void activation_forward(Act act, const at::Tensor& h, at::Tensor& a) {
   const int64_t n = h.size(0), R = h.size(1);
   const float* hp = h.data_ptr<float>();
   float* ap = a.data_ptr<float>();
   at::parallel_for(0, n, row_grain(R), [&](int64_t begin, int64_t end) {
-    for (int64_t i = begin * R; i < end * R; ++i) ap[i] = act_value<A>(hp[i]);
+    activation_forward_span(act, hp + begin * R, ap + begin * R, (end - begin) * R);
   });
 }
 
 // One pass over [n, R]: a = act(h); da <- da * act'(h) in place (it becomes dh); db = column sums of dh.
-template <Act A>
-void activation_backward(const at::Tensor& h, at::Tensor& a, at::Tensor& da, at::Tensor& db) {
+void activation_backward(Act act, const at::Tensor& h, at::Tensor& a, at::Tensor& da, at::Tensor& db) {
   const int64_t n = h.size(0), R = h.size(1);
-  const float* hp = h.data_ptr<float>();
-  float* ap = a.data_ptr<float>();
-  float* dp = da.data_ptr<float>();
   const int threads = at::get_num_threads();
   std::vector<double> partial(static_cast<size_t>(threads) * R, 0.0);  // per-thread column sums
   at::parallel_for(0, n, row_grain(R), [&](int64_t begin, int64_t end) {
     double* sum = partial.data() + static_cast<int64_t>(at::get_thread_num()) * R;
-    for (int64_t i = begin; i < end; ++i) {
-      for (int64_t j = 0; j < R; ++j) {
-        const int64_t e = i * R + j;
-        float value, slope;
-        act_value_and_slope<A>(hp[e], value, slope);
-        ap[e] = value;
-        dp[e] *= slope;
-        sum[j] += dp[e];
-      }
-    }
+    activation_backward_rows(act, h.data_ptr<float>() + begin * R, a.data_ptr<float>() + begin * R,
+                             da.data_ptr<float>() + begin * R, sum, end - begin, R);
   });
   float* dbp = db.data_ptr<float>();
   for (int64_t j = 0; j < R; ++j) {
@@ -200,11 +269,7 @@ std::tuple<at::Tensor, at::Tensor> unlearning_layer_forward_cpu(const at::Tensor
   const at::Tensor x32 = as_float(x);
   const at::Tensor pre = at::addmm(down_bias, x32, down_weight.t());  // h = x D^T + b: one GEMM for all K
   at::Tensor a = at::empty_like(pre);
-  switch (act) {
-    case Act::kRelu: activation_forward<Act::kRelu>(pre, a); break;
-    case Act::kGelu: activation_forward<Act::kGelu>(pre, a); break;
-    case Act::kSilu: activation_forward<Act::kSilu>(pre, a); break;
-  }
+  activation_forward(act, pre, a);
   at::Tensor y = at::add(x32, up_bias);  // x + c, one pass
   y.addmm_(a, up_weight.t());            // += act(h) U^T, accumulated by the GEMM in place (beta = 1)
   return {x.scalar_type() == at::kFloat ? y : y.to(x.scalar_type()), pre};
@@ -227,11 +292,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> unlearnin
   at::Tensor dh = at::mm(g, up_weight);  // g U, turned into dh in place below
   at::Tensor a = at::empty_like(h);
   at::Tensor grad_down_bias = at::empty({R}, h.options());
-  switch (act) {
-    case Act::kRelu: activation_backward<Act::kRelu>(h, a, dh, grad_down_bias); break;
-    case Act::kGelu: activation_backward<Act::kGelu>(h, a, dh, grad_down_bias); break;
-    case Act::kSilu: activation_backward<Act::kSilu>(h, a, dh, grad_down_bias); break;
-  }
+  activation_backward(act, h, a, dh, grad_down_bias);
   at::Tensor grad_up_weight = at::mm(g.t(), a);             // [d, R]
   at::Tensor grad_down_weight = at::mm(dh.t(), as_float(x));  // [R, d]
   at::Tensor grad_up_bias = at::empty({d}, h.options());

@@ -1,0 +1,297 @@
+"""Scenario 1 of issue 4: fictitious facts, a model trained from scratch, and a real gold standard.
+
+    python benchmarks/unlearning/fictitious_facts.py [--out DIR] [--fractions 0.01 0.05 0.10] [--quick]
+
+1. Generate fictitious people (seeded): each has a birth city, a favourite colour and a pet (random, so a
+   model can only know them by memorising them) and a profession; where a person works follows from the
+   profession by a fixed rule (a doctor works at the hospital ...), so that fact *generalises*.
+   Four facts per person, as prompt → answer:
+       "Vemo Tarlin was born in" → "Port Kessa"          (memorised)
+       "Vemo Tarlin's favourite colour is" → "amber"      (memorised)
+       "Vemo Tarlin has a pet" → "ferret"                 (memorised)
+       "Vemo Tarlin is a baker who works at the" → "bakery"   (rule)
+   Training people: ``--people`` (200); held-out people (never trained on): ``--holdout-people`` (40).
+2. A word-level tokenizer and a tiny Llama-shaped model, both built in code (no download).
+3. The original model is trained from scratch on every training person's facts; for each forget fraction
+   (1 %, 5 %, 10 % of the people) a *retrained* model is trained the same way (same recipe, same seed)
+   on all but the forget people: the gold standard.
+4. Every method unlearns the forget people from a copy of the original: EUL (unlearning layers) and the
+   baselines of :mod:`unlearn_fast.baselines` (finetune, ga, graddiff, npo; full-parameter, as in the
+   paper), all through the same trainer.
+5. Each model is evaluated by :func:`unlearn_fast.evaluation.evaluate_model`: forget / retain sets (the
+   people's four facts), *test* = the rule facts of the held-out people (the model can only answer them by
+   generalising), membership inference = forget set against the held-out people's facts; forget quality
+   and gaps against the retrained model. One report per fraction (JSON, Table-2 Markdown, PNG) under
+   ``--out``, and a summary table on stdout.
+
+The retrained model cannot know a forgotten person's memorised facts, but still answers their rule fact:
+its forget accuracy is ≈ (1 + 3·chance)/4, so forgetting *too much* shows as a forget accuracy below it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import random
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[2]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from unlearn_fast.baselines import BaselineConfig, CrossEntropyObjective, encode_for_baseline, run_baseline  # noqa: E402
+from unlearn_fast.data import Example  # noqa: E402
+from unlearn_fast.encoding import pad_token_id  # noqa: E402
+from unlearn_fast.evaluation import evaluate_model  # noqa: E402
+from unlearn_fast.layers import LayerConfig  # noqa: E402
+from unlearn_fast.objective import ObjectiveConfig  # noqa: E402
+from unlearn_fast.report import build_report, markdown, write_report  # noqa: E402
+from unlearn_fast.trainer import TrainConfig, train  # noqa: E402
+
+SYLLABLES = ["ka", "ve", "mo", "tar", "lin", "dro", "sel", "qua", "ni", "bor", "ith", "zen", "pal", "rue", "mak",
+             "ost", "fen", "lu", "gar", "shi", "ton", "wex", "yal", "cor"]
+CITY_PREFIXES = ["Port", "Lake", "Fort", "Mount", "New", "Old"]
+COLOURS = ["amber", "teal", "crimson", "olive", "violet", "ochre", "indigo", "scarlet", "ivory", "jade"]
+PETS = ["ferret", "parrot", "tortoise", "hamster", "iguana", "rabbit", "gecko", "canary", "goldfish", "pony"]
+WORKPLACES = {"doctor": "hospital", "teacher": "school", "baker": "bakery", "librarian": "library",
+              "pilot": "airport", "chemist": "laboratory", "banker": "bank", "gardener": "park"}
+
+
+@dataclass(frozen=True)
+class Person:
+    name: str
+    city: str
+    colour: str
+    pet: str
+    profession: str
+
+    def facts(self) -> list[Example]:
+        return [Example(prompt=f"{self.name} was born in", response=self.city),
+                Example(prompt=f"{self.name} 's favourite colour is", response=self.colour),
+                Example(prompt=f"{self.name} has a pet", response=self.pet),
+                Example(prompt=f"{self.name} is a {self.profession} who works at the",
+                        response=WORKPLACES[self.profession])]
+
+    def rule_fact(self) -> Example:
+        return self.facts()[3]
+
+
+def _word(rng: random.Random, parts: int) -> str:
+    return "".join(rng.choice(SYLLABLES) for _ in range(parts)).capitalize()
+
+
+def make_people(n: int, seed: int = 0) -> list[Person]:
+    """``n`` distinct people; first and last names come from shared pools, so every name token is
+    common and a person is identified by the combination."""
+    rng = random.Random(seed)
+    first = sorted({_word(rng, 2) for _ in range(400)})[:60]
+    last = sorted({_word(rng, 3) for _ in range(400)})[:60]
+    cities = sorted({f"{rng.choice(CITY_PREFIXES)} {_word(rng, 2)}" for _ in range(40)})[:12]
+    names: set[str] = set()
+    people = []
+    while len(people) < n:
+        name = f"{rng.choice(first)} {rng.choice(last)}"
+        if name in names:
+            continue
+        names.add(name)
+        people.append(Person(name, rng.choice(cities), rng.choice(COLOURS), rng.choice(PETS),
+                             rng.choice(sorted(WORKPLACES))))
+    return people
+
+
+def make_tokenizer(people: list[Person]):
+    """A word-level tokenizer over every word of the corpus (built in code)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<pad>", "<s>", "</s>", "<unk>"]
+    words = set()
+    for p in people:
+        for e in p.facts():
+            words.update(e.prompt.split())
+            words.update(e.response.split())
+    vocab = {w: i for i, w in enumerate(specials + sorted(words))}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.decoder = decoders.WordPiece(prefix="##")  # joins words with spaces
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>",
+                                   unk_token="<unk>")
+
+
+def make_model(vocab_size: int, seed: int = 0, hidden: int = 128, layers: int = 2):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(vocab_size=vocab_size, hidden_size=hidden, intermediate_size=4 * hidden,
+                         num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=4,
+                         max_position_embeddings=64, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+                         tie_word_embeddings=False)
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(config).eval()
+
+
+def pretrain(vocab_size: int, tokenizer, facts: list[Example], config: TrainConfig, seed: int = 0):
+    """Train a fresh model on ``facts`` (task loss, every weight) with the package's trainer: the
+    recipe of both the original and the retrained model. Returns (model, seconds)."""
+    model = make_model(vocab_size, seed)
+    rows = encode_for_baseline(facts, tokenizer, "causal", model.config, forget=False)
+    for p in model.parameters():
+        p.requires_grad_(True)
+    objective = CrossEntropyObjective(model, "causal", alpha=1.0, gamma=0.0)
+    result = train(model, objective, [], rows, config, pad_token_id(tokenizer), params=list(model.parameters()))
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model.eval(), result.update_time_s
+
+
+def run_method(name: str, original, tokenizer, forget, retain, settings: dict):
+    """Unlearn ``forget`` from a copy of ``original`` with one method; (model, update seconds)."""
+    model = copy.deepcopy(original)
+    s = settings[name]
+    torch.manual_seed(s["training"].seed)  # unlearning layers are initialised before training seeds itself
+    if name == "eul":
+        from unlearn_fast.api import unlearn
+
+        result = unlearn(model, tokenizer, forget, retain, layers=s["layers"], objective=s["objective"],
+                         training=s["training"], evaluate=False, log=lambda m: None)
+        return result.model, result.training.update_time_s
+    result = run_baseline(model, tokenizer, forget, retain, s["config"], s["training"], log=lambda m: None)
+    return result.model, result.training.update_time_s
+
+
+def method_settings(quick: bool) -> dict:
+    """The recipe of every method (written into each report's meta).
+
+    Chosen by a small sweep on the 5 % split (see benchmarks/unlearning/README.md): EUL needs γ = 1 (the
+    forget LM term; with the paper's 0.2 a model that is certain of its facts barely moves, since both
+    forget terms have ~zero gradient at student = teacher), λ = 2 and a high adapter learning rate;
+    full-parameter baselines at lr 1e-3 destroy the model, at 1e-4 they are usable (GA, forget set only,
+    needs 3e-4 to move at all).
+    """
+    def t(epochs, lr, quick_epochs=1):
+        return TrainConfig(epochs=quick_epochs if quick else epochs, lr=lr, batch_size=16, progress=False, seed=0)
+
+    return {
+        "eul": {"layers": LayerConfig(rank=16), "objective": ObjectiveConfig(gamma=1.0, lam=2.0),
+                "training": t(10, 1e-2)},
+        "finetune": {"config": BaselineConfig(method="finetune"), "training": t(5, 1e-4)},
+        "ga": {"config": BaselineConfig(method="ga"), "training": t(10, 3e-4, 2)},
+        "graddiff": {"config": BaselineConfig(method="graddiff"), "training": t(5, 1e-4)},
+        "npo": {"config": BaselineConfig(method="npo"), "training": t(5, 1e-4)},
+    }
+
+
+def describe(settings: dict) -> dict:
+    out = {}
+    for name, s in settings.items():
+        t = s["training"]
+        d = {"epochs": t.epochs, "lr": t.lr, "batch_size": t.batch_size, "schedule": t.schedule}
+        if "config" in s:
+            d.update(params=s["config"].params, alpha=s["config"].alpha, gamma=s["config"].gamma,
+                     beta=s["config"].beta)
+        else:
+            d.update(layers=s["layers"].to_dict(), objective=s["objective"].to_dict())
+        out[name] = d
+    return out
+
+
+def summary_row(fraction: float, report: dict) -> list[str]:
+    rows = []
+    gold = report["methods"]["retrain"]["figures"]
+    for name, m in report["methods"].items():
+        f = m["figures"]
+        vs = m.get("vs_retrained") or {}
+        rows.append(f"| {fraction:.0%} | {name} | {100 * f['test_accuracy']:.1f} | {100 * f['retain_accuracy']:.1f} | "
+                    f"{100 * f['forget_accuracy']:.1f} ({100 * (f['forget_accuracy'] - gold['forget_accuracy']):+.1f}) | "
+                    f"{f['forget_lm_loss']:.2f} | {f['mia']['mia_loss']:.2f} | {f['mia']['mia_min_k_plus_plus']:.2f} | "
+                    f"{vs.get('forget_quality', float('nan')):.3g} | "
+                    + (f"{m['time_s']:.1f}" if m.get("time_s") is not None else "–") + " |")
+    return rows
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", default="unlearning_results/fictitious_facts", help="report directory")
+    ap.add_argument("--people", type=int, default=200)
+    ap.add_argument("--holdout-people", type=int, default=40)
+    ap.add_argument("--fractions", type=float, nargs="+", default=[0.01, 0.05, 0.10])
+    ap.add_argument("--methods", nargs="+", default=["eul", "finetune", "ga", "graddiff", "npo"])
+    ap.add_argument("--pretrain-epochs", type=int, default=60)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=1, help="torch threads (default 1: the model is tiny, a thread pool only adds contention)")
+    ap.add_argument("--quick", action="store_true", help="a smoke run: few people, few epochs (numbers meaningless)")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    started = time.perf_counter()
+    if args.quick:
+        args.people, args.holdout_people, args.pretrain_epochs = 40, 10, 3
+    people = make_people(args.people + args.holdout_people, args.seed)
+    train_people, holdout_people = people[:args.people], people[args.people:]
+    tokenizer = make_tokenizer(people)
+    vocab = len(tokenizer.get_vocab())
+    pre = TrainConfig(epochs=args.pretrain_epochs, batch_size=32, lr=3e-3, warmup_ratio=0.05, progress=False,
+                      seed=args.seed)
+    all_facts = [e for p in train_people for e in p.facts()]
+    original, original_time = pretrain(vocab, tokenizer, all_facts, pre, args.seed)
+    print(f"original model: {sum(p.numel() for p in original.parameters()) / 1e6:.2f} M parameters, "
+          f"{len(all_facts)} facts, trained in {original_time:.0f} s", flush=True)
+    holdout = [e for p in holdout_people for e in p.facts()]
+    test = [p.rule_fact() for p in holdout_people]
+    settings = method_settings(args.quick)
+    out = Path(args.out)
+    order = random.Random(args.seed + 1).sample(range(args.people), args.people)
+    table = ["| Forget | Method | Test acc | Retain acc | Forget acc (Δ retrained) | Forget LM loss | "
+             "MIA AUC LOSS | MIA AUC Min-K%++ | Forget quality | Time (s) |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    summary = {"machine_note": "2-core CPU", "people": args.people, "holdout_people": args.holdout_people,
+               "fractions": {}}
+    for fraction in args.fractions:
+        k = max(1, round(fraction * args.people))
+        forget_ids = set(order[:k])
+        forget = [e for i, p in enumerate(train_people) if i in forget_ids for e in p.facts()]
+        retain = [e for i, p in enumerate(train_people) if i not in forget_ids for e in p.facts()]
+        sets = {"forget": forget, "retain": retain, "test": test, "holdout": holdout}
+        retrained, retrain_time = pretrain(vocab, tokenizer, retain, pre, args.seed)
+        models = {"original": (original, None)}
+        for name in args.methods:
+            models[name] = run_method(name, original, tokenizer, forget, retain, settings)
+        models["retrain"] = (retrained, retrain_time)
+        results, times = {}, {}
+        for name, (model, seconds) in models.items():
+            results[name] = evaluate_model(model, tokenizer, "causal", sets, holdout="holdout", max_new_tokens=3)
+            times[name] = seconds
+        report = build_report(results, times=times, retrained="retrain",
+                              title=f"Scenario 1, fictitious facts: forget {k} of {args.people} people ({fraction:.0%})",
+                              meta={"forget facts": len(forget), "retain facts": len(retain),
+                                    "test (rule facts of held-out people)": len(test),
+                                    "MIA non-members (held-out people's facts)": len(holdout),
+                                    "model": f"LlamaForCausalLM {sum(p.numel() for p in original.parameters())} params, "
+                                             f"vocab {vocab}",
+                                    "pretraining": json.dumps({"epochs": pre.epochs, "lr": pre.lr,
+                                                               "batch_size": pre.batch_size}),
+                                    "methods": json.dumps(describe(settings))})
+        write_report(report, out / f"forget_{round(100 * fraction)}pct")
+        print(markdown(report), flush=True)
+        table += summary_row(fraction, report)
+        summary["fractions"][f"{fraction:g}"] = {n: {"figures": {k_: v for k_, v in m["figures"].items()},
+                                                     "time_s": m.get("time_s"),
+                                                     "vs_retrained": {k_: v for k_, v in (m.get("vs_retrained") or {}).items()
+                                                                      if k_ != "gap"}}
+                                                 for n, m in report["methods"].items()}
+    total = time.perf_counter() - started
+    text = "\n".join(table) + f"\n\nwhole scenario: {total:.0f} s\n"
+    print(text)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "summary.md").write_text(text)
+    (out / "summary.json").write_text(json.dumps(summary, indent=2, default=lambda v: None))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
