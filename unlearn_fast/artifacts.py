@@ -53,7 +53,8 @@ def model_fingerprint(model: nn.Module) -> str:
     return digest.hexdigest()
 
 
-def _sha256(path: Path) -> str:
+def sha256_file(path: Path) -> str:
+    """Hex sha256 of a file's bytes (read in 1 MiB blocks)."""
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
@@ -91,7 +92,7 @@ def write_artifact(out: Union[str, Path], tensors: dict[str, torch.Tensor], mani
     try:
         save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp / WEIGHTS_FILE))
         manifest = {**manifest, "format_version": FORMAT_VERSION,
-                    "files": {WEIGHTS_FILE: _sha256(tmp / WEIGHTS_FILE)}}
+                    "files": {WEIGHTS_FILE: sha256_file(tmp / WEIGHTS_FILE)}}
         with open(tmp / MANIFEST_FILE, "w") as f:
             json.dump(_strict_json(manifest), f, indent=2, sort_keys=True, allow_nan=False)
             f.flush()
@@ -130,7 +131,7 @@ def read_artifact(artifact: Union[str, Path]) -> tuple[dict, dict[str, torch.Ten
     if not path.is_file():
         raise ArtifactError(f"{path}: tensor file not found")
     expected = manifest.get("files", {}).get(WEIGHTS_FILE)
-    if expected != _sha256(path):
+    if expected != sha256_file(path):
         raise ArtifactError(f"{path}: checksum does not match the manifest (file changed or corrupt)")
     return manifest, load_file(str(path))
 

@@ -33,6 +33,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from .artifacts import sha256_file
 from .errors import TrainingError
 
 FORMAT = 1
@@ -60,14 +61,6 @@ def run_key(config, total_steps: int, params: Sequence[nn.Parameter], forget, re
     settings = {k: v for k, v in config.to_dict().items() if k not in _FREE}
     return {"config": settings, "total_steps": total_steps, "params": [list(p.shape) for p in params],
             "data": data_fingerprint(forget, retain)}
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def checkpoints(directory: Union[str, Path]) -> list[Path]:
@@ -116,7 +109,7 @@ def save(directory: Union[str, Path], step: int, params: Sequence[nn.Parameter],
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=directory))
     try:
         save_file(tensors, str(tmp / TENSORS_FILE))
-        state["files"] = {TENSORS_FILE: _sha256(tmp / TENSORS_FILE)}
+        state["files"] = {TENSORS_FILE: sha256_file(tmp / TENSORS_FILE)}
         with open(tmp / STATE_FILE, "w") as f:
             json.dump(state, f)
             f.flush()
@@ -153,7 +146,7 @@ def restore(path: Union[str, Path], params: Sequence[nn.Parameter], optimizer, s
         raise TrainingError(f"{path} belongs to another run (different {', '.join(differs)}); "
                             f"resume with the same data and settings, or use a new --checkpoint-dir")
     tensor_file = path / TENSORS_FILE
-    if state.get("files", {}).get(TENSORS_FILE) != _sha256(tensor_file):
+    if state.get("files", {}).get(TENSORS_FILE) != sha256_file(tensor_file):
         raise TrainingError(f"{tensor_file}: checksum does not match the checkpoint state (corrupt)")
     tensors = load_file(str(tensor_file))
     with torch.no_grad():
