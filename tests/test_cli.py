@@ -112,9 +112,9 @@ def test_top_level_help(capsys):
     assert code == 2 and "usage:" in out
 
 
-def test_fuse_is_not_available_yet(capsys):
+def test_fuse_without_out_is_a_clear_error(capsys):
     code, _, err = run(capsys, "fuse", "--layers", "a", "b")
-    assert code == 2 and "fuse" in err and "Traceback" not in err
+    assert code == 2 and "--out" in err and "Traceback" not in err
 
 
 # --------------------------------------------------------------------------------------------

@@ -8,7 +8,8 @@ switches in :mod:`unlearn_fast.layers`.
 __version__ = "0.1.0"
 
 from .api import UnlearnResult, unlearn  # noqa: E402
-from .artifacts import load_layers, read_manifest  # noqa: E402
+from .artifacts import load_layers, load_layers_together, read_manifest  # noqa: E402
+from .fusion import fuse_artifacts  # noqa: E402
 from .data import Columns, Example, load_examples  # noqa: E402
 from .errors import UnlearnFastError  # noqa: E402
 from .evaluation import evaluate_sets  # noqa: E402
@@ -19,6 +20,6 @@ from .trainer import TrainConfig  # noqa: E402
 
 __all__ = [
     "Columns", "Example", "LayerConfig", "ObjectiveConfig", "TrainConfig", "UnlearnFastError",
-    "UnlearnResult", "attach", "detach", "evaluate_sets", "layers_disabled", "load_examples",
-    "load_layers", "load_model", "read_manifest", "set_enabled", "unlearn",
+    "UnlearnResult", "attach", "detach", "evaluate_sets", "fuse_artifacts", "layers_disabled", "load_examples",
+    "load_layers", "load_layers_together", "load_model", "read_manifest", "set_enabled", "unlearn",
 ]

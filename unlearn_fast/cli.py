@@ -115,7 +115,9 @@ def build_parser() -> argparse.ArgumentParser:
                                    "(--layers), on forget and retain sets.")
     _add_model_args(p)
     _add_data_args(p, required=False)
-    p.add_argument("--layers", metavar="DIR", help="unlearning artifact to attach")
+    p.add_argument("--layers", metavar="DIR", nargs="+",
+                   help="unlearning artifact(s) to attach; several are active together (summed in each "
+                        "block), e.g. to compare K requests' layers with their fused layer")
     p.add_argument("--json", action="store_true", help="print the figures as JSON")
     g = p.add_argument_group("report (membership inference, gold standard, comparison of methods)")
     g.add_argument("--test", metavar="FILE", help="held-out examples the model never saw: the test column and "
@@ -142,7 +144,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 _RHO_HELP = ("ridge ρ, relative to the inputs' mean per-feature spread (the mean diagonal of the centred summed "
-             "Gram matrix); default 1e-6; the bias is not penalised; 0 = exact solve, fails on a singular Gram")
+             "Gram matrix); default 0.03; the bias is not penalised; 0 = exact solve, fails on a singular Gram")
 
 
 def _add_fusion_parsers(sub) -> None:
@@ -296,9 +298,17 @@ def _print_figures(metrics: dict) -> None:
         print(f"update time: {metrics['update_time_s']:.1f} s over {metrics['steps']} steps")
 
 
+def _single_layers(args):
+    from .errors import UnlearnFastError
+
+    if args.layers and len(args.layers) > 1:
+        raise UnlearnFastError("a report takes one --layers artifact; add others with --compare NAME=DIR")
+    return args.layers[0] if args.layers else None
+
+
 def cmd_eval(args) -> int:
     from .api import _labels
-    from .artifacts import load_layers
+    from .artifacts import load_layers, load_layers_together
     from .data import load_examples
     from .errors import UnlearnFastError
     from .evaluation import evaluate_sets
@@ -310,7 +320,10 @@ def cmd_eval(args) -> int:
         return _eval_report(args)
     model, tokenizer, _ = _load(args)
     if args.layers:
-        load_layers(model, args.layers)
+        if len(args.layers) == 1:
+            load_layers(model, args.layers[0])
+        else:
+            load_layers_together(model, args.layers)
     task = detect_task(model)
     sets, labels = {}, {}
     for name, source in (("forget", args.forget), ("retain", args.retain)):
@@ -343,7 +356,7 @@ def _eval_report(args) -> int:
             raise UnlearnFastError(f"--compare takes NAME=PATH, got {item!r}")
         compare[name] = path
     results, times, retrained = evaluate_for_report(
-        lambda: _load(args)[:2], sets, layers=args.layers, retrained=args.retrained, compare=compare,
+        lambda: _load(args)[:2], sets, layers=_single_layers(args), retrained=args.retrained, compare=compare,
         labels_for=lambda model, task, name, ex: _labels(model, task, ex, f"{name} set", required=False),
         max_length=args.max_length, max_new_tokens=args.max_new_tokens, log=lambda m: print(m, file=sys.stderr))
     metric = args.metric or "accuracy"

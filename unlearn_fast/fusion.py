@@ -5,8 +5,8 @@ the Gram matrix of that map's augmented inputs over request i's forget data, G_i
 (see :mod:`unlearn_fast.grams`). Fusion finds, per site and per linear map, the one map that best
 reproduces every request's map on that request's own inputs:
 
-    W_m = argmin_W  Σ_i ‖X_i W − X_i W_i‖²  +  ρ ‖W_weights‖²
-        = (Σ_i G_i + ρ J)⁻¹  Σ_i G_i W_i
+    W_m = argmin_W  Σ_i ‖X_i W − X_i W_i‖²  +  ρ·s ‖W without its bias row‖²
+        = (Σ_i G_i + ρ·s·J)⁻¹  Σ_i G_i W_i
 
 where W_i = [Wᵀ; bᵀ] is the augmented weight (input-major, [in + 1, out]) so the bias is fused with
 the weights, and J = diag(1, …, 1, 0). Everything is float64; the system is solved with one
@@ -17,14 +17,19 @@ Choices (documented here because they change results):
 - **ρ is relative.** The ridge added is ``rho × s``, s = the mean per-feature spread of the inputs
   (the mean diagonal of the centred summed Gram matrix, Σ_j (G_jj − G_jn²/N) / in; see
   :func:`ridge_scale`), so the same ``rho`` means the same thing at any activation scale, offset
-  or token count. Default :data:`DEFAULT_RHO` = 1e-6: far above float64 round-off, so a singular
-  Gram (e.g. a forget set with fewer tokens than d) still factorises (condition number about
-  ``in / rho`` at worst), and small enough to change a well-conditioned fusion by ~1e-6 relative
-  (measured: fusing one layer reproduces it on its forget inputs to 1.4e-6 at ρ = 1e-6, 1e-15 at
-  ρ = 0). In directions no forget set visited, the ridge sends the fused weights to zero (the
-  minimum-norm least-squares answer). ``rho=0`` is the exact normal-equation solve; it fails
-  with a clear error on a singular Gram. Larger ρ (1e-4 … 1e-2) trades fidelity on the forget
-  inputs for smaller weights in directions the requests disagree on.
+  or token count. Any ρ > 0 makes a singular Gram (a forget set with fewer tokens than d) solvable.
+- **Default ρ = 0.03** (:data:`DEFAULT_RHO`), chosen by measurement, not for exactness. Forget sets
+  are small (tens of tokens per request against d in the hundreds), so ΣG has many weak directions;
+  a tiny ridge fits every request's map exactly with huge weights there, which the retained data
+  then hits. Measured (``benchmarks/fusion_quality.py``: SmolLM2-135M, 4 requests × 3 capitals,
+  rank-16 layers on 8 blocks) — fused-layer retain accuracy / general-text perplexity, K layers
+  active for reference 93 % / 33.4: ρ = 1e-6 → 0 % / 3·10¹⁷ (collapse), 1e-4 → 93 % / 53.6,
+  1e-3 → 100 % / 36.7 (one forgotten fact back), 1e-2 → 100 % / 34.7, 3e-2 → 100 % / 33.4 (all
+  forget accuracies 0 %), 1e-1 → 100 % / 32.1 (one fact back). The price: fusing one layer returns
+  it only approximately (the ridge shrinks it in its weak directions). ``rho=0`` is the exact
+  normal-equation solve (fusing one layer returns it to ~1e-15, and the fused maps equal an
+  independent least-squares solve); it fails with a clear error on a singular Gram. In directions
+  no forget set visited, any ρ > 0 sends the fused weights to zero (minimum-norm least squares).
 - **The bias is not penalised.** J leaves the constant input's diagonal at its Gram value, the
   token count N. The system stays positive definite for any ρ > 0 and N > 0:
   vᵀ(G + ρJ)v = ‖Xu + t·1‖² + ρ‖u‖² vanishes only for u = 0, t = 0.
@@ -56,7 +61,7 @@ import torch
 from .artifacts import MANIFEST_FILE, WEIGHTS_FILE, check_writable, read_artifact, write_artifact
 from .errors import ArtifactError, UnlearnFastError
 
-DEFAULT_RHO = 1e-6
+DEFAULT_RHO = 0.03  # relative; see the module docstring for the measurement behind it
 SUBLAYERS = ("down", "up")
 PathLike = Union[str, Path]
 
