@@ -79,10 +79,10 @@ def test_ks_exact_unequal_sizes_hand_computed():
     # m = 4, n = 3, disjoint: D = 1, p = 2 / C(7,3) = 2/35
     r = M.ks_2samp([1, 2, 3, 4], [5, 6, 7])
     assert r.statistic == 1.0 and r.pvalue == pytest.approx(2 / 35, rel=1e-12)
-    # a tiny p-value goes through the direct complement recursion and keeps its relative precision:
-    # m = 10, n = 15 disjoint: 2 / C(25,10)
-    r = M.ks_2samp(list(range(10)), list(range(100, 115)))
-    assert r.pvalue == pytest.approx(2 / math.comb(25, 10), rel=1e-9)
+    # a tiny p-value goes through the direct complement recursion and keeps its relative precision
+    # (1 − P(inside) would round to 0 here): m = 30, n = 40 disjoint: 2 / C(70,30) ≈ 3.6e-20
+    r = M.ks_2samp(list(range(30)), list(range(100, 140)))
+    assert r.pvalue == pytest.approx(2 / math.comb(70, 30), rel=1e-9, abs=0)
     # both lattice methods agree where both are accurate
     for m, n, bound in ((7, 13, 40), (12, 9, 30), (20, 30, 200)):
         assert M._exact_prob_inside(m, n, bound) == pytest.approx(M._exact_prob_outside(m, n, bound), abs=1e-12)

@@ -168,14 +168,15 @@ def plot(report: dict, path: Union[str, Path]) -> Optional[str]:
     kind = _metric_kind(metric)
     scale = 100.0 if kind == "pct" else 1.0
     fig, ax = plt.subplots(figsize=(5.5, 4.5), dpi=120)
-    for name, m in report["methods"].items():
+    for i, (name, m) in enumerate(report["methods"].items()):
         f = m["figures"]
         x, y = f.get(f"forget_{metric}"), f.get(f"retain_{metric}")
         if x is None or y is None:
             continue
         gold = name == report.get("retrained")
         ax.scatter([x * scale], [y * scale], marker="*" if gold else "o", s=140 if gold else 50, zorder=3)
-        ax.annotate(name, (x * scale, y * scale), textcoords="offset points", xytext=(5, 4), fontsize=8)
+        # staggered label offsets, so methods at the same point stay readable
+        ax.annotate(name, (x * scale, y * scale), textcoords="offset points", xytext=(5, 4 - 9 * (i % 3)), fontsize=8)
     unit = " (%)" if kind == "pct" else ""
     ax.set_xlabel(f"forget-set {metric}{unit}")
     ax.set_ylabel(f"retain-set {metric}{unit}")

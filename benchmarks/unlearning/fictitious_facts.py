@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import json
 import random
 import sys
@@ -179,7 +180,7 @@ def method_settings(quick: bool) -> dict:
 
     return {
         "eul": {"layers": LayerConfig(rank=16), "objective": ObjectiveConfig(gamma=1.0, lam=2.0),
-                "training": t(10, 1e-2)},
+                "training": t(20, 1e-2)},
         "finetune": {"config": BaselineConfig(method="finetune"), "training": t(5, 1e-4)},
         "ga": {"config": BaselineConfig(method="ga"), "training": t(10, 3e-4, 2)},
         "graddiff": {"config": BaselineConfig(method="graddiff"), "training": t(5, 1e-4)},
@@ -224,6 +225,8 @@ def main(argv=None) -> int:
     ap.add_argument("--methods", nargs="+", default=["eul", "finetune", "ga", "graddiff", "npo"])
     ap.add_argument("--pretrain-epochs", type=int, default=60)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--eul-seeds", type=int, nargs="+", default=[0],
+                    help="initialisation / shuffling seeds for EUL (rows eul, eul[s1], ...): its spread across seeds")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (default 1: the model is tiny, a thread pool only adds contention)")
     ap.add_argument("--quick", action="store_true", help="a smoke run: few people, few epochs (numbers meaningless)")
     args = ap.parse_args(argv)
@@ -260,7 +263,14 @@ def main(argv=None) -> int:
         retrained, retrain_time = pretrain(vocab, tokenizer, retain, pre, args.seed)
         models = {"original": (original, None)}
         for name in args.methods:
-            models[name] = run_method(name, original, tokenizer, forget, retain, settings)
+            if name == "eul":
+                for seed in args.eul_seeds:
+                    seeded = dict(settings, eul=dict(settings["eul"], training=dataclasses.replace(
+                        settings["eul"]["training"], seed=seed)))
+                    models["eul" if seed == args.eul_seeds[0] else f"eul[s{seed}]"] = run_method(
+                        "eul", original, tokenizer, forget, retain, seeded)
+            else:
+                models[name] = run_method(name, original, tokenizer, forget, retain, settings)
         models["retrain"] = (retrained, retrain_time)
         results, times = {}, {}
         for name, (model, seconds) in models.items():

@@ -47,7 +47,7 @@ def settings() -> dict:
     layers = LayerConfig(rank=16, blocks=8)  # the demo's layout: rank 16 on the top 8 of 30 blocks
     train = TrainConfig(epochs=6, batch_size=8, lr=2e-3, progress=False)
     return {
-        "eul": {"layers": layers, "objective": ObjectiveConfig(gamma=1.0), "training": train},
+        "eul": {"layers": layers, "objective": ObjectiveConfig(), "training": train},  # the demo's recipe
         "finetune": {"config": BaselineConfig(method="finetune", params="layers", layers=layers), "training": train},
         "ga": {"config": BaselineConfig(method="ga", params="layers", layers=layers),
                "training": TrainConfig(epochs=6, batch_size=8, lr=2e-3, progress=False)},
