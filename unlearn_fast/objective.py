@@ -161,22 +161,30 @@ class EULObjective:
             return output_states(self.model, self.task, batch)
 
     @torch.no_grad()
-    def _guard(self, batch: dict, kl_coef: Tensor, student: Tensor, teacher: Tensor) -> Tensor:
+    def _guard(self, batch: dict, kl_coef: Tensor, student: Tensor, teacher: Tensor, rows=None) -> Tensor:
         """Zero the forget-KL coefficient where the student is more confident in the target than
-        the teacher (see the module docstring)."""
+        the teacher (see the module docstring). The teacher's side is cached per row."""
         guarded = (kl_coef < 0) & (batch["targets"] != IGNORE_INDEX)
         if not bool(guarded.any()):
             return kl_coef
-        sel = guarded.to(student.device)
-        targets = batch["targets"].to(student.device)[sel]
-        zeros = torch.zeros(targets.shape[0], device=student.device)
+        device = student.device
+        targets = batch["targets"].to(device)
 
-        def target_loss(states):
-            return eul_loss_head(states[sel].detach(), None, self.head.weight, targets, zeros, zeros,
+        def target_loss(states, mask):
+            sel = mask.to(device)
+            zeros = torch.zeros(int(mask.sum()), device=device)
+            return eul_loss_head(states[sel].detach(), None, self.head.weight, targets[sel], zeros, zeros,
                                  bias=self.head.bias, logit_scale=self.head.logit_scale,
                                  logit_softcap=self.head.logit_softcap).ce.cpu()
 
-        sharper = target_loss(student) < target_loss(teacher)
+        cache = self.cache if rows is not None else None
+        teacher_loss = None if cache is None else cache.cached_teacher_loss(rows, guarded.shape[1])
+        if teacher_loss is None:
+            teacher_loss = torch.zeros(guarded.shape)
+            teacher_loss[guarded] = target_loss(teacher, guarded)
+            if cache is not None:
+                cache.store_teacher_loss(rows, teacher_loss, _output_lengths(self.task, batch))
+        sharper = target_loss(student, guarded) < teacher_loss[guarded]
         kl_coef = kl_coef.clone()
         kl_coef[guarded] = torch.where(sharper, torch.zeros_like(sharper, dtype=kl_coef.dtype), kl_coef[guarded])
         return kl_coef
@@ -195,7 +203,7 @@ class EULObjective:
         student = self._student(batch, rows, cache)
         device = student.device
         if self.config.sharpening_guard and teacher is not None:
-            kl_coef = self._guard(batch, kl_coef, student, teacher)
+            kl_coef = self._guard(batch, kl_coef, student, teacher, rows)
         sel = rows_used.to(device)
         out = eul_loss_head(
             student[sel],
