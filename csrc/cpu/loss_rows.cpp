@@ -30,6 +30,8 @@
 #include <ATen/ops/empty_like.h>
 #include <c10/util/Exception.h>
 
+#include "vec_math.h"
+
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -50,33 +52,8 @@ constexpr int64_t kTile = 1024;  // columns per tile of pass 1: 4 KiB per operan
 #define UNLEARN_FAST_ROW_CLONES
 #endif
 // The helpers must be inlined into each clone of process_row to be compiled for its instruction set.
-#if defined(__GNUC__) || defined(__clang__)
-#define UNLEARN_FAST_INLINE inline __attribute__((always_inline))
-#else
-#define UNLEARN_FAST_INLINE inline
-#endif
 
-// exp(x) for float, Cephes-style (range reduction to [-ln2/2, ln2/2] and a degree-6 polynomial),
-// about 1 ulp. Written without branches or library calls so loops that call it vectorise.
-// x < -87 gives 0 (true value < 1.7e-38); NaN stays NaN. Callers pass x <= ~0.
-UNLEARN_FAST_INLINE float vexp(float x) {
-  const float xc = x > 88.0f ? 88.0f : x;                       // NaN compares false: stays NaN
-  const float n = (xc * 1.44269504088896341f + 12582912.0f) - 12582912.0f;  // round(x / ln2)
-  float r = xc - n * 0.693359375f;
-  r = r - n * -2.12194440e-4f;
-  float p = 1.9875691500e-4f;
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  p = p * (r * r) + r + 1.0f;
-  const int32_t bits = (static_cast<int32_t>(n < -126.0f ? -126.0f : n) + 127) << 23;  // 2^n
-  float scale;
-  std::memcpy(&scale, &bits, sizeof(scale));
-  const float y = p * scale;
-  return xc < -87.0f ? 0.0f : y;
-}
+using cpu::vexp;
 
 struct RowStats {
   double lse_s;   // log-sum-exp of s            (valid when has_ce or T == 1)

@@ -29,6 +29,8 @@
 #include <ATen/ops/empty_like.h>
 #include <ATen/ops/mm.h>
 #include <c10/util/Exception.h>
+
+#include "vec_math.h"
 #include <c10/util/string_view.h>
 
 #include <algorithm>
@@ -57,34 +59,8 @@ Act parse_activation(c10::string_view name) {
 #define UNLEARN_FAST_SPAN_CLONES
 #endif
 // The helpers must be inlined into each clone to be compiled for its instruction set.
-#if defined(__GNUC__) || defined(__clang__)
-#define UNLEARN_FAST_INLINE inline __attribute__((always_inline))
-#else
-#define UNLEARN_FAST_INLINE inline
-#endif
 
-// exp(x) for float without branches or library calls, so the activation loops vectorise (with std::exp
-// and std::erf they do not, and at R = 128 gelu's passes took longer than a GEMM). Cephes-style range
-// reduction and a degree-6 polynomial, about 1 ulp; the same as csrc/cpu/loss_rows.cpp. exp(x) for
-// x < -87 is 0, x > 88 is clamped to exp(88).
-UNLEARN_FAST_INLINE float vexp(float x) {
-  const float xc = x > 88.0f ? 88.0f : x;
-  const float n = (xc * 1.44269504088896341f + 12582912.0f) - 12582912.0f;  // round(x / ln2)
-  float r = xc - n * 0.693359375f;
-  r = r - n * -2.12194440e-4f;
-  float p = 1.9875691500e-4f;
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  p = p * (r * r) + r + 1.0f;
-  const int32_t bits = (static_cast<int32_t>(n < -126.0f ? -126.0f : n) + 127) << 23;  // 2^n
-  float scale;
-  std::memcpy(&scale, &bits, sizeof(scale));
-  const float y = p * scale;
-  return xc < -87.0f ? 0.0f : y;
-}
+using cpu::vexp;
 
 constexpr float kInvSqrt2 = 0.70710678118654752f;
 constexpr float kInvSqrt2Pi = 0.39894228040143268f;
