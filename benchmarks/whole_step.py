@@ -19,7 +19,6 @@ import torch
 
 from unlearn_fast.encoding import Row, collate
 from unlearn_fast.layers import LayerConfig, attach, layers_disabled, unlearning_parameters
-from unlearn_fast.models import output_head
 from unlearn_fast.objective import EULObjective, ObjectiveConfig, coefficients
 from unlearn_fast.ops.loss_head import IGNORE_INDEX, row_losses
 from unlearn_fast.step_cache import StepCache

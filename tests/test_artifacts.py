@@ -2,8 +2,6 @@
 Gram matrices fusion needs, and what the manifest may (not) hold."""
 
 import json
-import math
-import os
 from pathlib import Path
 
 import pytest
@@ -20,7 +18,7 @@ from unlearn_fast.artifacts import (
     read_manifest,
     write_artifact,
 )
-from unlearn_fast.data import Example, fingerprint, load_examples
+from unlearn_fast.data import fingerprint, load_examples
 from unlearn_fast.encoding import encode
 from unlearn_fast.errors import ArtifactError
 from unlearn_fast.layers import LayerConfig, layers_disabled, sites

@@ -10,7 +10,7 @@ import torch
 
 from conftest import make_model, save_model_dir, tokenizer_for
 from unlearn_fast.artifacts import MANIFEST_FILE, load_layers, model_fingerprint
-from unlearn_fast.baselines import (BASELINE_MANIFEST, BaselineConfig, CrossEntropyObjective, build_objective,
+from unlearn_fast.baselines import (BASELINE_MANIFEST, BaselineConfig, build_objective,
                                     encode_for_baseline, run_baseline)
 from unlearn_fast.cli import main
 from unlearn_fast.data import Example

@@ -5,7 +5,6 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
 
 from conftest import make_model, save_model_dir, tokenizer_for
 from unlearn_fast.artifacts import MANIFEST_FILE, WEIGHTS_FILE, load_layers, read_manifest

@@ -378,7 +378,7 @@ def test_causal_positions_of_each_term():
 def test_sharpening_guard_drops_forget_kl_where_the_student_is_more_confident():
     """Guard on: a forgotten position whose target the student predicts better than the teacher
     leaves the forget KL; elsewhere the loss is the paper's."""
-    from conftest import make_model, perturb, sample_batch
+    from conftest import make_model, perturb
     from unlearn_fast.layers import LayerConfig, attach
     from unlearn_fast.objective import coefficients
     from unlearn_fast.ops.loss_head import IGNORE_INDEX

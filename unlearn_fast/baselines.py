@@ -30,7 +30,6 @@ optionally caps each forget token's CE as EUL's objective does (default: no cap)
 from __future__ import annotations
 
 import math
-import time
 from dataclasses import asdict, dataclass, field
 from typing import Any, Optional, Sequence
 
@@ -38,7 +37,7 @@ import torch
 from torch import Tensor, nn
 
 from .data import Example, check_overlap, load_examples
-from .encoding import Row, collate, encode, pad_token_id
+from .encoding import Row, encode, pad_token_id
 from .errors import ModelError, UnlearnFastError
 from .layers import LayerConfig, attach, unlearning_parameters
 from .models import detect_task, output_head, output_states

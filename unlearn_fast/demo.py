@@ -13,7 +13,6 @@ from __future__ import annotations
 import importlib.util
 import random
 import time
-from pathlib import Path
 from typing import Optional
 
 from .data import Example

@@ -110,7 +110,7 @@ def markdown(report: dict) -> str:
     if meta:
         lines.append("")
     lines += [f"## Task performance ({metric}{unit}) and update time", "",
-              f"| Method | Test ↑ | Retain ↑ | Forget | Forget LM loss | Time (s) |",
+              "| Method | Test ↑ | Retain ↑ | Forget | Forget LM loss | Time (s) |",
               "|---|---:|---:|---:|---:|---:|"]
     for name, m in report["methods"].items():
         f = m["figures"]

@@ -22,7 +22,7 @@ from torch import nn
 
 from . import checkpoint
 from .distributed import DataParallel, all_gather_floats, term_counts
-from .encoding import Row, collate, pad_token_id, token_count
+from .encoding import Row, collate, token_count
 from .errors import TrainingError, UnlearnFastError
 from .layers import unlearning_parameters
 from .objective import TERMS, EULObjective
