@@ -13,7 +13,7 @@ from unlearn_fast.encoding import collate, encode, pad_token_id
 from unlearn_fast.errors import ModelError
 from unlearn_fast.layers import LayerConfig, attach, layers_disabled
 from unlearn_fast.models import detect_task, output_head, output_states
-from unlearn_fast.objective import EULObjective, ObjectiveConfig
+from unlearn_fast.objective import EULObjective, ObjectiveConfig, coefficients
 from unlearn_fast.ops.loss_head import IGNORE_INDEX
 
 
@@ -347,11 +347,13 @@ def test_gamma_on_classification_raises(gamma):
     assert EULObjective(model, "classification", ObjectiveConfig(gamma=0.0)).gamma == 0.0
 
 
-def test_classification_forget_rows_have_no_targets():
+def test_classification_forget_rows_keep_labels_but_no_lm_term():
+    """Forgotten rows carry their label (the sharpening guard reads it) with a zero CE weight."""
     batch = objective_batch("bert")
     forget = batch["forget"]
-    assert (batch["targets"][forget] == IGNORE_INDEX).all()
-    assert (batch["targets"][~forget] != IGNORE_INDEX).all()
+    assert (batch["targets"] != IGNORE_INDEX).all()
+    _, ce = coefficients(batch, ObjectiveConfig(), ObjectiveConfig().resolved_gamma("classification"))
+    assert (ce[forget] == 0).all() and (ce[~forget] > 0).all()
 
 
 def test_causal_positions_of_each_term():

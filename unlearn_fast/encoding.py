@@ -112,7 +112,8 @@ def _classification(example: Example, label: Optional[int], tokenizer, forget: b
     ids = _ids(tokenizer, text)[:max_length]
     if not ids:
         raise ValueError("no tokens")
-    target = IGNORE_INDEX if (forget or label is None) else label
+    # a forgotten row keeps its label: there is no LM term (γ = 0), but the sharpening guard uses it
+    target = IGNORE_INDEX if label is None else label
     return Row(ids, [target], [True], forget)
 
 
