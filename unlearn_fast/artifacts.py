@@ -14,8 +14,6 @@ import hashlib
 import json
 import math
 import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Union
 
@@ -23,6 +21,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from .atomic import atomic_directory
 from .errors import ArtifactError
 from .layers import UnlearningSite, attach_from_description, sites
 
@@ -87,9 +86,7 @@ def write_artifact(out: Union[str, Path], tensors: dict[str, torch.Tensor], mani
                    overwrite: bool = False) -> Path:
     """Write tensors + manifest to ``out`` atomically; return the directory."""
     out = check_writable(out, overwrite)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with atomic_directory(out) as tmp:
         save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp / WEIGHTS_FILE))
         manifest = {**manifest, "format_version": FORMAT_VERSION,
                     "files": {WEIGHTS_FILE: sha256_file(tmp / WEIGHTS_FILE)}}
@@ -97,16 +94,6 @@ def write_artifact(out: Union[str, Path], tensors: dict[str, torch.Tensor], mani
             json.dump(_strict_json(manifest), f, indent=2, sort_keys=True, allow_nan=False)
             f.flush()
             os.fsync(f.fileno())
-        if out.exists():
-            backup = Path(tempfile.mkdtemp(prefix=f".{out.name}.old.", dir=out.parent))
-            os.rename(out, backup / out.name)
-            os.rename(tmp, out)
-            shutil.rmtree(backup)
-        else:
-            os.rename(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 

@@ -344,13 +344,10 @@ def save_baseline(out, result: BaselineResult, tokenizer, *, base_fingerprint: s
     """
     import datetime
     import json
-    import os
-    import shutil
-    import tempfile
-    from pathlib import Path
 
     from . import __version__
     from .artifacts import check_writable, write_artifact
+    from .atomic import atomic_directory
     from .layers import describe, layer_state
 
     model, config = result.model, result.config
@@ -372,17 +369,9 @@ def save_baseline(out, result: BaselineResult, tokenizer, *, base_fingerprint: s
         record["grams"] = None  # not collected for baselines: this artifact cannot be fused
         return write_artifact(out, layer_state(model), record, overwrite)
     out = check_writable(out, overwrite)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with atomic_directory(out) as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         with open(tmp / BASELINE_MANIFEST, "w") as f:
             json.dump(record, f, indent=2, default=lambda v: None)
-        if out.exists():
-            shutil.rmtree(out)
-        os.rename(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out

@@ -9,13 +9,12 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Optional
 
 import torch
 
+from .atomic import atomic_directory
 from .errors import ModelError
 
 SMOLLM2_ALIASES = ("smollm2", "smollm2-135m-instruct")
@@ -46,20 +45,12 @@ def prepare_smollm2(log=print) -> Path:
     log(f"converting {_SMOLLM2_GGUF} to safetensors (once; cached in {target}) ...")
     tokenizer = AutoTokenizer.from_pretrained(source, gguf_file=_SMOLLM2_GGUF)
     model = AutoModelForCausalLM.from_pretrained(source, gguf_file=_SMOLLM2_GGUF, dtype=torch.float32)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".smollm2.", dir=target.parent))
-    try:
+    with atomic_directory(target) as tmp:
         state = {k: v.contiguous() for k, v in model.state_dict().items()
                  if not (model.config.tie_word_embeddings and k == "lm_head.weight")}
         save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         model.config.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        if target.exists():
-            shutil.rmtree(target)
-        os.rename(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return target
 
 
