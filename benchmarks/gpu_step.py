@@ -9,6 +9,10 @@ CPU: the real SmolLM2-135M (fp32, 8 × 128, rank 32 after every block), the issu
 
     python benchmarks/gpu_step.py --cpu --steps 2 --out step_cpu.json
 
+Script check without a GPU (the GPU model's code path, tiny and on the CPU, bf16):
+
+    python benchmarks/gpu_step.py --dry-run --steps 1 --out /tmp/step.json
+
 The GPU figures are unmeasured until this runs on a GPU.
 """
 
@@ -47,11 +51,14 @@ def build_model(args):
         return model
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    config = LlamaConfig(vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
-                         num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=4096,
-                         tie_word_embeddings=True, rope_theta=500000.0)
+    shape = dict(vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
+                 num_attention_heads=32, num_key_value_heads=8)
+    if args.dry_run:
+        shape = dict(vocab_size=1031, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                     num_attention_heads=4, num_key_value_heads=2)
+    config = LlamaConfig(**shape, max_position_embeddings=4096, tie_word_embeddings=True, rope_theta=500000.0)
     torch.manual_seed(0)
-    with torch.device("cuda"):
+    with torch.device(args.device):
         model = LlamaForCausalLM(config).to(torch.bfloat16)
     return model.eval()
 
@@ -66,17 +73,20 @@ def model_flops_per_step(model, tokens: int, cached: bool) -> float:
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--cpu", action="store_true", help="the CPU shape with the real SmolLM2")
+    parser.add_argument("--dry-run", action="store_true", help="the GPU code path on a tiny model on the CPU")
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--modes", nargs="*", default=list(MODES))
     parser.add_argument("--out", default="whole_step.json")
     args = parser.parse_args(argv)
-    if not args.cpu and not torch.cuda.is_available():
-        parser.error("no GPU: use --cpu for the CPU shape")
-    device = torch.device("cpu" if args.cpu else "cuda")
-    model = prepare(build_model(args), rank=32 if args.cpu else 128)
-    rows = make_rows(model.config.vocab_size, rows=8, length=128 if args.cpu else 1024)
+    if not (args.cpu or args.dry_run) and not torch.cuda.is_available():
+        parser.error("no GPU: use --cpu for the CPU shape, or --dry-run")
+    device = torch.device("cpu" if args.cpu or args.dry_run else "cuda")
+    args.device = device
+    model = prepare(build_model(args), rank=32 if args.cpu else 16 if args.dry_run else 128)
+    length = 128 if args.cpu else 24 if args.dry_run else 1024
+    rows = make_rows(model.config.vocab_size, rows=8, length=length)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    rate = matmul_rate(device, next(model.parameters()).dtype, n=2048 if args.cpu else 8192)
+    rate = matmul_rate(device, next(model.parameters()).dtype, n=8192 if device.type == "cuda" else 2048 if args.cpu else 256)
     results = []
     for mode in args.modes:
         if device.type == "cuda":

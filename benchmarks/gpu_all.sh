@@ -1,0 +1,57 @@
+#!/usr/bin/env bash
+# Every GPU check of issues 6, 7 and 8 in one call of a few minutes, for a short GPU lease:
+#   1. editable install without the extension (seconds), then the C++/CUDA extension built in the
+#      background while the Triton-only unlearning-layer suite runs;
+#   2. benchmarks/gpu_unlearning_layer.py, gpu_loss_head.py (after the build: it times the CUDA
+#      backend too), gpu_step.py;
+#   3. the op tests (tests/ops) on the GPU.
+# Each stage has its own time limit and a failure does not stop the next one. Logs and JSON go to
+# $OUT (default /tmp/gpu_out): at most 8 files, the device tool's limit.
+#
+#   OUT=/tmp/gpu_out bash benchmarks/gpu_all.sh
+# Liger-Kernel, when wheels are in .whl/, is installed into /tmp/site for the loss-head comparison.
+set -u
+OUT=${OUT:-/tmp/gpu_out}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1
+PY=${PY:-python3}
+T0=$(date +%s)
+
+stage() {  # stage NAME LIMIT_S CMD...: run with a limit, log to $OUT/NAME.log, print its tail
+  local name=$1 limit=$2
+  shift 2
+  echo "=== $name (limit ${limit}s) at +$(( $(date +%s) - T0 ))s"
+  timeout -k 5 "$limit" "$@" >>"$OUT/$name.log" 2>&1
+  echo "=== $name rc=$? at +$(( $(date +%s) - T0 ))s"
+  tail -n "${TAIL:-30}" "$OUT/$name.log"
+}
+
+{
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
+  $PY -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)"
+  nvcc --version | tail -n 2
+} >"$OUT/build.log" 2>&1
+cat "$OUT/build.log"
+
+if ls .whl/*.whl >/dev/null 2>&1; then
+  $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    && export PYTHONPATH=/tmp/site
+fi
+UNLEARN_FAST_BUILD_EXT=0 $PY -m pip install -q --no-build-isolation --no-deps -e . >>"$OUT/build.log" 2>&1 \
+  || echo "editable install failed (see build.log)"
+
+( UNLEARN_FAST_BUILD_EXT=1 MAX_JOBS=${MAX_JOBS:-14} TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} \
+    timeout -k 5 "${BUILD_LIMIT:-240}" $PY setup.py -q build_ext --inplace >>"$OUT/build.log" 2>&1
+  echo "build rc=$?" >>"$OUT/build.log" ) &
+BUILD_PID=$!
+
+stage unlearning_layer "${UL_LIMIT:-150}" $PY benchmarks/gpu_unlearning_layer.py --out "$OUT/unlearning_layer.json"
+
+wait "$BUILD_PID"
+echo "=== build done at +$(( $(date +%s) - T0 ))s"; tail -n 12 "$OUT/build.log"
+$PY -c "from unlearn_fast._ext import has_cuda_ops; print('CUDA ops in unlearn_fast._C:', has_cuda_ops())"
+
+stage loss_head "${LH_LIMIT:-170}" $PY benchmarks/gpu_loss_head.py --out "$OUT/loss_head.json"
+stage step "${STEP_LIMIT:-130}" $PY benchmarks/gpu_step.py --out "$OUT/step.json"
+TAIL=15 stage tests "${TEST_LIMIT:-100}" $PY -m pytest -q -x -p no:cacheprovider tests/ops
+echo "total $(( $(date +%s) - T0 ))s"
