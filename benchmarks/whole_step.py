@@ -47,7 +47,11 @@ def naive_loss(model, batch: dict, config: ObjectiveConfig, gamma: float) -> tor
     log_t = torch.log_softmax(teacher, -1)
     kl = (log_t.exp() * (log_t - log_s)).sum(-1)
     targets = batch["targets"]
-    ce = -log_s.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1) * (targets != IGNORE_INDEX)
+    pick = targets.clamp(min=0).unsqueeze(-1)
+    ce = -log_s.gather(-1, pick).squeeze(-1) * (targets != IGNORE_INDEX)
+    if config.sharpening_guard:  # the objective's default (T = 1 here): drop the forget KL where the student is sharper
+        sharper = (log_s.gather(-1, pick) > log_t.gather(-1, pick)).squeeze(-1)
+        kl_coef = torch.where((kl_coef < 0) & (targets != IGNORE_INDEX) & sharper, torch.zeros_like(kl_coef), kl_coef)
     return row_losses(kl, ce, kl_coef, ce_coef, config.forget_kl_bound, config.forget_lm_bound).sum()
 
 

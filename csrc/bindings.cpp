@@ -12,23 +12,23 @@
 namespace unlearn_fast {
 
 using Tensor3 = std::tuple<at::Tensor, at::Tensor, at::Tensor>;
+using Tensor4 = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 
 // csrc/cpu/loss_rows.cpp
-Tensor3 loss_rows_cpu(const at::Tensor& student_logits, const at::Tensor& teacher_logits,
+Tensor4 loss_rows_cpu(const at::Tensor& student_logits, const at::Tensor& teacher_logits,
                       const at::Tensor& targets, const at::Tensor& kl_coef, const at::Tensor& ce_coef,
-                      double kl_bound, double ce_bound, double temperature);
-Tensor3 loss_rows_meta(const at::Tensor& student_logits, const at::Tensor& teacher_logits,
+                      double kl_bound, double ce_bound, double temperature, bool sharpening_guard);
+Tensor4 loss_rows_meta(const at::Tensor& student_logits, const at::Tensor& teacher_logits,
                        const at::Tensor& targets, const at::Tensor& kl_coef, const at::Tensor& ce_coef,
-                       double kl_bound, double ce_bound, double temperature);
-std::tuple<at::Tensor, at::Tensor> loss_rows_inplace_cpu(at::Tensor& student_logits, const at::Tensor& teacher_logits,
-                                                         const at::Tensor& targets, const at::Tensor& kl_coef,
-                                                         const at::Tensor& ce_coef, double kl_bound, double ce_bound,
-                                                         double temperature);
+                       double kl_bound, double ce_bound, double temperature, bool sharpening_guard);
+Tensor3 loss_rows_inplace_cpu(at::Tensor& student_logits, const at::Tensor& teacher_logits,
+                              const at::Tensor& targets, const at::Tensor& kl_coef, const at::Tensor& ce_coef,
+                              double kl_bound, double ce_bound, double temperature, bool sharpening_guard);
 #ifdef UNLEARN_FAST_WITH_CUDA
 // csrc/cuda/loss_rows.cu
-Tensor3 loss_rows_cuda(const at::Tensor& student_logits, const at::Tensor& teacher_logits,
+Tensor4 loss_rows_cuda(const at::Tensor& student_logits, const at::Tensor& teacher_logits,
                        const at::Tensor& targets, const at::Tensor& kl_coef, const at::Tensor& ce_coef,
-                       double kl_bound, double ce_bound, double temperature);
+                       double kl_bound, double ce_bound, double temperature, bool sharpening_guard);
 #endif
 
 // csrc/cpu/unlearning_layer.cpp
@@ -51,29 +51,31 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> unlearnin
 
 namespace {
 
-Tensor3 loss_rows(const at::Tensor& student_logits, const at::Tensor& teacher_logits, const at::Tensor& targets,
+Tensor4 loss_rows(const at::Tensor& student_logits, const at::Tensor& teacher_logits, const at::Tensor& targets,
                   const at::Tensor& kl_coef, const at::Tensor& ce_coef, double kl_bound, double ce_bound,
-                  double temperature) {
+                  double temperature, bool sharpening_guard) {
   if (student_logits.is_cuda()) {
 #ifdef UNLEARN_FAST_WITH_CUDA
     return loss_rows_cuda(student_logits, teacher_logits, targets, kl_coef, ce_coef, kl_bound, ce_bound,
-                          temperature);
+                          temperature, sharpening_guard);
 #else
     TORCH_CHECK(false, "unlearn_fast._C was built without CUDA kernels (torch without CUDA, or no nvcc at "
                        "build time); loss_rows got CUDA tensors");
 #endif
   }
   return loss_rows_cpu(student_logits, teacher_logits, targets, kl_coef, ce_coef, kl_bound, ce_bound,
-                       temperature);
+                       temperature, sharpening_guard);
 }
 
-constexpr const char* kLossRowsDoc = R"doc(loss_rows(student_logits, teacher_logits, targets, kl_coef, ce_coef, kl_bound, ce_bound, temperature) -> (kl, ce, grad_logits)
+constexpr const char* kLossRowsDoc = R"doc(loss_rows(student_logits, teacher_logits, targets, kl_coef, ce_coef, kl_bound, ce_bound, temperature, sharpening_guard=False) -> (kl, ce, grad_logits, kl_weight)
 
 Per-row KL(teacher||student) at temperature T (times T^2), cross-entropy at T = 1, and the gradient
-of sum_i kl_coef_i*kl_term_i + ce_coef_i*ce_term_i with respect to the student logits, for one chunk
-of float32 logits [n, V]. teacher_logits with numel() == 0 means no KL term; targets == -100 means no
-CE for that row. A term with a negative coefficient is capped at its bound (kl_bound / ce_bound) and
-has no gradient once the cap is reached. Contract: unlearn_fast.ops.loss_head.loss_rows_reference.)doc";
+of sum_i kl_weight_i*kl_term_i + ce_coef_i*ce_term_i with respect to the student logits, for one
+chunk of float32 logits [n, V]. teacher_logits with numel() == 0 means no KL term; targets == -100
+means no CE for that row. A term with a negative coefficient is capped at its bound (kl_bound /
+ce_bound) and has no gradient once the cap is reached. kl_weight is kl_coef, or 0 where the
+sharpening guard (when on) drops a maximised KL term because the student is more confident in the
+row's target than the teacher. Contract: unlearn_fast.ops.loss_head.loss_rows_reference.)doc";
 
 constexpr const char* kUnlearningLayerForwardDoc = R"doc(unlearning_layer_forward(x, down_weight, down_bias, up_weight, up_bias, activation) -> (y, pre)
 
@@ -93,8 +95,8 @@ grad_x is an empty tensor when compute_grad_x is false).)doc";
 TORCH_LIBRARY(unlearn_fast, m) {
   m.def(
       "loss_rows(Tensor student_logits, Tensor teacher_logits, Tensor targets, Tensor kl_coef, "
-      "Tensor ce_coef, float kl_bound, float ce_bound, float temperature) "
-      "-> (Tensor kl, Tensor ce, Tensor grad_logits)");
+      "Tensor ce_coef, float kl_bound, float ce_bound, float temperature, bool sharpening_guard=False) "
+      "-> (Tensor kl, Tensor ce, Tensor grad_logits, Tensor kl_weight)");
   m.def(
       "unlearning_layer_forward(Tensor x, Tensor down_weight, Tensor down_bias, Tensor up_weight, "
       "Tensor up_bias, str activation) -> (Tensor y, Tensor pre)");
@@ -145,12 +147,14 @@ PYBIND11_MODULE(_C, m) {
 #endif
   m.def("loss_rows", &unlearn_fast::loss_rows, py::arg("student_logits"), py::arg("teacher_logits"),
         py::arg("targets"), py::arg("kl_coef"), py::arg("ce_coef"), py::arg("kl_bound"), py::arg("ce_bound"),
-        py::arg("temperature"), py::call_guard<py::gil_scoped_release>(), unlearn_fast::kLossRowsDoc);
+        py::arg("temperature"), py::arg("sharpening_guard") = false, py::call_guard<py::gil_scoped_release>(),
+        unlearn_fast::kLossRowsDoc);
   // CPU only, pybind only (it mutates an input): the loss head's chunk loop uses it to skip a buffer.
   m.def("loss_rows_inplace", &unlearn_fast::loss_rows_inplace_cpu, py::arg("student_logits"),
         py::arg("teacher_logits"), py::arg("targets"), py::arg("kl_coef"), py::arg("ce_coef"), py::arg("kl_bound"),
-        py::arg("ce_bound"), py::arg("temperature"), py::call_guard<py::gil_scoped_release>(),
-        "loss_rows on CPU tensors with the gradient written over student_logits; returns (kl, ce).");
+        py::arg("ce_bound"), py::arg("temperature"), py::arg("sharpening_guard") = false,
+        py::call_guard<py::gil_scoped_release>(),
+        "loss_rows on CPU tensors with the gradient written over student_logits; returns (kl, ce, kl_weight).");
   m.def("unlearning_layer_forward", &unlearn_fast::unlearning_layer_forward_cpu, py::arg("x"),
         py::arg("down_weight"), py::arg("down_bias"), py::arg("up_weight"), py::arg("up_bias"),
         py::arg("activation"), py::call_guard<py::gil_scoped_release>(), unlearn_fast::kUnlearningLayerForwardDoc);

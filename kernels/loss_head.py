@@ -49,10 +49,10 @@ DOT_FP32 = INTERPRET
 # ---------------------------------------------------------------------------------------------
 @triton.jit
 def _loss_rows_kernel(
-    s_ptr, t_ptr, g_ptr, tgt_ptr, klc_ptr, cec_ptr, kl_ptr, ce_ptr,
+    s_ptr, t_ptr, g_ptr, tgt_ptr, klc_ptr, cec_ptr, kl_ptr, ce_ptr, klw_ptr,
     V, stride_s, stride_t, stride_g,
     kl_bound, ce_bound, T, inv_T,
-    HAS_TEACHER: tl.constexpr, TEMP_ONE: tl.constexpr, BLOCK_V: tl.constexpr,
+    HAS_TEACHER: tl.constexpr, TEMP_ONE: tl.constexpr, GUARD: tl.constexpr, BLOCK_V: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     s_row = s_ptr + row * stride_s
@@ -105,12 +105,19 @@ def _loss_rows_kernel(
         kl = T * (a / zt) + T * T * ((m_s - m_t) * inv_T + (log_zT - log_zt))
     klc = tl.load(klc_ptr + row)
     cec = tl.load(cec_ptr + row)
+    if HAS_TEACHER and GUARD:
+        # sharpening guard: log softmax(s/T)[target] > log softmax(t/T)[target] drops the KL term
+        t_target = tl.load(t_row + tl.where(ok_ce, target, 0))
+        lp_s = (s_target - m_s) * inv_T - log_zT
+        lp_t = (t_target - m_t) * inv_T - log_zt
+        klc = tl.where(ok_ce & (klc < 0.0) & (lp_s > lp_t), 0.0, klc)
     kl_on = (klc != 0.0) & ((klc >= 0.0) | (kl < kl_bound))
     a_coef = tl.where(kl_on, klc * T, 0.0)
     ce_on = ok_ce & (cec != 0.0) & ((cec >= 0.0) | (ce < ce_bound))
     c_coef = tl.where(ce_on, cec, 0.0)
     tl.store(kl_ptr + row, kl)
     tl.store(ce_ptr + row, ce)
+    tl.store(klw_ptr + row, klc)
 
     # Sweep 2: the gradient, written once.
     for start in range(0, V, BLOCK_V):
@@ -132,8 +139,8 @@ def _loss_rows_kernel(
 
 
 def loss_rows(student_logits, teacher_logits, targets, kl_coef, ce_coef, kl_bound, ce_bound, temperature,
-              grad=None):
-    """Launch the row kernel; same contract as ``loss_rows_reference``, returns ``(kl, ce, grad)``.
+              sharpening_guard=False, grad=None):
+    """Launch the row kernel; same contract as ``loss_rows_reference``, returns ``(kl, ce, grad, kl_weight)``.
 
     ``grad`` is where the gradient goes (a new tensor when None); it may be ``student_logits``
     itself. Logits are fp32 [n, V] with unit column stride; ``teacher_logits.numel() == 0`` means
@@ -145,20 +152,21 @@ def loss_rows(student_logits, teacher_logits, targets, kl_coef, ce_coef, kl_boun
         grad = torch.empty_like(student_logits)
     kl = torch.empty(n, dtype=torch.float32, device=student_logits.device)
     ce = torch.empty_like(kl)
+    kl_weight = torch.empty_like(kl)
     if n == 0:
-        return kl, ce, grad
+        return kl, ce, grad, kl_weight
     for x in (student_logits, grad) + ((teacher_logits,) if has_teacher else ()):
         assert x.dtype == torch.float32 and x.stride(1) == 1, "loss_rows: fp32 logits with unit column stride"
     t = teacher_logits if has_teacher else student_logits  # never read without a teacher
     T = float(temperature)
     _loss_rows_kernel[(n,)](
-        student_logits, t, grad, targets, kl_coef, ce_coef, kl, ce,
+        student_logits, t, grad, targets, kl_coef, ce_coef, kl, ce, kl_weight,
         V, student_logits.stride(0), t.stride(0), grad.stride(0),
         float(kl_bound), float(ce_bound), T, 1.0 / T,
-        HAS_TEACHER=has_teacher, TEMP_ONE=T == 1.0, BLOCK_V=min(ROW_BLOCK_V, triton.next_power_of_2(V)),
-        num_warps=ROW_WARPS,
+        HAS_TEACHER=has_teacher, TEMP_ONE=T == 1.0, GUARD=bool(sharpening_guard),
+        BLOCK_V=min(ROW_BLOCK_V, triton.next_power_of_2(V)), num_warps=ROW_WARPS,
     )
-    return kl, ce, grad
+    return kl, ce, grad, kl_weight
 
 
 # ---------------------------------------------------------------------------------------------

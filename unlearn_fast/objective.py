@@ -15,10 +15,12 @@ gradient, and once the student moves, maximising the KL amplifies whatever direc
 in — including *more* confidence in the forgotten answer (which the retained data's task loss
 tends to cause first, as answering retained facts sharpens answering in general). Measured on
 SmolLM2: with the paper's settings the forget-set loss fell instead of rising. So, by default, a
-forgotten position with a target counts in the forget KL only while the student's loss on that
-target is at least the teacher's; where the student has become more confident than the teacher,
-only the LM term acts, pushing the answer down until the KL can take over. ``sharpening_guard=
-False`` gives the paper's objective exactly.
+forgotten position with a target counts in the forget KL only while the student's probability
+of that target (at the KL's temperature) is at most the teacher's; where the student has become
+more confident than the teacher, only the LM term acts, pushing the answer down until the KL can
+take over. ``sharpening_guard=False`` gives the paper's objective exactly. The loss head's row
+kernels decide this per position from statistics they compute anyway (no extra pass; see
+:mod:`unlearn_fast.ops.loss_head`).
 """
 
 from __future__ import annotations
@@ -160,35 +162,6 @@ class EULObjective:
                 cache.replaying_trunk(rows, width, batch["input_ids"].device):
             return output_states(self.model, self.task, batch)
 
-    @torch.no_grad()
-    def _guard(self, batch: dict, kl_coef: Tensor, student: Tensor, teacher: Tensor, rows=None) -> Tensor:
-        """Zero the forget-KL coefficient where the student is more confident in the target than
-        the teacher (see the module docstring). The teacher's side is cached per row."""
-        guarded = (kl_coef < 0) & (batch["targets"] != IGNORE_INDEX)
-        if not bool(guarded.any()):
-            return kl_coef
-        device = student.device
-        targets = batch["targets"].to(device)
-
-        def target_loss(states, mask):
-            sel = mask.to(device)
-            zeros = torch.zeros(int(mask.sum()), device=device)
-            return eul_loss_head(states[sel].detach(), None, self.head.weight, targets[sel], zeros, zeros,
-                                 bias=self.head.bias, logit_scale=self.head.logit_scale,
-                                 logit_softcap=self.head.logit_softcap).ce.cpu()
-
-        cache = self.cache if rows is not None else None
-        teacher_loss = None if cache is None else cache.cached_teacher_loss(rows, guarded.shape[1])
-        if teacher_loss is None:
-            teacher_loss = torch.zeros(guarded.shape)
-            teacher_loss[guarded] = target_loss(teacher, guarded)
-            if cache is not None:
-                cache.store_teacher_loss(rows, teacher_loss, _output_lengths(self.task, batch))
-        sharper = target_loss(student, guarded) < teacher_loss[guarded]
-        kl_coef = kl_coef.clone()
-        kl_coef[guarded] = torch.where(sharper, torch.zeros_like(sharper, dtype=kl_coef.dtype), kl_coef[guarded])
-        return kl_coef
-
     def __call__(self, batch: dict, rows: Optional[Sequence] = None) -> tuple[Tensor, dict[str, float]]:
         """The scalar loss (differentiable w.r.t. the unlearning layers) and each term's mean.
 
@@ -202,8 +175,6 @@ class EULObjective:
         teacher = self._teacher(batch, rows, cache) if bool((kl_coef != 0).any()) else None
         student = self._student(batch, rows, cache)
         device = student.device
-        if self.config.sharpening_guard and teacher is not None:
-            kl_coef = self._guard(batch, kl_coef, student, teacher, rows)
         sel = rows_used.to(device)
         out = eul_loss_head(
             student[sel],
@@ -218,6 +189,7 @@ class EULObjective:
             temperature=self.config.temperature,
             logit_scale=self.head.logit_scale,
             logit_softcap=self.head.logit_softcap,
+            sharpening_guard=self.config.sharpening_guard,
         )
         full_kl = torch.zeros(rows_used.shape, dtype=torch.float32)
         full_ce = torch.zeros(rows_used.shape, dtype=torch.float32)

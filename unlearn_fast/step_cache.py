@@ -55,7 +55,6 @@ class StepCache:
         self.use_teacher = teacher
         self.offload = offload
         self.teacher: dict[int, Tensor] = {}
-        self.teacher_loss: dict[int, Tensor] = {}  # per-position target loss (the sharpening guard)
         self.trunk: dict[int, Tensor] = {}
         self.blocks, self.lowest = None, 0
         lists = _block_lists(model)
@@ -91,14 +90,6 @@ class StepCache:
     def store_teacher(self, rows: Sequence, states: Tensor, lengths: Sequence[int]) -> None:
         if self.use_teacher:
             self._store(self.teacher, rows, states, lengths)
-
-    def cached_teacher_loss(self, rows: Sequence, width: int) -> Optional[Tensor]:
-        return self._assemble(self.teacher_loss, rows, width, "cpu") if self.use_teacher else None
-
-    def store_teacher_loss(self, rows: Sequence, losses: Tensor, lengths: Sequence[int]) -> None:
-        if self.use_teacher:
-            for row, loss, n in zip(rows, losses, lengths):
-                self.teacher_loss[id(row)] = loss[:n].clone()
 
     # -- trunk -----------------------------------------------------------------------
     @contextlib.contextmanager

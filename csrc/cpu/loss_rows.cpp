@@ -9,6 +9,11 @@
 //            term is constant, so its gradient is zero ("active" = coef >= 0 or term < bound).
 //   grad_i = d loss_i / d s_i = kl_coef*[kl active]*T*(softmax(s/T) - p_t)
 //                             + ce_coef*[ce active]*(softmax(s) - onehot(target_i))
+//   kl_weight_i = kl_coef_i, or 0 where the sharpening guard (when on) drops the row's KL term: a
+//            maximised KL term (kl_coef < 0) of a row with a target whose student is more confident
+//            in the target than the teacher, log softmax(s/T)[target] > log softmax(t/T)[target].
+//            The loss counts the KL term with kl_weight; the guard needs no extra pass (pass 1
+//            already has both log-sum-exps at T).
 // unlearn_fast/ops/loss_head.py::loss_rows_reference is the same contract in PyTorch.
 //
 // One row is two passes over memory:
@@ -40,6 +45,9 @@
 #include <tuple>
 
 namespace unlearn_fast {
+
+using Tensor3 = std::tuple<at::Tensor, at::Tensor, at::Tensor>;
+using Tensor4 = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 
 namespace {
 
@@ -160,18 +168,18 @@ UNLEARN_FAST_INLINE void row_grad(const float* s, const float* t, int64_t V, flo
 }
 
 struct RowOut {
-  float kl, ce;
+  float kl, ce, kl_weight;
 };
 
 UNLEARN_FAST_ROW_CLONES
 RowOut process_row(const float* s, const float* t, int64_t V, int64_t target, float kl_coef,
-                   float ce_coef, float kl_bound, float ce_bound, float T, float* g) {
+                   float ce_coef, float kl_bound, float ce_bound, float T, bool guard, float* g) {
   const bool teacher = t != nullptr;
   const bool has_ce = target != kIgnoreIndex;
   const bool temp_one = T == 1.0f;
   if (!teacher && !has_ce) {
     std::memset(g, 0, sizeof(float) * V);
-    return {0.f, 0.f};
+    return {0.f, 0.f, kl_coef};
   }
   RowStats st;
   if (!teacher) {
@@ -186,10 +194,15 @@ RowOut process_row(const float* s, const float* t, int64_t V, int64_t target, fl
   const double Td = T;
   const float kl = teacher ? static_cast<float>(Td * st.e_t_diff + Td * Td * (st.lse_sT - st.lse_t)) : 0.f;
   const float ce = has_ce ? static_cast<float>(st.lse_s - static_cast<double>(s[target])) : 0.f;
+  float kl_weight = kl_coef;
+  if (guard && teacher && has_ce && kl_coef < 0.f) {
+    const double lp_s = s[target] / Td - st.lse_sT, lp_t = t[target] / Td - st.lse_t;
+    if (lp_s > lp_t) kl_weight = 0.f;
+  }
 
-  const bool kl_active = teacher && kl_coef != 0.f && (kl_coef >= 0.f || kl < kl_bound);
+  const bool kl_active = teacher && kl_weight != 0.f && (kl_weight >= 0.f || kl < kl_bound);
   const bool ce_active = has_ce && ce_coef != 0.f && (ce_coef >= 0.f || ce < ce_bound);
-  const float a_coef = kl_active ? kl_coef * T : 0.f;
+  const float a_coef = kl_active ? kl_weight * T : 0.f;
   const float c_coef = ce_active ? ce_coef : 0.f;
   if (kl_active && temp_one) {
     row_grad<true, true, true>(s, t, V, T, st, a_coef, c_coef, g);
@@ -203,7 +216,7 @@ RowOut process_row(const float* s, const float* t, int64_t V, int64_t target, fl
     std::memset(g, 0, sizeof(float) * V);
   }
   if (ce_active) g[target] -= c_coef;
-  return {kl, ce};
+  return {kl, ce, kl_weight};
 }
 
 void check_vector(const at::Tensor& x, const char* name, at::ScalarType dtype, int64_t n,
@@ -254,11 +267,11 @@ void check_loss_rows_args(const at::Tensor& student_logits, const at::Tensor& te
 namespace {
 
 // The CPU kernel proper; grad [n, V] may be student_logits itself (each row is read in pass 1 and
-// each element read before it is overwritten in pass 2).
-std::tuple<at::Tensor, at::Tensor> loss_rows_cpu_into(
+// each element read before it is overwritten in pass 2). Returns (kl, ce, kl_weight).
+Tensor3 loss_rows_cpu_into(
     const at::Tensor& student_logits, const at::Tensor& teacher_logits, const at::Tensor& targets,
     const at::Tensor& kl_coef, const at::Tensor& ce_coef, double kl_bound, double ce_bound,
-    double temperature, at::Tensor& grad) {
+    double temperature, bool sharpening_guard, at::Tensor& grad) {
   check_loss_rows_args(student_logits, teacher_logits, targets, kl_coef, ce_coef, temperature,
                        c10::DeviceType::CPU);
   const int64_t n = student_logits.size(0);
@@ -270,6 +283,7 @@ std::tuple<at::Tensor, at::Tensor> loss_rows_cpu_into(
   }
   at::Tensor kl = at::empty({n}, student_logits.options());
   at::Tensor ce = at::empty({n}, student_logits.options());
+  at::Tensor kl_weight = at::empty({n}, student_logits.options());
 
   const float* s = student_logits.data_ptr<float>();
   const float* t = teacher_logits.numel() ? teacher_logits.data_ptr<float>() : nullptr;
@@ -277,6 +291,7 @@ std::tuple<at::Tensor, at::Tensor> loss_rows_cpu_into(
   const float* cec = ce_coef.data_ptr<float>();
   float* kl_out = kl.data_ptr<float>();
   float* ce_out = ce.data_ptr<float>();
+  float* klw_out = kl_weight.data_ptr<float>();
   float* g = grad.data_ptr<float>();
   const float T = static_cast<float>(temperature);
   const float klb = static_cast<float>(kl_bound), ceb = static_cast<float>(ce_bound);
@@ -284,46 +299,47 @@ std::tuple<at::Tensor, at::Tensor> loss_rows_cpu_into(
   at::parallel_for(0, n, grain, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
       const RowOut r = process_row(s + i * V, t ? t + i * V : nullptr, V, tgt[i], klc[i], cec[i], klb, ceb, T,
-                                   g + i * V);
+                                   sharpening_guard, g + i * V);
       kl_out[i] = r.kl;
       ce_out[i] = r.ce;
+      klw_out[i] = r.kl_weight;
     }
   });
-  return {kl, ce};
+  return {kl, ce, kl_weight};
 }
 
 }  // namespace
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> loss_rows_cpu(
+Tensor4 loss_rows_cpu(
     const at::Tensor& student_logits, const at::Tensor& teacher_logits, const at::Tensor& targets,
     const at::Tensor& kl_coef, const at::Tensor& ce_coef, double kl_bound, double ce_bound,
-    double temperature) {
+    double temperature, bool sharpening_guard) {
   at::Tensor grad = at::empty_like(student_logits, at::MemoryFormat::Contiguous);
-  auto [kl, ce] = loss_rows_cpu_into(student_logits, teacher_logits, targets, kl_coef, ce_coef, kl_bound,
-                                     ce_bound, temperature, grad);
-  return {kl, ce, grad};
+  auto [kl, ce, kl_weight] = loss_rows_cpu_into(student_logits, teacher_logits, targets, kl_coef, ce_coef,
+                                                kl_bound, ce_bound, temperature, sharpening_guard, grad);
+  return {kl, ce, grad, kl_weight};
 }
 
 // The same, with the gradient written over student_logits: saves a [n, V] buffer (and its page
-// faults) per chunk of the loss head. Returns (kl, ce).
-std::tuple<at::Tensor, at::Tensor> loss_rows_inplace_cpu(
+// faults) per chunk of the loss head. Returns (kl, ce, kl_weight).
+Tensor3 loss_rows_inplace_cpu(
     at::Tensor& student_logits, const at::Tensor& teacher_logits, const at::Tensor& targets,
     const at::Tensor& kl_coef, const at::Tensor& ce_coef, double kl_bound, double ce_bound,
-    double temperature) {
+    double temperature, bool sharpening_guard) {
   return loss_rows_cpu_into(student_logits, teacher_logits, targets, kl_coef, ce_coef, kl_bound, ce_bound,
-                            temperature, student_logits);
+                            temperature, sharpening_guard, student_logits);
 }
 
 // Shapes only, for torch.compile / FakeTensor / torch.library.opcheck (registered for the Meta key).
-std::tuple<at::Tensor, at::Tensor, at::Tensor> loss_rows_meta(
+Tensor4 loss_rows_meta(
     const at::Tensor& student_logits, const at::Tensor& teacher_logits, const at::Tensor& targets,
     const at::Tensor& kl_coef, const at::Tensor& ce_coef, double kl_bound, double ce_bound,
-    double temperature) {
+    double temperature, bool sharpening_guard) {
   TORCH_CHECK(student_logits.dim() == 2, "unlearn_fast.loss_rows: student_logits must be 2-D [n, V], got shape ",
               student_logits.sizes());
   const int64_t n = student_logits.size(0);
   return {at::empty({n}, student_logits.options()), at::empty({n}, student_logits.options()),
-          at::empty_like(student_logits, at::MemoryFormat::Contiguous)};
+          at::empty_like(student_logits, at::MemoryFormat::Contiguous), at::empty({n}, student_logits.options())};
 }
 
 }  // namespace unlearn_fast

@@ -83,7 +83,8 @@ template <bool kTeacher, bool kTempOne>
 __global__ void __launch_bounds__(kBlock) loss_rows_kernel(
     const float* __restrict__ student, const float* __restrict__ teacher, const int64_t* __restrict__ targets,
     const float* __restrict__ kl_coef, const float* __restrict__ ce_coef, int64_t V, float kl_bound,
-    float ce_bound, float T, float* __restrict__ kl_out, float* __restrict__ ce_out, float* __restrict__ grad) {
+    float ce_bound, float T, bool guard, float* __restrict__ kl_out, float* __restrict__ ce_out,
+    float* __restrict__ grad, float* __restrict__ kl_weight_out) {
   const int64_t row = blockIdx.x;
   const float* s = student + row * V;
   const float* t = kTeacher ? teacher + row * V : nullptr;
@@ -129,13 +130,19 @@ __global__ void __launch_bounds__(kBlock) loss_rows_kernel(
     if (lane == 0) {
       if (kTempOne) st.zT = st.z1;
       partial[0] = st;
-      float kl = 0.f, a_coef = 0.f;
+      float kl = 0.f, a_coef = 0.f, c = kl_coef[row];
       if (kTeacher) {
         // T * E_pt[t - s] + T^2 * (lse(s/T) - lse(t/T)), with the maxima subtracted first
         kl = T * (st.a / st.zt) + T * T * ((st.m_s - st.m_t) * invT + (logf(st.zT) - logf(st.zt)));
-        const float c = kl_coef[row];
+        if (guard && has_ce && !bad_target && c < 0.f) {
+          // sharpening guard: log softmax(s/T)[target] > log softmax(t/T)[target] drops the KL term
+          const float lp_s = (s[target] - st.m_s) * invT - logf(st.zT);
+          const float lp_t = (t[target] - st.m_t) * invT - logf(st.zt);
+          if (lp_s > lp_t) c = 0.f;
+        }
         a_coef = (c != 0.f && (c >= 0.f || kl < kl_bound)) ? c * T : 0.f;
       }
+      kl_weight_out[row] = c;
       float ce = 0.f, c_coef = 0.f;
       if (bad_target) {
         ce = __int_as_float(0x7fc00000);  // NaN
@@ -180,33 +187,33 @@ __global__ void __launch_bounds__(kBlock) loss_rows_kernel(
 
 template <bool kTeacher, bool kTempOne>
 void launch(const float* student, const float* teacher, const int64_t* targets, const float* kl_coef,
-            const float* ce_coef, int64_t n, int64_t V, float kl_bound, float ce_bound, float T, float* kl,
-            float* ce, float* grad, cudaStream_t stream) {
+            const float* ce_coef, int64_t n, int64_t V, float kl_bound, float ce_bound, float T, bool guard,
+            float* kl, float* ce, float* grad, float* kl_weight, cudaStream_t stream) {
   loss_rows_kernel<kTeacher, kTempOne><<<static_cast<unsigned int>(n), kBlock, 0, stream>>>(
-      student, teacher, targets, kl_coef, ce_coef, V, kl_bound, ce_bound, T, kl, ce, grad);
+      student, teacher, targets, kl_coef, ce_coef, V, kl_bound, ce_bound, T, guard, kl, ce, grad, kl_weight);
 }
 
 }  // namespace cuda_kernels
 
 // Raw-pointer launcher. teacher == nullptr: no KL term. All arrays contiguous on the current device:
-// student/teacher/grad [n, V], targets/kl_coef/ce_coef/kl/ce [n]. Returns the launch error, if any.
+// student/teacher/grad [n, V], targets/kl_coef/ce_coef/kl/ce/kl_weight [n]. Returns the launch error, if any.
 cudaError_t launch_loss_rows(const float* student, const float* teacher, const int64_t* targets,
                              const float* kl_coef, const float* ce_coef, int64_t n, int64_t V, float kl_bound,
-                             float ce_bound, float temperature, float* kl, float* ce, float* grad,
-                             cudaStream_t stream) {
+                             float ce_bound, float temperature, bool guard, float* kl, float* ce, float* grad,
+                             float* kl_weight, cudaStream_t stream) {
   using namespace cuda_kernels;
   if (n <= 0) return cudaSuccess;
   if (n > 0x7fffffffLL) return cudaErrorInvalidConfiguration;
   const bool temp_one = temperature == 1.0f;
   if (teacher == nullptr) {
-    launch<false, true>(student, teacher, targets, kl_coef, ce_coef, n, V, kl_bound, ce_bound, temperature, kl,
-                        ce, grad, stream);
+    launch<false, true>(student, teacher, targets, kl_coef, ce_coef, n, V, kl_bound, ce_bound, temperature, guard,
+                        kl, ce, grad, kl_weight, stream);
   } else if (temp_one) {
-    launch<true, true>(student, teacher, targets, kl_coef, ce_coef, n, V, kl_bound, ce_bound, temperature, kl,
-                       ce, grad, stream);
+    launch<true, true>(student, teacher, targets, kl_coef, ce_coef, n, V, kl_bound, ce_bound, temperature, guard,
+                       kl, ce, grad, kl_weight, stream);
   } else {
-    launch<true, false>(student, teacher, targets, kl_coef, ce_coef, n, V, kl_bound, ce_bound, temperature, kl,
-                        ce, grad, stream);
+    launch<true, false>(student, teacher, targets, kl_coef, ce_coef, n, V, kl_bound, ce_bound, temperature, guard,
+                        kl, ce, grad, kl_weight, stream);
   }
   return cudaGetLastError();
 }
@@ -228,10 +235,10 @@ void check_loss_rows_args(const at::Tensor& student_logits, const at::Tensor& te
                           const at::Tensor& targets, const at::Tensor& kl_coef, const at::Tensor& ce_coef,
                           double temperature, c10::DeviceType device);
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> loss_rows_cuda(
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> loss_rows_cuda(
     const at::Tensor& student_logits, const at::Tensor& teacher_logits, const at::Tensor& targets,
     const at::Tensor& kl_coef, const at::Tensor& ce_coef, double kl_bound, double ce_bound,
-    double temperature) {
+    double temperature, bool sharpening_guard) {
   check_loss_rows_args(student_logits, teacher_logits, targets, kl_coef, ce_coef, temperature,
                        c10::DeviceType::CUDA);
   TORCH_CHECK(targets.device() == student_logits.device() && kl_coef.device() == student_logits.device() &&
@@ -243,14 +250,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> loss_rows_cuda(
   at::Tensor kl = at::empty({n}, student_logits.options());
   at::Tensor ce = at::empty({n}, student_logits.options());
   at::Tensor grad = at::empty({n, V}, student_logits.options());
+  at::Tensor kl_weight = at::empty({n}, student_logits.options());
   const cudaError_t err = launch_loss_rows(
       student_logits.data_ptr<float>(), teacher_logits.numel() ? teacher_logits.data_ptr<float>() : nullptr,
       targets.data_ptr<int64_t>(), kl_coef.data_ptr<float>(), ce_coef.data_ptr<float>(), n, V,
       static_cast<float>(kl_bound), static_cast<float>(ce_bound), static_cast<float>(temperature),
-      kl.data_ptr<float>(), ce.data_ptr<float>(), grad.data_ptr<float>(),
-      c10::cuda::getCurrentCUDAStream().stream());
+      sharpening_guard, kl.data_ptr<float>(), ce.data_ptr<float>(), grad.data_ptr<float>(),
+      kl_weight.data_ptr<float>(), c10::cuda::getCurrentCUDAStream().stream());
   TORCH_CHECK(err == cudaSuccess, "unlearn_fast.loss_rows: CUDA launch failed: ", cudaGetErrorString(err));
-  return {kl, ce, grad};
+  return {kl, ce, grad, kl_weight};
 }
 
 }  // namespace unlearn_fast

@@ -14,8 +14,9 @@ from unlearn_fast.ops.loss_head import IGNORE_INDEX
 
 
 def oracle(hs, ht, w, targets, kl_coef, ce_coef, bias=None, kl_bound=float("inf"), ce_bound=float("inf"),
-           temperature=1.0, logit_scale=1.0, logit_softcap=None):
-    """Unchunked float64 loss; autograd gives the gradients. The teacher is a constant."""
+           temperature=1.0, logit_scale=1.0, logit_softcap=None, sharpening_guard=False):
+    """Unchunked float64 loss; autograd gives the gradients. The teacher is a constant. The guard
+    drops the KL term of forget rows whose student gives the target a higher probability at T."""
     def logits(h, w):
         z = h.double() @ w.double().t()
         if bias is not None:
@@ -26,11 +27,16 @@ def oracle(hs, ht, w, targets, kl_coef, ce_coef, bias=None, kl_bound=float("inf"
     s = logits(hs, w)
     T = temperature
     kl = torch.zeros(s.shape[0], dtype=torch.float64)
+    valid = targets != IGNORE_INDEX
     if ht is not None:
         t = logits(ht, w.detach())
         pt = torch.softmax(t / T, -1)
         kl = T * T * (pt * (torch.log_softmax(t / T, -1) - torch.log_softmax(s / T, -1))).sum(-1)
-    valid = targets != IGNORE_INDEX
+        if sharpening_guard:
+            pick = targets.clamp(min=0).unsqueeze(-1)
+            lp_s = torch.log_softmax(s.detach() / T, -1).gather(-1, pick).squeeze(-1)
+            lp_t = torch.log_softmax(t / T, -1).gather(-1, pick).squeeze(-1)
+            kl_coef = torch.where((kl_coef < 0) & valid & (lp_s > lp_t), torch.zeros_like(kl_coef), kl_coef)
     ce = -torch.log_softmax(s, -1).gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1) * valid
     kl_term = torch.where(kl_coef < 0, kl.clamp(max=kl_bound), kl)
     ce_term = torch.where(ce_coef < 0, ce.clamp(max=ce_bound), ce)
@@ -235,13 +241,17 @@ def scenario(name):
         ht = None
     elif name == "small_noise":  # EUL's start: student = teacher + 1e-3
         hs, ht, w, targets, kl_coef, ce_coef = make(n, h, v, seed=4, noise=1e-3)
+    elif name == "guard":  # the sharpening guard drops the forget KL of some rows (checked in the test)
+        kl_coef = torch.where(torch.arange(n) % 4 < 3, -1.0 / n, 0.8 / n)
+        ce_coef = torch.where(kl_coef < 0, -0.2 / n, 1.0 / n)
+        kwargs.update(sharpening_guard=True, temperature=1.5)
     else:
         raise KeyError(name)
     return (hs, ht, w, targets, kl_coef, ce_coef), kwargs
 
 
 SCENARIOS = ["odd", "bias_T2", "T_half_softcap", "all_ignored", "retain_only", "forget_only", "no_teacher",
-             "small_noise"]
+             "small_noise", "guard"]
 
 
 def _check_against_oracle(args, kwargs, *, loss_tol=1e-5, grad_tol=1e-4):
@@ -269,6 +279,11 @@ def test_every_backend_matches_float64(backend, name):
     if name == "forget_only":  # some rows capped (no gradient), some not
         capped = out.kl.double() > kwargs["kl_bound"]
         assert capped.any() and (~capped).any()
+    if name == "guard":  # the guard changed the loss: some forget rows dropped their KL, some kept it
+        unguarded = eul_loss_head(*args, **{**kwargs, "sharpening_guard": False})
+        no_forget_kl = eul_loss_head(*args[:4], torch.where(args[4] < 0, 0.0, args[4]), args[5], **kwargs)
+        assert not torch.isclose(out.loss, unguarded.loss, rtol=1e-4)  # some forget rows dropped their KL
+        assert not torch.isclose(out.loss, no_forget_kl.loss, rtol=1e-4)  # and some kept it
 
 
 def test_every_backend_bf16(backend):
@@ -314,15 +329,17 @@ def test_triton_row_kernel_in_place_and_bad_target(triton_interpreted):
     kl_coef = torch.tensor([0.8, -1.0, 0.0, 0.3, -0.5, 1.0, -1.0, 0.2, 0.0])
     ce_coef = torch.tensor([1.0, -0.2, 0.0, 0.5, 1.0, -1.0, 0.3, 0.0, 1.0])
     for T in (1.0, 2.0):
-        ref = loss_rows_reference(s, t, targets, kl_coef, ce_coef, 0.5, 4.0, T)
-        s2 = s.clone()
-        kl, ce, grad = triton_interpreted.loss_rows(s2, t, targets, kl_coef, ce_coef, 0.5, 4.0, T, grad=s2)
-        assert grad.data_ptr() == s2.data_ptr()
-        for got, want in zip((kl, ce, grad), ref):
-            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+        for guard in (False, True):
+            ref = loss_rows_reference(s, t, targets, kl_coef, ce_coef, 0.5, 4.0, T, guard)
+            s2 = s.clone()
+            out = triton_interpreted.loss_rows(s2, t, targets, kl_coef, ce_coef, 0.5, 4.0, T,
+                                               sharpening_guard=guard, grad=s2)
+            assert out[2].data_ptr() == s2.data_ptr()
+            for got, want in zip(out, ref):
+                torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
     bad = targets.clone()
     bad[1] = V
-    _, ce, _ = triton_interpreted.loss_rows(s, t, bad, kl_coef, ce_coef, 0.5, 4.0, 1.0)
+    _, ce, _, _ = triton_interpreted.loss_rows(s, t, bad, kl_coef, ce_coef, 0.5, 4.0, 1.0)
     assert torch.isnan(ce[1]) and not torch.isnan(ce[2:]).any()
 
 
@@ -374,9 +391,10 @@ def test_custom_op_passes_opcheck():
 
     hs, ht, w, targets, kl_coef, ce_coef = make(11, 8, 29)
     for teacher in (ht, None):
-        args = (hs, teacher, w, None, targets, kl_coef, ce_coef, float("inf"), float("inf"), 1.5, 1.0, None, 4,
-                "reference", False)
-        torch.library.opcheck(_loss_head_fwd, args)
+        for guard in (False, True):
+            args = (hs, teacher, w, None, targets, kl_coef, ce_coef, float("inf"), float("inf"), 1.5, 1.0, None, 4,
+                    "reference", False, guard)
+            torch.library.opcheck(_loss_head_fwd, args)
 
 
 def test_backend_choice(monkeypatch):

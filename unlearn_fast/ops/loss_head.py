@@ -12,6 +12,14 @@ and stops pushing once a row has moved ``bound`` nats away. The objective sets t
 (α and −1 for KL on retained / forgotten rows, λ and −γ for CE) already divided by its
 normalisers, so the op only sums.
 
+Sharpening guard (``sharpening_guard=True``; see :mod:`unlearn_fast.objective` for why): a row
+with a maximised KL term (kl_coef < 0), a teacher and a target drops its KL term while the
+student is more confident in the target than the teacher,
+log softmax(s_i/T)[target_i] > log softmax(t_i/T)[target_i]. The row kernels decide this from
+the statistics they already compute, so the guard costs no extra pass; they return each row's
+effective KL coefficient (``kl_weight``: kl_coef, or 0 where the guard dropped the term), and the
+loss is Σ kl_weight_i · KL-term_i + ce_coef_i · CE-term_i.
+
 Only one chunk of [rows × vocab] logits exists at a time; logits and their gradients are fp32
 whatever the hidden-state dtype (bf16 logits lose the KL gradient when student ≈ teacher, which
 is exactly where EUL starts). The gradient for the student hidden states (and the head weight, if
@@ -44,8 +52,10 @@ def loss_rows_reference(
     kl_bound: float,
     ce_bound: float,
     temperature: float,
-) -> tuple[Tensor, Tensor, Tensor]:
-    """Per-row KL, CE and d(loss)/d(student logits) for one chunk of fp32 logits.
+    sharpening_guard: bool = False,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Per-row KL, CE, d(loss)/d(student logits) and effective KL coefficient for one chunk of
+    fp32 logits.
 
     ``teacher_logits`` with ``numel() == 0`` means there is no KL term. This is the contract the
     C++ (``_C.loss_rows``), CUDA and Triton row kernels implement.
@@ -54,16 +64,21 @@ def loss_rows_reference(
     T = float(temperature)
     grad = torch.zeros_like(s)
     kl = torch.zeros(s.shape[0], dtype=torch.float32, device=s.device)
+    kl_weight = kl_coef.float().clone()
+    has_target = targets != IGNORE_INDEX
+    safe_targets = torch.where(has_target, targets, torch.zeros_like(targets))
     if teacher_logits.numel():
         log_ps_T = torch.log_softmax(s / T, dim=-1)
         log_pt = torch.log_softmax(teacher_logits.float() / T, dim=-1)
         pt = log_pt.exp()
         kl = (T * T) * (pt * (log_pt - log_ps_T)).sum(-1)
-        active = torch.where(kl_coef < 0, kl < kl_bound, torch.ones_like(kl, dtype=torch.bool))
-        weight = (kl_coef * active).unsqueeze(-1)
+        if sharpening_guard:
+            pick = safe_targets.unsqueeze(-1)
+            sharper = log_ps_T.gather(-1, pick).squeeze(-1) > log_pt.gather(-1, pick).squeeze(-1)
+            kl_weight = torch.where((kl_coef < 0) & has_target & sharper, torch.zeros_like(kl_weight), kl_weight)
+        active = torch.where(kl_weight < 0, kl < kl_bound, torch.ones_like(kl, dtype=torch.bool))
+        weight = (kl_weight * active).unsqueeze(-1)
         grad += weight * T * (log_ps_T.exp() - pt)
-    has_target = targets != IGNORE_INDEX
-    safe_targets = torch.where(has_target, targets, torch.zeros_like(targets))
     log_ps = torch.log_softmax(s, dim=-1)
     ce = -log_ps.gather(-1, safe_targets.unsqueeze(-1)).squeeze(-1) * has_target
     active = has_target & torch.where(ce_coef < 0, ce < ce_bound, torch.ones_like(has_target))
@@ -71,7 +86,7 @@ def loss_rows_reference(
     ce_grad = log_ps.exp()
     ce_grad.scatter_add_(-1, safe_targets.unsqueeze(-1), -torch.ones_like(ce_grad[:, :1]))
     grad += weight * ce_grad
-    return kl, ce, grad
+    return kl, ce, grad, kl_weight
 
 
 def row_losses(kl: Tensor, ce: Tensor, kl_coef: Tensor, ce_coef: Tensor, kl_bound: float, ce_bound: float) -> Tensor:
@@ -106,17 +121,20 @@ def _triton_kernels():
 
 
 def _rows(backend: str, s: Tensor, t: Tensor, targets: Tensor, kl_coef: Tensor, ce_coef: Tensor,
-          kl_bound: float, ce_bound: float, temperature: float) -> tuple[Tensor, Tensor, Tensor]:
-    """The row op of ``backend``; the returned gradient may be ``s`` itself, overwritten."""
+          kl_bound: float, ce_bound: float, temperature: float,
+          guard: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The row op of ``backend``: (kl, ce, grad, kl_weight); the gradient may be ``s`` itself, overwritten."""
     if backend == "triton":
-        return _triton_kernels().loss_rows(s, t, targets, kl_coef, ce_coef, kl_bound, ce_bound, temperature, grad=s)
+        return _triton_kernels().loss_rows(s, t, targets, kl_coef, ce_coef, kl_bound, ce_bound, temperature,
+                                           sharpening_guard=guard, grad=s)
     if backend in ("cpp", "cuda"):
         C = cpp_ops()
         if s.device.type == "cpu" and hasattr(C, "loss_rows_inplace"):
-            kl, ce = C.loss_rows_inplace(s, t, targets, kl_coef, ce_coef, kl_bound, ce_bound, temperature)
-            return kl, ce, s
-        return C.loss_rows(s, t, targets, kl_coef, ce_coef, kl_bound, ce_bound, temperature)
-    return loss_rows_reference(s, t, targets, kl_coef, ce_coef, kl_bound, ce_bound, temperature)
+            kl, ce, kl_weight = C.loss_rows_inplace(s, t, targets, kl_coef, ce_coef, kl_bound, ce_bound,
+                                                    temperature, guard)
+            return kl, ce, s, kl_weight
+        return C.loss_rows(s, t, targets, kl_coef, ce_coef, kl_bound, ce_bound, temperature, guard)
+    return loss_rows_reference(s, t, targets, kl_coef, ce_coef, kl_bound, ce_bound, temperature, guard)
 
 
 def _mm_fp32(a: Tensor, b: Tensor) -> Tensor:
@@ -196,6 +214,7 @@ def _loss_head_fwd(
     student_hidden: Tensor, teacher_hidden: Optional[Tensor], weight: Tensor, bias: Optional[Tensor],
     targets: Tensor, kl_coef: Tensor, ce_coef: Tensor, kl_bound: float, ce_bound: float, temperature: float,
     logit_scale: float, logit_softcap: Optional[float], chunk_rows: int, backend: str, want_w_grad: bool,
+    sharpening_guard: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """(loss, kl, ce, grad_hidden, grad_weight); grad_weight is empty unless ``want_w_grad``."""
     n, V = student_hidden.shape[0], weight.shape[0]
@@ -205,6 +224,7 @@ def _loss_head_fwd(
     grad_weight = torch.zeros(weight.shape if want_w_grad else (0,), dtype=torch.float32, device=device)
     kl_all = torch.zeros(n, dtype=torch.float32, device=device)
     ce_all = torch.zeros_like(kl_all)
+    kl_weight_all = kl_coef.clone()
     # One pair of fp32 logit buffers for all chunks; the row op writes the gradient over s.
     rows_per_chunk = max(1, min(chunk_rows, n))
     s_buf = torch.empty(rows_per_chunk, V, dtype=torch.float32, device=device)
@@ -221,22 +241,22 @@ def _loss_head_fwd(
             squash = _softcap_(s, logit_softcap)
             if t is not None:
                 _softcap_(t, logit_softcap)
-        kl, ce, g = _rows(backend, s, empty if t is None else t, targets[rows], kl_coef[rows], ce_coef[rows],
-                          kl_bound, ce_bound, temperature)
-        kl_all[rows], ce_all[rows] = kl, ce
+        kl, ce, g, kl_weight = _rows(backend, s, empty if t is None else t, targets[rows], kl_coef[rows],
+                                     ce_coef[rows], kl_bound, ce_bound, temperature, sharpening_guard)
+        kl_all[rows], ce_all[rows], kl_weight_all[rows] = kl, ce, kl_weight
         if squash is not None:
             g = g * squash
         head.grad_hidden(g, grad_hidden[rows])
         if want_w_grad:
             grad_weight.addmm_(g.t(), hs.float(), alpha=logit_scale)
     # the loss from the per-row terms, once for all rows (float64 sum: N terms of mixed sign)
-    total = row_losses(kl_all, ce_all, kl_coef, ce_coef, kl_bound, ce_bound).double().sum().float()
+    total = row_losses(kl_all, ce_all, kl_weight_all, ce_coef, kl_bound, ce_bound).double().sum().float()
     return total, kl_all, ce_all, grad_hidden, grad_weight
 
 
 @_loss_head_fwd.register_fake
 def _(student_hidden, teacher_hidden, weight, bias, targets, kl_coef, ce_coef, kl_bound, ce_bound, temperature,
-      logit_scale, logit_softcap, chunk_rows, backend, want_w_grad):
+      logit_scale, logit_softcap, chunk_rows, backend, want_w_grad, sharpening_guard):
     n = student_hidden.shape[0]
     f32 = dict(dtype=torch.float32, device=student_hidden.device)
     return (student_hidden.new_empty((), **f32), student_hidden.new_empty((n,), **f32),
@@ -246,7 +266,7 @@ def _(student_hidden, teacher_hidden, weight, bias, targets, kl_coef, ce_coef, k
 
 def _setup_context(ctx, inputs, output):
     ctx.save_for_backward(output[3], output[4])
-    ctx.want_w_grad = inputs[-1]
+    ctx.want_w_grad = inputs[-2]
     ctx.weight_dtype = inputs[2].dtype
 
 
@@ -254,7 +274,7 @@ def _backward(ctx, grad_loss, _grad_kl, _grad_ce, _grad_gh, _grad_gw):
     grad_hidden, grad_weight = ctx.saved_tensors
     gh = grad_hidden * grad_loss.to(grad_hidden.dtype)
     gw = (grad_weight * grad_loss).to(ctx.weight_dtype) if ctx.want_w_grad else None
-    return gh, None, gw, None, None, None, None, None, None, None, None, None, None, None, None
+    return gh, None, gw, None, None, None, None, None, None, None, None, None, None, None, None, None
 
 
 _loss_head_fwd.register_autograd(_backward, setup_context=_setup_context)
@@ -282,7 +302,7 @@ def _check(student_hidden, teacher_hidden, weight, targets, kl_coef, ce_coef):
 def _run(backend: str, student_hidden: Tensor, teacher_hidden: Optional[Tensor], weight: Tensor,
          targets: Tensor, kl_coef: Tensor, ce_coef: Tensor, *, bias=None, kl_bound=float("inf"),
          ce_bound=float("inf"), temperature=1.0, logit_scale=1.0, logit_softcap=None,
-         chunk_rows=DEFAULT_CHUNK_ROWS) -> LossHeadOutput:
+         chunk_rows=DEFAULT_CHUNK_ROWS, sharpening_guard=False) -> LossHeadOutput:
     _check(student_hidden, teacher_hidden, weight, targets, kl_coef, ce_coef)
     teacher = None if teacher_hidden is None else teacher_hidden.detach()
     if bias is not None and bias.requires_grad:
@@ -291,7 +311,7 @@ def _run(backend: str, student_hidden: Tensor, teacher_hidden: Optional[Tensor],
         student_hidden, teacher, weight, bias, targets.long(), kl_coef.float(), ce_coef.float(),
         float(kl_bound), float(ce_bound), float(temperature), float(logit_scale),
         None if logit_softcap is None else float(logit_softcap), int(chunk_rows), backend,
-        bool(weight.requires_grad))
+        bool(weight.requires_grad), bool(sharpening_guard))
     return LossHeadOutput(loss, kl.detach(), ce.detach())
 
 
@@ -315,6 +335,7 @@ def eul_loss_head(
     logit_scale: float = 1.0,
     logit_softcap: Optional[float] = None,
     chunk_rows: int = DEFAULT_CHUNK_ROWS,
+    sharpening_guard: bool = False,
 ) -> LossHeadOutput:
     """EUL loss over token rows without materialising [rows × vocab] logits.
 
@@ -328,6 +349,8 @@ def eul_loss_head(
         temperature: softmax temperature of the KL term (scaled by T²).
         logit_scale, logit_softcap: for model families whose logits are scaled or soft-capped.
         chunk_rows: token rows per chunk.
+        sharpening_guard: drop the maximised KL term of rows where the student is more confident
+            in the target than the teacher (see module docstring).
 
     Returns:
         :class:`LossHeadOutput` with the scalar loss and per-row KL and CE.
@@ -335,4 +358,4 @@ def eul_loss_head(
     backend = pick_backend(student_hidden.device, available=("cpp", "cuda", "triton"))
     return _run(backend, student_hidden, teacher_hidden, weight, targets, kl_coef, ce_coef, bias=bias,
                 kl_bound=kl_bound, ce_bound=ce_bound, temperature=temperature, logit_scale=logit_scale,
-                logit_softcap=logit_softcap, chunk_rows=chunk_rows)
+                logit_softcap=logit_softcap, chunk_rows=chunk_rows, sharpening_guard=sharpening_guard)
