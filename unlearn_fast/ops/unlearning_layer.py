@@ -65,13 +65,18 @@ def unlearning_layer_reference(
 #   forward(x [N, d], D [R, d], b [R], U [d, R], c [d], activation) -> (y [N, d], saved tensors)
 #   backward(g, x, D, U, saved, activation, need_grad_x) -> (gx | None, gD, gb, gU, gc), fp32 but gx
 # ---------------------------------------------------------------------------------------------
+# Through the torch dispatcher (torch.ops.unlearn_fast.*, registered by _C), not the pybind
+# functions: torch.compile traces dispatcher ops (their Meta kernels give shapes) without a graph break.
 def _cpp_forward(x, D, b, U, c, activation):
-    y, pre = cpp_ops().unlearning_layer_forward(x, D, b, U, c, activation)
+    cpp_ops()  # loads _C, which registers the ops
+    y, pre = torch.ops.unlearn_fast.unlearning_layer_forward(x, D, b, U, c, activation)
     return y, (pre,)
 
 
 def _cpp_backward(g, x, D, U, saved, activation, need_grad_x):
-    gx, gD, gb, gU, gc = cpp_ops().unlearning_layer_backward(g, x, saved[0], D, U, activation, need_grad_x)
+    cpp_ops()
+    gx, gD, gb, gU, gc = torch.ops.unlearn_fast.unlearning_layer_backward(g, x, saved[0], D, U, activation,
+                                                                           need_grad_x)
     return (gx if need_grad_x else None), gD, gb, gU, gc
 
 
