@@ -198,6 +198,34 @@ def test_write_artifact_is_atomic_and_refuses_existing(tmp_path):
         write_artifact(file, tensors, {}, overwrite=True)
 
 
+def test_written_artifacts_carry_cross_terms_and_read_lazily(tmp_path):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(50, 8, generator=g, dtype=torch.float64) + 3
+    xa = torch.cat([x, torch.ones(50, 1, dtype=torch.float64)], 1)
+    w, b = torch.randn(3, 8, generator=g), torch.randn(3, generator=g)
+    given = torch.randn(9, 3, generator=g, dtype=torch.float64)
+    tensors = {f"s.{i}.down.{name}": t.clone() for i in range(3) for name, t in (("weight", w), ("bias", b))}
+    tensors.update({"s.0.down.gram": xa.t() @ xa, "s.1.down.gram": xa.t() @ xa, "s.1.down.cross": given})
+    # s.2 has no Gram matrix: no cross term
+    write_artifact(tmp_path / "a", tensors, {"task": "causal"})
+    _, stored = read_artifact(tmp_path / "a")  # the checksum covers what was added
+    assert set(stored) == set(tensors) | {"s.0.down.cross"}
+    expected = xa.t() @ (xa @ torch.cat([w.t(), b[None]]).double())  # Xᵀ(X·[Wᵀ; bᵀ]), not G·[Wᵀ; bᵀ]
+    assert stored["s.0.down.cross"].dtype == torch.float64
+    assert float((stored["s.0.down.cross"] - expected).norm() / expected.norm()) <= 1e-12
+    assert torch.equal(stored["s.1.down.cross"], given)  # a stored cross term (a fused one) is kept as given
+
+    manifest, lazy = read_artifact(tmp_path / "a", lazy=True)
+    assert manifest["task"] == "causal" and len(lazy) == len(stored) and set(lazy) == set(stored)
+    assert all(torch.equal(lazy[k], v) for k, v in stored.items())
+    assert "nope" not in lazy and lazy.get("nope") is None
+    data = bytearray((tmp_path / "a" / WEIGHTS_FILE).read_bytes())
+    data[-3] ^= 0xFF
+    (tmp_path / "a" / WEIGHTS_FILE).write_bytes(bytes(data))
+    with pytest.raises(ArtifactError, match="checksum"):
+        read_artifact(tmp_path / "a", lazy=True)
+
+
 def _input_grams(model, task, rows, pad_id):
     """Independent Gram matrices: hook each site's wrapped module and accumulate [x, 1]ᵀ[x, 1]."""
     from unlearn_fast.encoding import collate
@@ -267,6 +295,11 @@ def test_gram_matrices(arch, tmp_path):
         for g, key in ((down, "down"), (up, "up")):
             want = expected_grams[f"{s.path}.0.{key}.gram"]
             torch.testing.assert_close(g, want, rtol=1e-4, atol=1e-5 * float(want.abs().max()))
+            # and the cross term fusion needs, G·[Wᵀ; bᵀ] of the stored layer, in float64
+            weight, bias = (tensors[f"{s.path}.0.{key}.{p}"].double() for p in ("weight", "bias"))
+            cross, expected = tensors[f"{s.path}.0.{key}.cross"], g @ torch.cat([weight.t(), bias[None]])
+            assert cross.dtype == torch.float64
+            assert float((cross - expected).norm() / expected.norm()) <= 1e-12
     assert manifest["grams"]["tokens"] == tokens["input"]
 
 

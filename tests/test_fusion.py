@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import save_file
 
 from conftest import PAD, BOS, EOS, VOCAB_SIZE, make_tokenizer
 from unlearn_fast.api import unlearn
@@ -26,7 +27,7 @@ from unlearn_fast.artifacts import (
 )
 from unlearn_fast.cli import main
 from unlearn_fast.errors import ArtifactError, UnlearnFastError
-from unlearn_fast.fusion import DEFAULT_RHO, FusionError, fuse_artifacts, fuse_tensors
+from unlearn_fast.fusion import DEFAULT_RHO, FusionError, fuse_artifacts, fuse_tensors, with_cross_terms
 from unlearn_fast.layers import LayerConfig, sites
 from unlearn_fast.ledger import LedgerError, add_request, fuse_requests, list_requests, merged_path, remove_request
 from unlearn_fast.ops.unlearning_layer import ACTIVATIONS
@@ -175,6 +176,42 @@ def test_refusion_is_associative(three):
     manifest, _ = read_artifact(root / "ab_c")
     assert len(manifest["fusion"]["requests"]) == 3
     assert manifest["grams"]["tokens"] == 60 + 80 + 100
+
+
+def strip_cross_terms(artifact):
+    """Rewrite an artifact as older versions wrote it: without cross terms (checksum updated)."""
+    manifest, tensors = read_artifact(artifact)
+    save_file({k: v for k, v in tensors.items() if not k.endswith(".cross")}, str(artifact / WEIGHTS_FILE))
+    manifest["files"][WEIGHTS_FILE] = hashlib.sha256((artifact / WEIGHTS_FILE).read_bytes()).hexdigest()
+    (artifact / MANIFEST_FILE).write_text(json.dumps(manifest))
+
+
+def test_artifacts_carry_cross_terms_and_older_ones_without_still_fuse(three):
+    root, _ = three
+    _, tensors = read_artifact(root / "a")
+    for path in SITES:
+        for sub in ("down", "up"):
+            key = f"{path}.0.{sub}"
+            assert rel(tensors[f"{key}.cross"], tensors[f"{key}.gram"] @ augmented_weight(tensors, key)) <= 1e-12
+    fuse_artifacts([root / n for n in "abc"], root / "new")
+    for name in "bc":
+        strip_cross_terms(root / name)
+        assert not any(k.endswith(".cross") for k in read_artifact(root / name)[1])
+    fuse_artifacts([root / n for n in "abc"], root / "old")  # b and c: G·W computed while fusing
+    assert_same_artifact(root / "new", root / "old")
+
+
+@pytest.mark.parametrize("where", ["gram, lower triangle", "gram, upper triangle", "cross term"])
+def test_refuses_non_finite_stored_values(where):
+    """Every non-finite value is refused, even one in the triangle the Cholesky factorisation never reads."""
+    tensors = with_cross_terms(make_request(1)[0], layout())
+    key = f"{SITES[0]}.0.down"
+    if where == "cross term":
+        tensors[f"{key}.cross"][3, 1] = float("inf")
+    else:
+        tensors[f"{key}.gram"][(-1, 0) if "lower" in where else (0, -1)] = float("nan")
+    with pytest.raises(ArtifactError, match="layers #1.*non-finite"):
+        fuse_tensors([make_request(0)[0], tensors], layout())
 
 
 def test_a_singular_gram_needs_and_gets_a_ridge():

@@ -1,7 +1,8 @@
 """Unlearning artifacts: a directory with ``unlearning_layers.safetensors`` and ``manifest.json``.
 
-The safetensors file holds every unlearning layer's weights and the Gram matrices fusion needs;
-the manifest says which base model they belong to (a fingerprint of its weights), how they
+The safetensors file holds every unlearning layer's weights and what fusion needs: per linear map
+the Gram matrix of its inputs and the cross term G·W (added when an artifact is written, see
+:mod:`unlearn_fast.grams`); the manifest says which base model they belong to (a fingerprint of its weights), how they
 were made, what they achieved, and the sha256 of the tensor file. Nothing is ever unpickled.
 
 Writes are atomic: files go to a temporary sibling directory that is renamed into place, and an
@@ -14,15 +15,18 @@ import hashlib
 import json
 import math
 import os
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Union
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .atomic import atomic_directory
 from .errors import ArtifactError
+from .grams import cross_terms
 from .layers import UnlearningSite, attach_from_description, sites
 
 FORMAT_VERSION = 1
@@ -84,8 +88,13 @@ def check_writable(out: Union[str, Path], overwrite: bool) -> Path:
 
 def write_artifact(out: Union[str, Path], tensors: dict[str, torch.Tensor], manifest: dict,
                    overwrite: bool = False) -> Path:
-    """Write tensors + manifest to ``out`` atomically; return the directory."""
+    """Write tensors + manifest to ``out`` atomically; return the directory.
+
+    Every linear map with a Gram matrix, weight and bias but no cross term gets its cross term
+    G·[Wᵀ; bᵀ] written too (:func:`unlearn_fast.grams.cross_terms`): fusion then only sums and solves.
+    """
     out = check_writable(out, overwrite)
+    tensors = {**tensors, **cross_terms(tensors)}
     with atomic_directory(out) as tmp:
         save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp / WEIGHTS_FILE))
         manifest = {**manifest, "format_version": FORMAT_VERSION,
@@ -111,8 +120,40 @@ def read_manifest(artifact: Union[str, Path]) -> dict:
     return manifest
 
 
-def read_artifact(artifact: Union[str, Path]) -> tuple[dict, dict[str, torch.Tensor]]:
-    """(manifest, tensors) after checking the tensor file against the manifest's checksum."""
+class LazyTensors(Mapping):
+    """A safetensors file's tensors, each memory-mapped from the file when asked for.
+
+    The file is opened per tensor, so a tensor's mapping (and its resident pages) goes away with
+    the tensor rather than staying for as long as the mapping object lives.
+    """
+
+    def __init__(self, path: Path):
+        self._path = str(path)
+        with safe_open(self._path, framework="pt") as f:
+            self._keys = frozenset(f.keys())
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        if key not in self._keys:
+            raise KeyError(key)
+        with safe_open(self._path, framework="pt") as f:
+            return f.get_tensor(key)
+
+    def __contains__(self, key) -> bool:
+        return key in self._keys
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(sorted(self._keys))
+
+    def __len__(self) -> int:
+        return len(self._keys)
+
+
+def read_artifact(artifact: Union[str, Path], lazy: bool = False) -> tuple[dict, Mapping[str, torch.Tensor]]:
+    """(manifest, tensors) after checking the tensor file against the manifest's checksum.
+
+    ``lazy``: the tensors as a :class:`LazyTensors` mapping that reads each from the file when
+    asked (fusion reads one site at a time, so its memory stays at one site's tensors).
+    """
     manifest = read_manifest(artifact)
     path = Path(artifact) / WEIGHTS_FILE
     if not path.is_file():
@@ -120,7 +161,7 @@ def read_artifact(artifact: Union[str, Path]) -> tuple[dict, dict[str, torch.Ten
     expected = manifest.get("files", {}).get(WEIGHTS_FILE)
     if expected != sha256_file(path):
         raise ArtifactError(f"{path}: checksum does not match the manifest (file changed or corrupt)")
-    return manifest, load_file(str(path))
+    return manifest, (LazyTensors(path) if lazy else load_file(str(path)))
 
 
 def load_layers(model: nn.Module, artifact: Union[str, Path], check_base: bool = True) -> dict:

@@ -4,11 +4,16 @@ For a layer y = x + U·act(D·x + b) + c, fusion regresses each linear map on it
 the down-projection on x, the up-projection on h = act(D·x + b). Inputs are augmented with a
 constant 1 so the bias is part of the regression, and accumulated in float64 over real (not
 padding) tokens: G = Σ [x, 1]ᵀ[x, 1]. Only these matrices are stored, never the data.
+
+Next to each Gram matrix an artifact stores the map's cross term C = G·[Wᵀ; bᵀ] (float64,
+[in + 1, out]): the product fusion needs from every request, the larger part of its cost, paid
+here once per request — :func:`unlearn_fast.artifacts.write_artifact` adds what is missing with
+:func:`cross_terms`.
 """
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import torch
 from torch import nn
@@ -22,6 +27,26 @@ def _augmented_gram(x: torch.Tensor) -> torch.Tensor:
     x = x.double()
     x = torch.cat([x, torch.ones(x.shape[0], 1, dtype=x.dtype, device=x.device)], dim=1)
     return x.t() @ x
+
+
+def cross_term(gram: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """C = G · [Wᵀ; bᵀ] in float64, [in + 1, out], of a linear map with weight [out, in] and bias [out]."""
+    augmented = torch.cat([weight.detach().t(), bias.detach()[None]], dim=0).to(gram.device, torch.float64)
+    return gram.double() @ augmented
+
+
+def cross_terms(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The missing cross terms ``<map>.cross`` of every linear map in ``tensors`` (artifact keys) that
+    has a Gram matrix ``<map>.gram``, a ``<map>.weight`` and a ``<map>.bias`` but no ``<map>.cross``."""
+    out = {}
+    for name, gram in tensors.items():
+        key = name[:-len(".gram")]
+        if not name.endswith(".gram") or f"{key}.cross" in tensors:
+            continue
+        weight, bias = tensors.get(f"{key}.weight"), tensors.get(f"{key}.bias")
+        if weight is not None and bias is not None:
+            out[f"{key}.cross"] = cross_term(gram, weight, bias)
+    return out
 
 
 @torch.no_grad()
