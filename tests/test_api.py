@@ -129,11 +129,11 @@ def test_unlearn_classification_with_labels():
     assert_base_unchanged(base, model)
 
 
-def test_gamma_on_classification_is_refused_before_any_work():
+def test_negative_gamma_on_classification_is_refused_before_any_work():
     model = make_model("bert")
     with pytest.raises(ModelError) as info:
         unlearn(model, tokenizer_for("bert"), FORGET_TEXT, [dict(e, label=0) for e in RETAIN_TEXT],
-                objective=ObjectiveConfig(gamma=0.2), training=TrainConfig(max_steps=1, progress=False),
+                objective=ObjectiveConfig(gamma=-0.2), training=TrainConfig(max_steps=1, progress=False),
                 evaluate=False, **QUIET)
     assert "gamma" in str(info.value)
     assert sites(model) == []

@@ -211,3 +211,23 @@ def test_membership_inference_and_evaluate_model():
         for key in ("accuracy", "exact_match", "rougeL_recall", "rougeL_f1", "loss", "perplexity"):
             assert f"{name}_{key}" in f
     assert len(result["per_example"]["test"]) == 3
+
+
+def test_evaluate_model_classification_accuracy_matches_predictions():
+    """A classifier's accuracy comes from the per-example pass; it must equal argmax(logits) == label."""
+    from unlearn_fast.evaluation import classification_hits
+
+    model, tok = make_model("bert"), tokenizer_for("bert")
+    texts = ["a fine film", "dull and long", "ok", "the best of the year!", "no", "why?", "so-so plot"]
+    examples = [Example(text=t) for t in texts]
+    with torch.no_grad():
+        enc = tok(texts, return_tensors="pt", padding=True)
+        pred = model(**enc).logits.argmax(-1).tolist()
+    labels = pred[:4] + [1 - p for p in pred[4:]]  # 4 of 7 right by construction
+    result = evaluate_model(model, tok, "classification", {"forget": examples[:3], "test": examples},
+                            {"forget": labels[:3], "test": labels})
+    f = result["figures"]
+    assert f["test_accuracy"] == pytest.approx(4 / 7)
+    assert f["forget_accuracy"] == 1.0
+    assert f["test_accuracy"] == pytest.approx(sum(classification_hits(model, tok, examples, labels)) / 7)
+    assert set(f["mia"]) == set(M.ATTACKS) and len(result["per_example"]["test"]) == 7

@@ -337,14 +337,51 @@ def test_paper_defaults():
     assert (config.alpha, config.lam, config.forget_kl_weight) == (0.8, 1.0, 1.0)
 
 
-@pytest.mark.parametrize("gamma", [0.2, 1e-3, -0.1])
-def test_gamma_on_classification_raises(gamma):
+@pytest.mark.parametrize("gamma", [-1e-3, -0.1])
+def test_negative_gamma_on_classification_raises(gamma):
     model = make_model("bert")
     attach(model, LayerConfig(rank=2))
     with pytest.raises(ModelError) as info:
         EULObjective(model, "classification", ObjectiveConfig(gamma=gamma))
     assert "gamma" in str(info.value)
     assert EULObjective(model, "classification", ObjectiveConfig(gamma=0.0)).gamma == 0.0
+    assert EULObjective(model, "classification", ObjectiveConfig(gamma=0.2)).gamma == 0.2
+
+
+def test_gamma_on_classification_is_negated_label_ce_capped():
+    """A classifier's γ term: −γ·mean over forgotten rows of min(CE(label), forget_lm_bound).
+
+    Sign: a gradient step raises the forgotten rows' label loss. Bound: a row above the cap has no
+    gradient (with every row above it, none at all), and retained rows are never capped."""
+    model = trained_like("bert", scale=1.0)
+    batch = objective_batch("bert")
+    forget = batch["forget"]
+    _, ce = coefficients(batch, ObjectiveConfig(gamma=0.4), 0.4)
+    assert torch.allclose(ce[forget], torch.tensor(-0.4 / int(forget.sum()))) and (ce[~forget] > 0).all()
+    loss, _, parts = compare(model, "classification", batch, gamma=0.4, forget_lm_bound=1e6)
+    values = parts["forget_lm_loss"]
+    assert loss.item() == pytest.approx(-0.4 * float(values.mean()), rel=1e-5, abs=1e-7) and loss.item() < 0
+    bound = between(values)
+    loss, _, _ = compare(model, "classification", batch, gamma=0.4, forget_lm_bound=bound)
+    assert loss.item() == pytest.approx(-0.4 * float(values.clamp(max=bound).mean()), rel=1e-5, abs=1e-7)
+    # one small descent step on the layers raises the (uncapped) forgotten rows' label loss
+    objective = EULObjective(model, "classification", ObjectiveConfig(alpha=0.0, lam=0.0, gamma=1.0,
+                                                                      forget_kl_weight=0.0))
+    params = [p for p in model.parameters() if p.requires_grad]
+    loss, terms = objective(batch)
+    grads = torch.autograd.grad(loss, params)
+    with torch.no_grad():
+        for p, g in zip(params, grads):
+            p -= 1e-2 * g
+    _, after = objective(batch)
+    assert after["forget_lm_loss"] > terms["forget_lm_loss"]
+    # every forgotten row above the cap: a constant loss, no gradient
+    capped = EULObjective(model, "classification", ObjectiveConfig(alpha=0.0, lam=0.0, gamma=1.0,
+                                                                   forget_kl_weight=0.0, forget_lm_bound=1e-6))
+    loss, _ = capped(batch)
+    assert loss.item() == pytest.approx(-1e-6, abs=1e-9)
+    assert all(torch.count_nonzero(g) == 0 for g in torch.autograd.grad(loss, params, allow_unused=True)
+               if g is not None)
 
 
 def test_classification_forget_rows_keep_labels_but_no_lm_term():

@@ -71,7 +71,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--alpha", type=float, default=0.8, help="retained-data KL weight (default 0.8)")
     g.add_argument("--lam", "--lambda", dest="lam", type=float, default=1.0, help="retained task-loss weight (default 1.0)")
     g.add_argument("--gamma", type=float, default=None,
-                   help="forget LM-loss weight (default 0.2; 0 for classification models)")
+                   help="forget LM-loss weight (default 0.2); for classification models the weight of the "
+                        "negated task loss on the forgotten labels (default 0)")
     g.add_argument("--forget-kl-weight", type=float, default=1.0, help="forget KL weight (default 1; 0 turns it off)")
     g.add_argument("--forget-kl-bound", type=float, default=5.0, help="per-token cap on the maximised forget KL (nats)")
     g.add_argument("--forget-lm-bound", type=float, default=5.0, help="per-token cap on the maximised forget LM loss (nats)")

@@ -242,11 +242,13 @@ def evaluate_model(model: nn.Module, tokenizer, task: str, sets: dict[str, Seque
     """Every figure of one model on named sets (forget / retain / test ...), for the report.
 
     Returns ``{"figures": {...}, "per_example": {set: [stats dict, ...]}}``. Figures, per set S:
-    ``S_accuracy`` (answer or classification accuracy), ``S_exact_match``, ``S_rougeL_recall``,
-    ``S_rougeL_f1`` (prompt/response sets), ``S_loss`` (mean per-example target NLL), ``S_perplexity``
-    (exp of the token-weighted mean NLL), ``S_exact_memorization``; ``forget_lm_loss`` (the paper's
-    forget-set LM loss: the NLL of the forgotten answers / texts, i.e. ``forget_loss``); with a
-    ``holdout`` set, ``mia`` = AUC per attack of forget against held-out (see :func:`membership_inference`);
+    ``S_accuracy`` (answer or classification accuracy; for classifiers the argmax hit of the label,
+    from the forward pass that also gives the per-example statistics), ``S_exact_match``,
+    ``S_rougeL_recall``, ``S_rougeL_f1`` (prompt/response sets), ``S_loss`` (mean per-example target
+    NLL), ``S_perplexity`` (exp of the token-weighted mean NLL), ``S_exact_memorization``;
+    ``forget_lm_loss`` (the paper's forget-set LM loss: the NLL of the forgotten answers / texts,
+    i.e. ``forget_loss``); with a ``holdout`` set, ``mia`` = AUC per attack of forget against
+    held-out (see :func:`membership_inference`);
     ``general_perplexity`` with ``general_text`` (causal LMs).
     """
     labels = labels or {}
@@ -260,11 +262,10 @@ def evaluate_model(model: nn.Module, tokenizer, task: str, sets: dict[str, Seque
                 continue
             set_labels = labels.get(name)
             if task == "classification":
-                if set_labels is not None:
-                    hits = classification_hits(model, tokenizer, examples, set_labels)
-                    figures[f"{name}_accuracy"] = sum(hits) / len(hits)
-                else:
+                if set_labels is None:
                     continue
+                # accuracy below, from the same forward pass: one label position per example,
+                # so its argmax hit is the prediction being right
             elif examples[0].prompt is not None:
                 for key, value in generation_scores(model, tokenizer, examples, max_new_tokens).items():
                     figures[f"{name}_{key}"] = value
@@ -274,6 +275,8 @@ def evaluate_model(model: nn.Module, tokenizer, task: str, sets: dict[str, Seque
             tokens = sum(s["tokens"] for s in stats)
             figures[f"{name}_perplexity"] = math.exp(sum(s["loss"] * s["tokens"] for s in stats) / tokens)
             figures[f"{name}_exact_memorization"] = _mean(s["exact_memorization"] for s in stats)
+            if task == "classification":
+                figures[f"{name}_accuracy"] = figures[f"{name}_exact_memorization"]
         if forget in per_example:
             figures["forget_lm_loss"] = figures[f"{forget}_loss"]
             if holdout and holdout in per_example:

@@ -59,11 +59,25 @@ class ObjectiveConfig:
     sharpening_guard: bool = True
 
     def resolved_gamma(self, task: str) -> float:
+        """The weight γ of the maximised forget term for ``task``.
+
+        Causal / seq2seq models: the negated LM loss of the forgotten text (default 0.2, the paper's).
+        Sequence classifiers have no LM head, so there the term is the negated *task* loss on the
+        forgotten rows' own labels (forgotten rows keep their label; see :mod:`unlearn_fast.encoding`):
+        ``−γ·mean CE(label)`` over the forget rows, each row's CE capped at ``forget_lm_bound`` like an
+        LM token's. It defaults to 0 (the paper's classification objective: the KL terms and the
+        retained task loss only), but from a converged classifier that objective barely moves — the
+        forget KL has zero gradient where the student equals the teacher — so an explicit γ > 0 is
+        allowed. For two classes, a bound of at most ln 2 ≈ 0.69 nats lets this term lower the
+        confidence in a forgotten label down to chance but not past it (the forget KL, capped by
+        ``forget_kl_bound``, can still move it further). A negative γ would train a classifier on the
+        forgotten labels, so it is refused there.
+        """
         if self.gamma is None:
             return 0.2 if task != "classification" else 0.0
-        if self.gamma != 0 and task == "classification":
-            raise ModelError("the forget LM-loss term (gamma) needs an LM head, and a sequence-classification "
-                             "model has none: set gamma to 0 (--gamma 0)")
+        if self.gamma < 0 and task == "classification":
+            raise ModelError(f"gamma is the weight of the negated task loss on the forgotten labels of a "
+                             f"sequence classifier: it must be >= 0 (got {self.gamma}; --gamma)")
         return self.gamma
 
     def to_dict(self) -> dict:
