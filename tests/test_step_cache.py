@@ -21,7 +21,7 @@ def _rows(arch, tokenizer, model):
             encode(RETAIN, tokenizer, TASK_OF[arch], forget=False, name="retain", **kw))
 
 
-def _trajectory(arch, cached: bool, steps=20, blocks=1, backend="auto"):
+def _trajectory(arch, cached: bool, steps=20, blocks=1, backend="auto", compile_blocks=False, model_out=None):
     torch.manual_seed(0)
     model = make_model(arch)
     tokenizer = tokenizer_for(arch)
@@ -31,7 +31,9 @@ def _trajectory(arch, cached: bool, steps=20, blocks=1, backend="auto"):
     cache = StepCache(model, task) if cached else None
     objective = EULObjective(model, task, ObjectiveConfig(gamma=None if task == "classification" else 0.5), cache)
     config = TrainConfig(epochs=50, batch_size=4, lr=1e-2, max_steps=steps, progress=False,
-                         teacher_cache=cached, shared_trunk=cached, backend=backend)
+                         teacher_cache=cached, shared_trunk=cached, backend=backend, compile_blocks=compile_blocks)
+    if model_out is not None:
+        model_out.append(model)
     result = train(model, objective, forget, retain, config, pad_token_id(tokenizer))
     return [h["loss"] for h in result.history], cache
 
@@ -52,6 +54,21 @@ def test_fast_path_matches_reference_path():
     fast, _ = _trajectory("llama", cached=True, backend="auto")
     for a, b in zip(reference, fast):
         assert abs(a - b) <= 1e-3 * max(1.0, abs(a)), (reference, fast)
+
+
+def test_compiled_blocks_give_the_same_loss_trajectory():
+    """TrainConfig.compile_blocks: the blocks run through torch.compile, same losses, restored after."""
+    plain, _ = _trajectory("llama", cached=True, steps=4)
+    models = []
+    compiled, _ = _trajectory("llama", cached=True, steps=4, compile_blocks=True, model_out=models)
+    for a, b in zip(plain, compiled):
+        assert abs(a - b) <= 1e-4 * max(1.0, abs(a)), (plain, compiled)
+    blocks = models[0].model.layers
+    assert all("forward" not in vars(block) for block in blocks), "compiled forwards left behind"
+    from unlearn_fast.trainer import compiled_blocks
+
+    with compiled_blocks(models[0]):
+        assert all(hasattr(vars(block).get("forward"), "_torchdynamo_orig_callable") for block in blocks)
 
 
 def test_trunk_below_lowest_layer_runs_once_per_row():

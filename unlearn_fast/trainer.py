@@ -24,7 +24,7 @@ from . import checkpoint
 from .distributed import DataParallel, all_gather_floats, term_counts
 from .encoding import Row, collate, token_count
 from .errors import TrainingError, UnlearnFastError
-from .layers import unlearning_parameters
+from .layers import _block_lists, unlearning_parameters
 from .objective import TERMS, EULObjective
 from .ops.backend import BACKENDS, ENV_VAR
 
@@ -56,6 +56,8 @@ class TrainConfig:
     resume: bool = False
     # FSDP2-shard the frozen base over the ranks (see unlearn_fast.distributed)
     shard_base: bool = False
+    # torch.compile each transformer block's forward while training (see compiled_blocks)
+    compile_blocks: bool = False
 
     def __post_init__(self):
         if self.schedule not in SCHEDULES:
@@ -141,6 +143,24 @@ def _schedule(step: int, total: int, warmup: int) -> float:
     return max(0.0, (total - step) / max(1, total - warmup))
 
 
+@contextlib.contextmanager
+def compiled_blocks(model: nn.Module, enabled: bool = True):
+    """Run each transformer block's forward through ``torch.compile`` inside the block (fuses the
+    frozen trunk's norms, rotary embeddings and activations around the unlearning-layer ops).
+    The first steps pay the compilation (minutes on a CPU); the blocks are restored on exit."""
+    if not enabled:
+        yield
+        return
+    blocks = [block for _, stack in _block_lists(model) for block in stack]
+    for block in blocks:
+        block.forward = torch.compile(block.forward)
+    try:
+        yield
+    finally:
+        for block in blocks:
+            del block.forward  # the instance attribute; the class's forward is back
+
+
 def train(model: nn.Module, objective: EULObjective, forget: Sequence[Row], retain: Sequence[Row],
           config: TrainConfig, pad_id: int, params: Optional[Sequence[nn.Parameter]] = None) -> TrainResult:
     """Train the model's unlearning layers on the EUL objective; the base stays frozen.
@@ -152,8 +172,14 @@ def train(model: nn.Module, objective: EULObjective, forget: Sequence[Row], reta
     batch and the gradients are all-reduced (see :mod:`unlearn_fast.distributed`); with
     ``config.checkpoint_dir`` checkpoints are saved, and ``config.resume`` continues from the
     newest (see :mod:`unlearn_fast.checkpoint`).
+    With ``config.compile_blocks`` the blocks run compiled (see :func:`compiled_blocks`).
     Raises TrainingError (before anything is written) if the loss becomes NaN or infinite.
     """
+    with compiled_blocks(model, config.compile_blocks):
+        return _train(model, objective, forget, retain, config, pad_id, params)
+
+
+def _train(model, objective, forget, retain, config: TrainConfig, pad_id: int, params) -> TrainResult:
     torch.manual_seed(config.seed)
     params = unlearning_parameters(model) if params is None else list(params)
     if not params:
