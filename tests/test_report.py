@@ -11,7 +11,7 @@ from conftest import make_model, save_model_dir, tokenizer_for
 from unlearn_fast.cli import main
 from unlearn_fast.data import Example
 from unlearn_fast.evaluation import evaluate_model
-from unlearn_fast.report import REPORT_JSON, REPORT_MD, REPORT_PNG, build_report, write_report
+from unlearn_fast.report import REPORT_JSON, REPORT_MD, REPORT_PNG, build_report, describe_methods, write_report
 
 FORGET = [Example(prompt="The capital of Zorbia is", response=" Quellton"),
           Example(prompt="Mirta Vasquez likes", response=" green tea")]
@@ -107,3 +107,18 @@ def test_cli_eval_report(tmp_path, capsys):
     capsys.readouterr()
     assert main(["eval", "--model", str(model_dir), *data, "--compare", "nonsense"]) == 2
     assert "NAME=PATH" in capsys.readouterr().err
+
+
+def test_describe_methods_lists_each_methods_settings():
+    from unlearn_fast.baselines import BaselineConfig
+    from unlearn_fast.layers import LayerConfig
+    from unlearn_fast.objective import ObjectiveConfig
+    from unlearn_fast.trainer import TrainConfig
+
+    settings = {"eul": {"layers": LayerConfig(rank=8), "objective": ObjectiveConfig(gamma=0.5),
+                        "training": TrainConfig(epochs=4, lr=2e-3)},
+                "npo": {"config": BaselineConfig(method="npo", beta=0.3), "training": TrainConfig(epochs=2, lr=1e-5)}}
+    out = json.loads(json.dumps(describe_methods(settings)))
+    assert out["eul"]["epochs"] == 4 and out["eul"]["lr"] == 2e-3
+    assert out["eul"]["layers"]["rank"] == 8 and out["eul"]["objective"]["gamma"] == 0.5
+    assert out["npo"]["beta"] == 0.3 and out["npo"]["epochs"] == 2 and "layers" not in out["npo"]

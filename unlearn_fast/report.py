@@ -82,6 +82,24 @@ def build_report(results: dict[str, dict], *, times: Optional[dict[str, Optional
     })
 
 
+def describe_methods(settings: dict[str, dict]) -> dict[str, dict]:
+    """The settings of each compared method, as JSON-able values for a report's header.
+
+    ``settings[name]`` holds ``training`` (a TrainConfig) and either ``config`` (a baseline's
+    BaselineConfig) or ``layers`` + ``objective`` (EUL's LayerConfig and ObjectiveConfig)."""
+    out = {}
+    for name, s in settings.items():
+        t = s["training"]
+        d = {"epochs": t.epochs, "lr": t.lr, "batch_size": t.batch_size, "schedule": t.schedule}
+        if "config" in s:
+            d.update(params=s["config"].params, alpha=s["config"].alpha, gamma=s["config"].gamma,
+                     beta=s["config"].beta)
+        else:
+            d.update(layers=s["layers"].to_dict(), objective=s["objective"].to_dict())
+        out[name] = d
+    return out
+
+
 def _fmt(value, kind: str) -> str:
     if value is None or (isinstance(value, float) and not math.isfinite(value)):
         return "–"

@@ -52,7 +52,7 @@ from unlearn_fast.encoding import pad_token_id  # noqa: E402
 from unlearn_fast.evaluation import evaluate_model  # noqa: E402
 from unlearn_fast.layers import LayerConfig  # noqa: E402
 from unlearn_fast.objective import ObjectiveConfig  # noqa: E402
-from unlearn_fast.report import build_report, markdown, write_report  # noqa: E402
+from unlearn_fast.report import build_report, describe_methods, markdown, write_report  # noqa: E402
 from unlearn_fast.trainer import TrainConfig, train  # noqa: E402
 
 SYLLABLES = ["ka", "ve", "mo", "tar", "lin", "dro", "sel", "qua", "ni", "bor", "ith", "zen", "pal", "rue", "mak",
@@ -188,20 +188,6 @@ def method_settings(quick: bool) -> dict:
     }
 
 
-def describe(settings: dict) -> dict:
-    out = {}
-    for name, s in settings.items():
-        t = s["training"]
-        d = {"epochs": t.epochs, "lr": t.lr, "batch_size": t.batch_size, "schedule": t.schedule}
-        if "config" in s:
-            d.update(params=s["config"].params, alpha=s["config"].alpha, gamma=s["config"].gamma,
-                     beta=s["config"].beta)
-        else:
-            d.update(layers=s["layers"].to_dict(), objective=s["objective"].to_dict())
-        out[name] = d
-    return out
-
-
 def summary_row(fraction: float, report: dict) -> list[str]:
     rows = []
     gold = report["methods"]["retrain"]["figures"]
@@ -285,7 +271,7 @@ def main(argv=None) -> int:
                                              f"vocab {vocab}",
                                     "pretraining": json.dumps({"epochs": pre.epochs, "lr": pre.lr,
                                                                "batch_size": pre.batch_size}),
-                                    "methods": json.dumps(describe(settings))})
+                                    "methods": json.dumps(describe_methods(settings))})
         write_report(report, out / f"forget_{round(100 * fraction)}pct")
         print(markdown(report), flush=True)
         table += summary_row(fraction, report)

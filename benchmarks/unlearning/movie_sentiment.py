@@ -64,7 +64,7 @@ from unlearn_fast.evaluation import evaluate_model  # noqa: E402
 from unlearn_fast.hub import cache_dir  # noqa: E402
 from unlearn_fast.layers import LayerConfig  # noqa: E402
 from unlearn_fast.objective import ObjectiveConfig  # noqa: E402
-from unlearn_fast.report import build_report, markdown, write_report  # noqa: E402
+from unlearn_fast.report import build_report, describe_methods, markdown, write_report  # noqa: E402
 from unlearn_fast.trainer import TrainConfig, train  # noqa: E402
 
 DATA_FILE = ("data", "hutto_ICWSM_2014", "movieReviewSnippets_GroundTruth.txt")
@@ -275,20 +275,6 @@ def method_settings(eul_gamma: float = 1.0) -> dict:
     }
 
 
-def describe(settings: dict) -> dict:
-    out = {}
-    for name, s in settings.items():
-        t = s["training"]
-        d = {"epochs": t.epochs, "lr": t.lr, "batch_size": t.batch_size, "schedule": t.schedule}
-        if "config" in s:
-            d.update(params=s["config"].params, alpha=s["config"].alpha, gamma=s["config"].gamma,
-                     beta=s["config"].beta)
-        else:
-            d.update(layers=s["layers"].to_dict(), objective=s["objective"].to_dict())
-        out[name] = d
-    return out
-
-
 def run_method(name: str, original, tokenizer, forget, retain, settings: dict, max_length: int):
     """Unlearn ``forget`` from a copy of ``original``; (model, update seconds)."""
     model = copy.deepcopy(original)
@@ -393,7 +379,7 @@ def main(argv=None) -> int:
               "model": f"BertForSequenceClassification (all-MiniLM-L6-v2), "
                        f"{sum(p.numel() for p in original.parameters())} params",
               "fine-tuning (original and retrained)": json.dumps(asdict(recipe)),
-              "methods": json.dumps(describe({n: settings[n] for n in args.methods})),
+              "methods": json.dumps(describe_methods({n: settings[n] for n in args.methods})),
               "time": "update time of each method; for retrain the fine-tuning time of the gold standard"})
     out = Path(args.out)
     write_report(report, out)
