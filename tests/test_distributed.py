@@ -239,3 +239,18 @@ def test_ranks_losses_and_gradients_add_up_to_one_process():
     assert sum(p[0] for p in parts) == pytest.approx(full_loss, rel=1e-5)
     for i, g in enumerate(full_grads):
         assert _rel(g, parts[0][1][i] + parts[1][1][i]) <= 1e-5
+
+
+def test_multi_gpu_check_script_runs_on_cpu(tmp_path):
+    """The multi-GPU check script (benchmarks/multi_gpu_check.py) runs end to end on gloo: its
+    equivalence verdict and JSON come from real 1- and 2-process runs."""
+    script = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "multi_gpu_check.py")
+    out = tmp_path / "check.json"
+    proc = subprocess.run([sys.executable, script, "--nproc", "2", "--device", "cpu", "--shape", "tiny",
+                           "--steps", "3", "--forget", "16", "--retain", "32", "--modes", "reference,ddp",
+                           "--json", str(out)], capture_output=True, text=True, timeout=2 * TIMEOUT)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "equivalence (fp32, rel ≤ 1e-4): PASS" in proc.stdout
+    result = json.loads(out.read_text())["results"]
+    assert result["ddp"]["world"] == 2 and result["ddp"]["layers_rel"] <= 1e-5
+    assert result["ddp"]["allreduce_bytes_per_gpu"] > 0
