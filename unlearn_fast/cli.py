@@ -34,6 +34,12 @@ def _add_data_args(p: argparse.ArgumentParser, required: bool) -> None:
     g.add_argument("--prompt-column", help="column with prompts (default: 'prompt', with --response-column)")
     g.add_argument("--response-column", help="column with responses (default: 'response')")
     g.add_argument("--label-column", help="column with class labels (default: 'label' if present)")
+    g.add_argument("--perturbed-column",
+                   help="with prompt/response data: column of wrong answers for the truth ratio, a list of strings "
+                        "(a JSON list in a CSV cell, e.g. [\"Rome\", \"Oslo\"]; default: 'perturbed_answer' if present)")
+    g.add_argument("--paraphrased-column",
+                   help="with prompt/response data: column of paraphrased right answers for the truth ratio "
+                        "(default: 'paraphrased_answer' if present, else the response)")
     g.add_argument("--max-length", type=int, default=256, help="tokens kept per example (default 256)")
 
 
@@ -127,7 +133,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--test", metavar="FILE", help="held-out examples the model never saw: the test column and "
                                                   "the non-members of the membership-inference attacks")
     g.add_argument("--retrained", metavar="DIR", help="model directory retrained without the forget set "
-                                                      "(forget quality and gaps are measured against it)")
+                                                      "(forget quality and gaps are measured against it; forget "
+                                                      "quality on the loss, and on TOFU's truth ratio where the "
+                                                      "forget set has perturbed answers)")
     g.add_argument("--compare", nargs="+", metavar="NAME=PATH", default=[],
                    help="more methods to put in the report: artifact directories or model directories")
     g.add_argument("--report", metavar="DIR", help="write report.json, report.md (Table 2) and report.png here")
@@ -190,10 +198,10 @@ def _add_fusion_parsers(sub) -> None:
 def _columns(args):
     from .data import Columns
 
-    if not any([args.text_column, args.prompt_column, args.response_column, args.label_column]):
-        return None
-    return Columns(text=args.text_column, prompt=args.prompt_column, response=args.response_column,
-                   label=args.label_column)
+    given = {"text": args.text_column, "prompt": args.prompt_column, "response": args.response_column,
+             "label": args.label_column, "perturbed": args.perturbed_column,
+             "paraphrased": args.paraphrased_column}
+    return Columns(**given) if any(given.values()) else None
 
 
 def _load(args):
@@ -372,7 +380,10 @@ def _eval_report(args) -> int:
         written = write_report(report, args.report)
         print("report written: " + ", ".join(str(p) for p in written.values()))
     if args.json or not args.report:
-        print(json.dumps({k: v["figures"] for k, v in report["methods"].items()}, indent=2))
+        # each method's figures, with its forget quality against the retrained model where there is one
+        print(json.dumps({k: {**v["figures"], **{q: x for q, x in (v.get("vs_retrained") or {}).items()
+                                                 if q.startswith("forget_quality")}}
+                          for k, v in report["methods"].items()}, indent=2))
     return 0
 
 

@@ -8,6 +8,12 @@ Each example is either plain text (optionally with a classification label) or a 
 response. Which columns hold them is picked automatically (``prompt`` + ``response``, else
 ``text`` and ``label``) or given explicitly with :class:`Columns`.
 
+A prompt/response example may also carry what TOFU's truth ratio needs (see
+:func:`unlearn_fast.metrics.truth_ratio`): a ``paraphrased`` correct answer and a list of
+``perturbed`` (wrong) answers, read by default from TOFU's columns ``paraphrased_answer`` and
+``perturbed_answer`` when they exist. In JSONL / JSON files and in-memory rows the perturbed answers
+are a list of strings; in a CSV cell they are a JSON-encoded list, e.g. ``["Rome", "Madrid"]``.
+
 Every user mistake raises :class:`~unlearn_fast.errors.DataError` with a one-line message that
 names the set and where the data came from, and says how to fix it.
 """
@@ -35,7 +41,12 @@ _OPTIONS = {
     "prompt": "--prompt-column",
     "response": "--response-column",
     "label": "--label-column",
+    "perturbed": "--perturbed-column",
+    "paraphrased": "--paraphrased-column",
 }
+# TOFU's column names for the truth-ratio answers, used when present and no other is given.
+PERTURBED_COLUMN = "perturbed_answer"
+PARAPHRASED_COLUMN = "paraphrased_answer"
 _PICK_COLUMNS_HINT = (
     "name them with --text-column (and --label-column for labels), "
     "or --prompt-column and --response-column"
@@ -46,12 +57,24 @@ _INT_RE = re.compile(r"[0-9]+")
 
 @dataclass(frozen=True)
 class Example:
-    """One training example: plain ``text`` (optionally with a ``label``), or ``prompt`` + ``response``."""
+    """One training example: plain ``text`` (optionally with a ``label``), or ``prompt`` + ``response``.
+
+    A prompt/response example may carry evaluation-only answers for the truth ratio: ``perturbed``,
+    wrong answers to the prompt (a tuple of strings; a list given here becomes a tuple), and
+    ``paraphrased``, a rewording of the correct answer (when None, the ``response`` itself is used).
+    Training ignores both.
+    """
 
     text: Optional[str] = None
     prompt: Optional[str] = None
     response: Optional[str] = None
     label: Optional[Union[int, str]] = None
+    perturbed: Optional[tuple] = None
+    paraphrased: Optional[str] = None
+
+    def __post_init__(self):
+        if isinstance(self.perturbed, list):  # keep the example hashable
+            object.__setattr__(self, "perturbed", tuple(self.perturbed))
 
     def to_dict(self) -> dict:
         """The fields that are set (not None), by name."""
@@ -64,12 +87,21 @@ class Example:
 
 @dataclass(frozen=True)
 class Columns:
-    """Which source columns hold each field; None means "pick automatically"."""
+    """Which source columns hold each field; None means "pick automatically".
+
+    ``perturbed`` / ``paraphrased`` name the truth-ratio answer columns (default: TOFU's
+    ``perturbed_answer`` / ``paraphrased_answer`` when present); they go with prompt/response."""
 
     text: Optional[str] = None
     prompt: Optional[str] = None
     response: Optional[str] = None
     label: Optional[str] = None
+    perturbed: Optional[str] = None
+    paraphrased: Optional[str] = None
+
+
+# The fields that decide an example's kind (the answer columns only add to prompt/response).
+_KIND_FIELDS = ("text", "prompt", "response", "label")
 
 
 class _Table(NamedTuple):
@@ -97,6 +129,10 @@ def load_examples(source: Any, columns: Optional[Columns] = None, *, name: str) 
             iterates over dict rows).
         columns: which columns hold the fields. Without it (or with every field None): ``prompt``
             and ``response`` when both exist, else ``text`` (with ``label`` when that exists).
+            With prompt and response columns, ``perturbed_answer`` and ``paraphrased_answer`` are
+            read too when they exist (or the columns ``columns.perturbed`` / ``columns.paraphrased``
+            name). Perturbed answers: a list of strings (a JSON-encoded list in a CSV cell), at
+            least one per row; an empty paraphrased answer means "use the response".
             Ignored for a list of :class:`Example`.
         name: the set's name for messages, e.g. ``"forget set"``.
 
@@ -124,7 +160,7 @@ def load_examples(source: Any, columns: Optional[Columns] = None, *, name: str) 
     if not table.rows:
         raise DataError(f"{name}: {table.origin} has no rows; a set needs at least one example")
     picked = _pick_columns(columns, table, name)
-    return [_make_example(row, picked, _where(table, i), name) for i, row in enumerate(table.rows)]
+    return [_make_example(row, picked, _where(table, i), name, table.is_csv) for i, row in enumerate(table.rows)]
 
 
 def resolve_labels(examples: list[Example], label2id: Optional[dict], *, name: str) -> list[int]:
@@ -355,8 +391,31 @@ def _table_from_dataset(dataset: Any, name: str) -> _Table:
 
 def _pick_columns(columns: Optional[Columns], table: _Table, name: str) -> Columns:
     """The columns to read, explicit or detected; every returned column exists."""
+    columns = columns or Columns()
+    picked = _pick_kind_columns(columns, table, name)
+    answers = {"perturbed": columns.perturbed, "paraphrased": columns.paraphrased}
+    if picked.prompt is None:
+        if any(answers.values()):
+            raise DataError(f"{name}: perturbed and paraphrased answer columns go with prompt and response "
+                            f"columns, not with a text column")
+        return picked
+    for field, default in (("perturbed", PERTURBED_COLUMN), ("paraphrased", PARAPHRASED_COLUMN)):
+        column = answers[field]
+        if column is None:
+            answers[field] = default if default in table.columns else None
+        elif column not in table.columns:
+            raise DataError(
+                f"{name}: {table.origin} has no column {column!r} (given with {_OPTIONS[field]}); "
+                f"columns: {_list_columns(table.columns)}{_csv_hint(table)}"
+            )
+    return dataclasses.replace(picked, **answers)
+
+
+def _pick_kind_columns(columns: Columns, table: _Table, name: str) -> Columns:
+    """The text / label or prompt / response columns, explicit or detected (answer columns unset)."""
     existing = table.columns
-    if columns is None or columns == Columns():
+    columns = Columns(**{f: getattr(columns, f) for f in _KIND_FIELDS})
+    if columns == Columns():
         if "prompt" in existing and "response" in existing:
             return Columns(prompt="prompt", response="response")
         if "text" in existing:
@@ -389,7 +448,7 @@ def _pick_columns(columns: Optional[Columns], table: _Table, name: str) -> Colum
     return columns
 
 
-def _make_example(row: Mapping, columns: Columns, where: str, name: str) -> Example:
+def _make_example(row: Mapping, columns: Columns, where: str, name: str, is_csv: bool = False) -> Example:
     if columns.text is not None:
         return Example(
             text=_required_text(row, columns.text, where, name),
@@ -398,7 +457,46 @@ def _make_example(row: Mapping, columns: Columns, where: str, name: str) -> Exam
     return Example(
         prompt=_required_text(row, columns.prompt, where, name),
         response=_required_text(row, columns.response, where, name),
+        perturbed=_perturbed(row, columns.perturbed, where, name, is_csv) if columns.perturbed else None,
+        paraphrased=_optional_text(row, columns.paraphrased, where, name) if columns.paraphrased else None,
     )
+
+
+def _optional_text(row: Mapping, column: str, where: str, name: str) -> Optional[str]:
+    """A text value that may be missing or empty (then None)."""
+    value = row.get(column)
+    if value is None or (isinstance(value, str) and not value.strip()):
+        return None
+    return _required_text(row, column, where, name)
+
+
+def _perturbed(row: Mapping, column: str, where: str, name: str, is_csv: bool) -> tuple:
+    """The perturbed answers of one row: a non-empty list of non-empty strings.
+
+    A CSV cell holds them JSON-encoded (a CSV value is always a string, and any separator
+    character could occur in an answer)."""
+    value = row.get(column)
+    hint = f"give at least one wrong answer per row, or leave out column {column!r}"
+    if value is None or (isinstance(value, str) and not value.strip()):
+        raise DataError(f"{name}: {where} has no perturbed answers in column {column!r}; {hint}")
+    if is_csv:
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError:
+            raise DataError(
+                f"{name}: {where} has {_short(value, 40)!r} in column {column!r}; a CSV cell of perturbed "
+                f"answers must hold a JSON list of strings, e.g. [\"Rome\", \"Madrid\"] (double quotes)"
+            ) from None
+    if not isinstance(value, (list, tuple)):
+        raise DataError(f"{name}: {where} has {_kind(value)} in column {column!r}; perturbed answers must "
+                        f"be a list of strings")
+    for item in value:
+        if not isinstance(item, str):
+            raise DataError(f"{name}: {where} has {_kind(item)} among the perturbed answers in column "
+                            f"{column!r}; each answer must be a string")
+    if not value or any(not v.strip() for v in value):
+        raise DataError(f"{name}: {where} has an empty list or an empty answer in column {column!r}; {hint}")
+    return tuple(value)
 
 
 def _required_text(row: Mapping, column: str, where: str, name: str) -> str:
@@ -444,9 +542,14 @@ def _check_examples(examples: list[Example], name: str) -> list[Example]:
         if kind != first_kind:
             raise DataError(f"{name}: {where} is a {kind} example but row 1 is a {first_kind} example; a set holds one kind")
         if kind == "text":
+            if example.perturbed is not None or example.paraphrased is not None:
+                raise DataError(f"{name}: {where} has perturbed or paraphrased answers without a prompt; "
+                                f"they go with prompt/response examples")
             columns = Columns(text="text", label="label" if example.label is not None else None)
         else:
-            columns = Columns(prompt="prompt", response="response")
+            columns = Columns(prompt="prompt", response="response",
+                              perturbed="perturbed" if example.perturbed is not None else None,
+                              paraphrased="paraphrased" if example.paraphrased is not None else None)
         checked.append(_make_example(example.to_dict(), columns, where, name))  # raises on an empty value
     return checked
 
@@ -515,5 +618,6 @@ def _known_labels(label2id: Optional[dict]) -> str:
 
 
 def _overlap_key(example: Example) -> str:
-    fields = {k: v.strip() if isinstance(v, str) else v for k, v in example.to_dict().items()}
+    # the truth-ratio answers are evaluation-only: the same prompt/response is the same training example
+    fields = {k: v.strip() if isinstance(v, str) else v for k, v in example.to_dict().items() if k in _KIND_FIELDS}
     return json.dumps(fields, sort_keys=True, ensure_ascii=False)

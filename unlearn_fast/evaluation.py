@@ -3,7 +3,8 @@
 - answer accuracy (prompt + response examples): the greedy completion of the prompt contains
   the expected response (case and surrounding punctuation ignored);
 - classification accuracy (text + label examples);
-- mean per-token loss of the targets, and perplexity of general text.
+- mean per-token loss of the targets, and perplexity of general text;
+- TOFU's truth ratio of prompts whose examples carry perturbed (wrong) answers.
 """
 
 from __future__ import annotations
@@ -109,7 +110,8 @@ def evaluate_sets(model: nn.Module, tokenizer, task: str, sets: dict[str, Sequen
     """Accuracy and mean loss for each named set, plus general-text perplexity for causal LMs.
 
     Accuracy is answer accuracy for prompt/response sets, classification accuracy for labelled
-    sets; sets of plain text get only their loss.
+    sets; sets of plain text get only their loss. Prompt/response sets with perturbed answers get
+    ``<name>_truth_ratio`` too (:func:`aggregate_truth_ratios`; the set named ``forget`` is the forget set).
     """
     was_training = model.training
     model.eval()
@@ -128,6 +130,9 @@ def evaluate_sets(model: nn.Module, tokenizer, task: str, sets: dict[str, Sequen
         rows = encode(examples, tokenizer, task, forget=False, name=name, model_config=model.config,
                       max_length=max_length)
         metrics[f"{name}_loss"] = mean_loss(model, task, rows, pad)
+        ratios = [r["truth_ratio"] for r in truth_ratios(model, tokenizer, task, examples, max_length=max_length) if r]
+        if ratios:
+            metrics[f"{name}_truth_ratio"] = aggregate_truth_ratios(ratios, forget=name == "forget")
     if general_text and task == "causal":
         metrics["general_perplexity"] = perplexity(model, tokenizer, general_text, max_length)
     model.train(was_training)
@@ -144,6 +149,75 @@ def target_text(example: Example) -> str:
     return example.response if example.prompt is not None else (example.text or "")
 
 
+def _row_token_stats(model: nn.Module, task: str, rows: Sequence[Row], pad: int, batch_size: int,
+                     vocab_chunk: int):
+    """Per row, in order: the :class:`~unlearn_fast.metrics.TokenStats` of its target tokens (on the CPU).
+
+    Rows are run in batches through :func:`unlearn_fast.models.output_states` and the output head in
+    row and vocabulary chunks (:func:`unlearn_fast.metrics.token_stats`): no [tokens × vocab] logits."""
+    from .metrics import TokenStats, token_stats
+
+    head = output_head(model, task)
+    device = next(model.parameters()).device
+    for i in range(0, len(rows), batch_size):
+        batch = {k: v.to(device) for k, v in collate(rows[i:i + batch_size], pad).items()}
+        states = output_states(model, task, batch)
+        has_target = batch["targets"] != IGNORE_INDEX
+        stats = token_stats(states[has_target], head.weight, batch["targets"][has_target], bias=head.bias,
+                            logit_scale=head.logit_scale, logit_softcap=head.logit_softcap, vocab_chunk=vocab_chunk)
+        stats = TokenStats(*(t.cpu() for t in stats))
+        start = 0
+        for j, n in enumerate(has_target.sum(1).tolist()):
+            if n == 0:
+                raise ValueError(f"row {i + j + 1} has no target tokens")
+            yield TokenStats(*(t[start:start + n] for t in stats))
+            start += n
+
+
+@torch.no_grad()
+def truth_ratios(model: nn.Module, tokenizer, task: str, examples: Sequence[Example],
+                 response_losses: Optional[Sequence[float]] = None, max_length: int = 256,
+                 batch_size: int = 16, vocab_chunk: int = 8192) -> list[Optional[dict]]:
+    """TOFU's truth ratio of each prompt/response example that has perturbed answers (else None).
+
+    Each answer (the paraphrased one, or the response when the example has none, and every perturbed
+    one) is scored as the response to the example's prompt, by the same teacher-forced pass as
+    :func:`example_stats`; all answers of all examples go through in shared batches. A record holds
+    ``truth_ratio`` (:func:`unlearn_fast.metrics.truth_ratio`), ``paraphrased_loss`` and
+    ``perturbed_losses`` (mean per-token NLLs, nats). ``response_losses``: the examples' response
+    losses when already known (they stand in for a missing paraphrase, saving its pass).
+    """
+    from .metrics import truth_ratio
+
+    wanted = [i for i, e in enumerate(examples) if e.perturbed and e.prompt is not None]
+    if not wanted or task == "classification":
+        return [None] * len(examples)
+    answers: list[Example] = []  # per wanted example: [paraphrase?] + perturbed answers
+    for i in wanted:
+        e = examples[i]
+        if e.paraphrased is not None or response_losses is None:
+            answers.append(Example(prompt=e.prompt, response=e.paraphrased or e.response))
+        answers += [Example(prompt=e.prompt, response=a) for a in e.perturbed]
+    was_training = model.training
+    model.eval()
+    try:
+        rows = encode(answers, tokenizer, task, forget=False, name="paraphrased / perturbed answers",
+                      model_config=model.config, max_length=max_length)
+        if len(rows) != len(answers):
+            raise ValueError("truth ratios need one row per answer")
+        losses = iter([-float(s.logprob.sum()) / len(s.logprob)
+                       for s in _row_token_stats(model, task, rows, pad_token_id(tokenizer), batch_size, vocab_chunk)])
+    finally:
+        model.train(was_training)
+    out: list[Optional[dict]] = [None] * len(examples)
+    for i in wanted:
+        e = examples[i]
+        para = next(losses) if e.paraphrased is not None or response_losses is None else response_losses[i]
+        pert = [next(losses) for _ in e.perturbed]
+        out[i] = {"truth_ratio": truth_ratio(para, pert), "paraphrased_loss": para, "perturbed_losses": pert}
+    return out
+
+
 @torch.no_grad()
 def example_stats(model: nn.Module, tokenizer, task: str, examples: Sequence[Example],
                   labels: Optional[Sequence[int]] = None, max_length: int = 256, batch_size: int = 16,
@@ -152,11 +226,13 @@ def example_stats(model: nn.Module, tokenizer, task: str, examples: Sequence[Exa
 
     Keys: ``loss`` (mean NLL, nats), ``tokens``, ``exact_memorization`` (open-unlearning's: the share
     of target tokens that are the argmax prediction) and the four membership-inference scores of
-    :func:`unlearn_fast.metrics.mia_scores` (loss-oriented: higher = less like a training member).
+    :func:`unlearn_fast.metrics.mia_scores` (loss-oriented: higher = less like a training member);
+    for prompt/response examples with perturbed answers also ``truth_ratio``, ``paraphrased_loss`` and
+    ``perturbed_losses`` (:func:`truth_ratios`).
     Uses :func:`unlearn_fast.models.output_states` and the output head in row and vocabulary chunks
     (:func:`unlearn_fast.metrics.token_stats`): no [tokens × vocab] logits are held.
     """
-    from .metrics import mia_scores, token_stats
+    from .metrics import mia_scores
 
     was_training = model.training
     model.eval()
@@ -164,32 +240,20 @@ def example_stats(model: nn.Module, tokenizer, task: str, examples: Sequence[Exa
                   labels=labels, max_length=max_length)
     if len(rows) != len(examples):
         raise ValueError("per-example statistics need one row per example")
-    head = output_head(model, task)
-    device = next(model.parameters()).device
-    pad = pad_token_id(tokenizer)
     out: list[dict] = []
     try:
-        for i in range(0, len(rows), batch_size):
-            group = rows[i:i + batch_size]
-            batch = {k_: v.to(device) for k_, v in collate(group, pad).items()}
-            states = output_states(model, task, batch)
-            has_target = batch["targets"] != IGNORE_INDEX
-            stats = token_stats(states[has_target], head.weight, batch["targets"][has_target], bias=head.bias,
-                                logit_scale=head.logit_scale, logit_softcap=head.logit_softcap,
-                                vocab_chunk=vocab_chunk)
-            counts = has_target.sum(1).tolist()
-            start = 0
-            for j, n in enumerate(counts):
-                if n == 0:
-                    raise ValueError(f"example {i + j + 1} has no target tokens")
-                part = slice(start, start + n)
-                start += n
-                lp = stats.logprob[part].cpu().tolist()
-                record = {"tokens": n, "loss": -sum(lp) / n,
-                          "exact_memorization": float(stats.argmax_hit[part].float().mean())}
-                record.update(mia_scores(lp, target_text(examples[i + j]), stats.mean_logprob[part].cpu().tolist(),
-                                         stats.var_logprob[part].cpu().tolist(), k))
-                out.append(record)
+        per_row = _row_token_stats(model, task, rows, pad_token_id(tokenizer), batch_size, vocab_chunk)
+        for example, stats in zip(examples, per_row):
+            lp = stats.logprob.tolist()
+            record = {"tokens": len(lp), "loss": -sum(lp) / len(lp),
+                      "exact_memorization": float(stats.argmax_hit.float().mean())}
+            record.update(mia_scores(lp, target_text(example), stats.mean_logprob.tolist(),
+                                     stats.var_logprob.tolist(), k))
+            out.append(record)
+        for record, tr in zip(out, truth_ratios(model, tokenizer, task, examples, [r["loss"] for r in out],
+                                                max_length, batch_size, vocab_chunk)):
+            if tr is not None:
+                record.update(tr)
     finally:
         model.train(was_training)
     return out
@@ -230,6 +294,15 @@ def generation_scores(model: nn.Module, tokenizer, examples: Sequence[Example], 
     return {"accuracy": acc / n, "exact_match": em / n, "rougeL_recall": recall / n, "rougeL_f1": f1 / n}
 
 
+def aggregate_truth_ratios(ratios: Sequence[float], forget: bool) -> float:
+    """One figure from per-example truth ratios, as open-unlearning aggregates them: on a forget set
+    ``closer_to_1_better`` (mean min(R, 1/R): 1 = forgotten), on any other set ``true_better``
+    (mean max(0, 1 − R): 1 = the right answers are clearly preferred). Higher is "better" for both."""
+    from .metrics import TRUTH_RATIO_AGGREGATORS
+
+    return TRUTH_RATIO_AGGREGATORS["closer_to_1_better" if forget else "true_better"](ratios)
+
+
 def _mean(values) -> float:
     values = list(values)
     return sum(values) / len(values) if values else float("nan")
@@ -246,6 +319,9 @@ def evaluate_model(model: nn.Module, tokenizer, task: str, sets: dict[str, Seque
     from the forward pass that also gives the per-example statistics), ``S_exact_match``,
     ``S_rougeL_recall``, ``S_rougeL_f1`` (prompt/response sets), ``S_loss`` (mean per-example target
     NLL), ``S_perplexity`` (exp of the token-weighted mean NLL), ``S_exact_memorization``;
+    ``S_truth_ratio`` where S's examples have perturbed answers (TOFU's truth ratio, aggregated as
+    :func:`aggregate_truth_ratios` does: ``closer_to_1_better`` on the forget set, ``true_better`` on
+    the others; the per-example ratios are in ``per_example``);
     ``forget_lm_loss`` (the paper's forget-set LM loss: the NLL of the forgotten answers / texts,
     i.e. ``forget_loss``); with a ``holdout`` set, ``mia`` = AUC per attack of forget against
     held-out (see :func:`membership_inference`);
@@ -277,6 +353,9 @@ def evaluate_model(model: nn.Module, tokenizer, task: str, sets: dict[str, Seque
             figures[f"{name}_exact_memorization"] = _mean(s["exact_memorization"] for s in stats)
             if task == "classification":
                 figures[f"{name}_accuracy"] = figures[f"{name}_exact_memorization"]
+            ratios = [s["truth_ratio"] for s in stats if "truth_ratio" in s]
+            if ratios:
+                figures[f"{name}_truth_ratio"] = aggregate_truth_ratios(ratios, forget=name == forget)
         if forget in per_example:
             figures["forget_lm_loss"] = figures[f"{forget}_loss"]
             if holdout and holdout in per_example:
@@ -288,25 +367,43 @@ def evaluate_model(model: nn.Module, tokenizer, task: str, sets: dict[str, Seque
     return {"figures": figures, "per_example": per_example}
 
 
-def compare_to_retrained(result: dict, retrained: dict, forget: str = "forget", statistic: str = "loss") -> dict:
+FORGET_QUALITY_STATISTICS = ("truth_ratio", "loss")  # what forget quality is tested on, preferred first
+
+
+def compare_to_retrained(result: dict, retrained: dict, forget: str = "forget", statistic: str = "auto") -> dict:
     """Figures that need the model retrained without the forget set (the gold standard).
 
-    ``forget_quality``: KS-test p-value between the per-example ``statistic`` (default the answer loss)
-    of this model and of the retrained model on the forget set (open-unlearning's ``forget_quality``,
-    computed on the loss instead of TOFU's truth ratio, which needs perturbed answers);
-    ``ks_statistic``; ``gap``: every scalar figure minus the retrained model's (and per MIA attack);
+    ``forget_quality``: KS-test p-value between the per-example ``statistic`` of this model and of the
+    retrained model on the forget set (open-unlearning's ``forget_quality``); ``ks_statistic``;
+    ``forget_quality_statistic``: which statistic that was. ``statistic="auto"`` takes TOFU's truth
+    ratio where both results have it on the forget set (the examples carry perturbed answers), else the
+    answer loss; any per-example key (``"loss"``, ``"truth_ratio"``, ``"mia_min_k"`` ...) can be named.
+    Besides, ``forget_quality_<s>`` and ``ks_statistic_<s>`` for each of ``truth_ratio`` and ``loss``
+    that both results have, so a report shows both.
+    ``gap``: every scalar figure minus the retrained model's (and per MIA attack);
     ``privleak``: per attack, MUSE's relative AUC difference (:func:`unlearn_fast.metrics.privleak`).
     """
     from .metrics import ks_2samp, privleak
 
+    def values(res: dict, key: str) -> list[float]:
+        return [s[key] for s in res["per_example"].get(forget, []) if key in s]
+
     mine, gold = result["figures"], retrained["figures"]
     out: dict = {}
-    a = [s[statistic] for s in result["per_example"].get(forget, [])]
-    b = [s[statistic] for s in retrained["per_example"].get(forget, [])]
-    if a and b:
-        ks = ks_2samp(a, b)
-        out["forget_quality"] = ks.pvalue
-        out["ks_statistic"] = ks.statistic
+    tests = {}
+    for key in dict.fromkeys((*FORGET_QUALITY_STATISTICS, statistic)):  # "auto" is no key: it adds no test
+        a, b = values(result, key), values(retrained, key)
+        if a and b:
+            tests[key] = ks_2samp(a, b)
+    for key in FORGET_QUALITY_STATISTICS:
+        if key in tests:
+            out[f"forget_quality_{key}"] = tests[key].pvalue
+            out[f"ks_statistic_{key}"] = tests[key].statistic
+    if statistic == "auto":
+        statistic = next((key for key in FORGET_QUALITY_STATISTICS if key in tests), "loss")
+    if statistic in tests:
+        out["forget_quality"] = tests[statistic].pvalue
+        out["ks_statistic"] = tests[statistic].statistic
         out["forget_quality_statistic"] = statistic
     gap = {k: mine[k] - gold[k] for k in mine
            if k in gold and isinstance(mine[k], (int, float)) and isinstance(gold[k], (int, float))}

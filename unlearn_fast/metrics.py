@@ -1,5 +1,6 @@
 """Unlearning metrics as pure functions (no model, no I/O): text similarity, ranking, the two-sample
-Kolmogorov-Smirnov test, and per-example membership-inference scores from per-token log-probs.
+Kolmogorov-Smirnov test, TOFU's truth ratio and its aggregations, and per-example membership-inference
+scores from per-token log-probs.
 
 Names follow open-unlearning (github.com/locuslab/open-unlearning, ``src/evals/metrics``) where the
 figure is the same; each docstring says which one. Conventions used throughout:
@@ -319,10 +320,60 @@ def ks_2samp(x: Sequence[float], y: Sequence[float], method: str = "auto") -> KS
 
 def forget_quality(unlearned_stats: Sequence[float], retrained_stats: Sequence[float]) -> float:
     """open-unlearning / TOFU ``forget_quality``: the KS-test p-value between a per-example statistic
-    (TOFU: the truth ratio; here any per-example statistic, by default the answer loss) of the unlearned
-    model and of the model retrained without the forget set, on the forget set. High (→ 1) = the
-    distributions are indistinguishable; TOFU counts p > 0.05 as forgotten."""
+    (TOFU: the truth ratio, :func:`truth_ratio`; any per-example statistic works, e.g. the answer loss)
+    of the unlearned model and of the model retrained without the forget set, on the forget set. High
+    (→ 1) = the distributions are indistinguishable; TOFU counts p > 0.05 as forgotten. (open-unlearning
+    tests 1/R rather than R: the KS statistic is unchanged by a monotone map, so is the p-value.)"""
     return ks_2samp(unlearned_stats, retrained_stats).pvalue
+
+
+# ---------------------------------------------------------------------------------------------
+# TOFU's truth ratio
+
+
+def truth_ratio(paraphrased_loss: float, perturbed_losses: Sequence[float]) -> float:
+    """TOFU's per-example truth ratio from mean per-token NLLs (nats) of the answers to one prompt.
+
+    R = mean_j P(perturbed_j)^(1/len_j) / P(paraphrased)^(1/len_p), where a length-normalised
+    probability is exp(−mean token NLL). R ≈ 1: the model cannot tell the right answer from the wrong
+    ones (what a model that never saw the fact does); R → 0: it prefers the right answer.
+
+    The numerator is the arithmetic mean of the wrong answers' normalised probabilities, as the TOFU
+    paper defines it. open-unlearning (and TOFU's own code) average the *losses* before exponentiating,
+    i.e. take the geometric mean, which is ≤ this one; with one perturbed answer both agree. Computed
+    in log space, so no ε is added to the denominator; an overflow gives ``inf``.
+    """
+    if not len(perturbed_losses):
+        raise ValueError("the truth ratio needs at least one perturbed answer")
+    neg = [-float(v) for v in perturbed_losses]
+    top = max(neg)
+    log_mean = top + math.log(sum(math.exp(v - top) for v in neg) / len(neg))
+    try:
+        return math.exp(log_mean + float(paraphrased_loss))
+    except OverflowError:
+        return math.inf
+
+
+def truth_ratio_closer_to_1(ratios: Sequence[float]) -> float:
+    """open-unlearning's ``closer_to_1_better`` aggregation (its ``forget_truth_ratio``): mean of
+    min(R, 1/R). 1 = right and wrong answers equally likely (forgotten), → 0 = still known (or the
+    wrong answers preferred). R = 0 or inf counts 0."""
+    values = [min(r, 1.0 / r) if 0 < r < math.inf else 0.0 for r in (float(v) for v in ratios)]
+    if not values:
+        raise ValueError("no truth ratios")
+    return sum(values) / len(values)
+
+
+def truth_ratio_true_better(ratios: Sequence[float]) -> float:
+    """open-unlearning's ``true_better`` aggregation (its ``retain_Truth_Ratio``): mean of max(0, 1 − R).
+    1 = the right answer is far likelier than the wrong ones (kept), 0 = no preference."""
+    values = [max(0.0, 1.0 - float(r)) for r in ratios]
+    if not values:
+        raise ValueError("no truth ratios")
+    return sum(values) / len(values)
+
+
+TRUTH_RATIO_AGGREGATORS = {"closer_to_1_better": truth_ratio_closer_to_1, "true_better": truth_ratio_true_better}
 
 
 # ---------------------------------------------------------------------------------------------

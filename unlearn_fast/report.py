@@ -1,6 +1,7 @@
 """The evaluation report: one JSON file with every figure, a Markdown table shaped like Table 2 of the
-EUL paper (method × test / retain / forget / forget LM loss / time) plus a membership-inference and
-gold-standard table, and a PNG plot of the forget metric against the retain metric per method.
+EUL paper (method × test / retain / forget / forget LM loss / time), a truth-ratio table (where the
+sets have perturbed answers), a membership-inference and gold-standard table, and a PNG plot of the
+forget metric against the retain metric per method.
 
 A report is built from the output of :func:`unlearn_fast.evaluation.evaluate_model` for each method
 (``original``, ``retrain``, ``eul``, baselines ...). When one method is the retrained gold standard,
@@ -117,7 +118,8 @@ def _metric_kind(metric: str) -> str:
 
 
 def markdown(report: dict) -> str:
-    """Table 2 of the paper (method × test / retain / forget / forget LM loss / time) and the MIA table."""
+    """Table 2 of the paper (method × test / retain / forget / forget LM loss / time), the truth-ratio table
+    (when any set had perturbed answers) and the MIA / gold-standard table."""
     metric = report.get("primary_metric", "accuracy")
     kind = _metric_kind(metric)
     unit = " (%)" if kind == "pct" else ""
@@ -137,14 +139,18 @@ def markdown(report: dict) -> str:
                      f"{_fmt(m.get('time_s'), 's')} |")
     lines += ["", "Forget: the target is the retrained model's value (not the lowest); "
               "forget LM loss: mean NLL of the forgotten answers (nats), the higher the more forgotten.", ""]
+    lines += _truth_ratio_table(report)
     attacks = sorted({a for m in report["methods"].values() for a in (m["figures"].get("mia") or {})},
                      key=lambda a: list(ATTACK_LABELS).index(a) if a in ATTACK_LABELS else 99)
     retrained = report.get("retrained")
+    # the truth-ratio column only where the forget set had perturbed answers
+    statistics = [s for s in ("loss", "truth_ratio")
+                  if any(f"forget_quality_{s}" in (m.get("vs_retrained") or {}) for m in report["methods"].values())]
     lines += ["## Membership inference (AUC, forget vs held-out; 0.5 = indistinguishable) and the gold standard", ""]
     head = ["Method"] + [f"AUC {ATTACK_LABELS.get(a, a)}" for a in attacks]
     if retrained:
-        head += ["Forget quality (KS p)", f"Δ forget {metric}", f"Δ retain {metric}", f"Δ test {metric}",
-                 "Δ forget LM loss"]
+        head += [f"Forget quality (KS p, {s.replace('_', ' ')})" for s in statistics] + \
+            [f"Δ forget {metric}", f"Δ retain {metric}", f"Δ test {metric}", "Δ forget LM loss"]
     lines += ["| " + " | ".join(head) + " |", "|---" + "|---:" * (len(head) - 1) + "|"]
     for name, m in report["methods"].items():
         f = m["figures"]
@@ -152,23 +158,41 @@ def markdown(report: dict) -> str:
         if retrained:
             vs = m.get("vs_retrained")
             if vs is None:
-                cells += ["(gold standard)", "", "", "", ""]
+                cells += ["(gold standard)"] + [""] * (len(statistics) + 3)
             else:
                 gap = vs.get("gap", {})
-                cells += [_fmt(vs.get("forget_quality"), "p")] + \
+                cells += [_fmt(vs.get(f"forget_quality_{s}"), "p") for s in statistics] + \
                     [_fmt(gap.get(f"{s}_{metric}"), kind) for s in ("forget", "retain", "test")] + \
                     [_fmt(gap.get("forget_lm_loss"), "f")]
         lines.append("| " + " | ".join(cells) + " |")
     if retrained:
-        lines += ["", f"Δ = method − {retrained} (percentage points for percentages). Forget quality: KS-test "
-                  "p-value between the per-example forget-set losses of the method and of the retrained model "
-                  "(open-unlearning's `forget_quality` on the loss; high = indistinguishable)."]
+        lines += ["", (f"Δ = method − {retrained} (percentage points for percentages). Forget quality: KS-test "
+                       "p-value between the per-example forget-set statistics (answer loss; TOFU's truth ratio "
+                       "where the forget set has perturbed answers) of the method and of the retrained model "
+                       "(open-unlearning's `forget_quality`; high = indistinguishable).")]
     mach = report.get("machine") or {}
     if mach:
         lines += ["", f"Machine: {mach.get('platform')}, {mach.get('cpu_count')} CPUs "
                   f"({mach.get('torch_threads')} torch threads), torch {mach.get('torch')}"
                   + (f", {mach['cuda']}" if mach.get("cuda") else "") + "."]
     return "\n".join(lines) + "\n"
+
+
+def _truth_ratio_table(report: dict) -> list[str]:
+    """Markdown lines of the truth-ratio table (none when no set had perturbed answers)."""
+    sets = list(dict.fromkeys(k[:-len("_truth_ratio")] for m in report["methods"].values()
+                              for k in m["figures"] if k.endswith("_truth_ratio")))
+    if not sets:
+        return []
+    sets.sort(key=lambda s: s != "forget")  # the forget set first; "forget" is what evaluate_model names it
+    head = ["Method"] + [f"{s.capitalize()} {'(min(R, 1/R))' if s == 'forget' else '↑ (max(0, 1−R))'}" for s in sets]
+    lines = ["## Truth ratio (TOFU; R = P(wrong answers) / P(right answer), length-normalised)", "",
+             "| " + " | ".join(head) + " |", "|---" + "|---:" * len(sets) + "|"]
+    for name, m in report["methods"].items():
+        lines.append("| " + " | ".join([name] + [_fmt(m["figures"].get(f"{s}_truth_ratio"), "f") for s in sets]) + " |")
+    return lines + ["", ("Forget set: open-unlearning's `closer_to_1_better` (1 = right and wrong answers equally "
+                         "likely, as for a model that never saw them; compare with the retrained model); other "
+                         "sets: `true_better` (1 = the right answers are clearly preferred)."), ""]
 
 
 def plot(report: dict, path: Union[str, Path]) -> Optional[str]:
