@@ -122,3 +122,44 @@ def test_describe_methods_lists_each_methods_settings():
     assert out["eul"]["epochs"] == 4 and out["eul"]["lr"] == 2e-3
     assert out["eul"]["layers"]["rank"] == 8 and out["eul"]["objective"]["gamma"] == 0.5
     assert out["npo"]["beta"] == 0.3 and out["npo"]["epochs"] == 2 and "layers" not in out["npo"]
+
+
+def test_evaluate_for_report_loads_the_base_once_and_matches_fresh_loads(tmp_path):
+    """Layer artifacts are attached to one loaded base in turn (and detached); each one's figures must equal
+    those of a freshly loaded base with only its layers, so nothing of a previous method stays behind."""
+    import dataclasses
+
+    from unlearn_fast.api import unlearn
+    from unlearn_fast.artifacts import load_layers
+    from unlearn_fast.layers import LayerConfig, sites
+    from unlearn_fast.report import evaluate_for_report
+    from unlearn_fast.trainer import TrainConfig
+
+    tok = tokenizer_for("llama")
+    artifacts = {}
+    # different sites: b covers block 1 only, so a's leftover layers in block 0 would show
+    for name, config in (("a", LayerConfig(rank=4)), ("b", LayerConfig(rank=2, blocks=[1]))):
+        unlearn(make_model("llama"), tok, FORGET, RETAIN, out=tmp_path / name, layers=config, evaluate=False,
+                training=TrainConfig(max_steps=2, lr=5e-2, progress=False), log=lambda *a: None)
+        artifacts[name] = tmp_path / name
+    retrained = save_model_dir("llama", tmp_path / "retrained", seed=5)
+    sets = {**SETS, "forget": [dataclasses.replace(e, perturbed=(" Paris", " tea")) for e in FORGET]}
+    loaded = []
+
+    def load_base():
+        loaded.append(make_model("llama"))
+        return loaded[-1], tok
+
+    results, _, gold = evaluate_for_report(load_base, sets, layers=artifacts["a"], compare={"b": artifacts["b"]},
+                                           retrained=retrained, max_new_tokens=2, log=lambda m: None)
+    assert len(loaded) == 1 and not sites(loaded[0])  # one base, left without layers
+    assert list(results) == ["original", "eul", "b", "retrain"] and gold == "retrain"
+    for name, artifact in (("original", None), ("eul", artifacts["a"]), ("b", artifacts["b"])):
+        model = make_model("llama")
+        if artifact is not None:
+            load_layers(model, artifact)
+        fresh = evaluate_model(model, tok, "causal", sets, max_new_tokens=2)
+        assert results[name] == fresh, name
+    assert "forget_truth_ratio" in results["b"]["figures"]
+    losses = {name: results[name]["figures"]["forget_loss"] for name in ("original", "eul", "b")}
+    assert len(set(losses.values())) == 3  # the three are different models

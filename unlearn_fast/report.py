@@ -281,14 +281,18 @@ def evaluate_for_report(load_base, sets: dict, *, layers: Optional[Union[str, Pa
                         log=print) -> tuple[dict, dict, Optional[str]]:
     """Evaluate the original model, its unlearned versions and the retrained model on the same sets.
 
-    ``load_base()`` returns a fresh (model, tokenizer) of the original model. ``layers``: an artifact
-    to attach (method named by its manifest, ``eul`` by default); ``compare``: name → artifact or
-    model directory; ``retrained``: a model directory (the gold standard). ``labels_for(model, task,
-    name, examples)`` gives classification labels. Returns (results, times, retrained name).
+    ``load_base()`` returns a fresh (model, tokenizer) of the original model; it is called once: the
+    original and every layer artifact are evaluated on that one model, each artifact's layers
+    attached before its evaluation and detached after it. ``layers``: an artifact to attach (method
+    named by its manifest, ``eul`` by default); ``compare``: name → artifact or model directory (a
+    model directory, e.g. a full-model baseline, is loaded on its own); ``retrained``: a model
+    directory (the gold standard). ``labels_for(model, task, name, examples)`` gives classification
+    labels. Returns (results, times, retrained name).
     """
     from .artifacts import MANIFEST_FILE, load_layers
     from .evaluation import evaluate_model
     from .hub import load_model
+    from .layers import detach
     from .models import detect_task
 
     candidates: list[tuple[str, Optional[Path], str]] = [("original", None, "base")]
@@ -299,20 +303,28 @@ def evaluate_for_report(load_base, sets: dict, *, layers: Optional[Union[str, Pa
         candidates.append((name, Path(path), kind))
     if retrained:
         candidates.append(("retrain", Path(retrained), "model"))
-    results, times = {}, {}
-    for name, path, kind in candidates:
-        if name in results:
+    names = [name for name, _, _ in candidates]
+    for name in names:
+        if names.count(name) > 1:
             raise ValueError(f"two methods are named {name!r}; name them with --compare NAME=PATH")
+    results, times = {}, {}
+    base = None  # (model, tokenizer) of the original, shared by the original and every layer artifact
+    for name, path, kind in candidates:
         if kind == "model":
             model, tokenizer, _ = load_model(str(path))
         else:
-            model, tokenizer = load_base()
+            base = base or load_base()
+            model, tokenizer = base
+        try:
             if kind == "layers":
                 load_layers(model, path)
-        task = detect_task(model)
-        labels = {s: labels_for(model, task, s, ex) for s, ex in sets.items()} if labels_for else None
-        log(f"evaluating {name} ...")
-        results[name] = evaluate_model(model, tokenizer, task, sets, labels, general_text=general_text,
-                                       max_length=max_length, max_new_tokens=max_new_tokens)
+            task = detect_task(model)
+            labels = {s: labels_for(model, task, s, ex) for s, ex in sets.items()} if labels_for else None
+            log(f"evaluating {name} ...")
+            results[name] = evaluate_model(model, tokenizer, task, sets, labels, general_text=general_text,
+                                           max_length=max_length, max_new_tokens=max_new_tokens)
+        finally:
+            if kind == "layers":
+                detach(model)  # back to the original for the next artifact
         times[name] = _time_of(path)
     return results, times, ("retrain" if retrained else None)
