@@ -27,7 +27,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from whole_step import MODES, StepRunner, make_rows, prepare, time_steps  # noqa: E402
+from whole_step import ALL_MODES, MODES, StepRunner, make_rows, prepare, time_steps  # noqa: E402
 
 
 def matmul_rate(device, dtype, n=8192, reps=10) -> float:
@@ -75,7 +75,8 @@ def main(argv=None):
     parser.add_argument("--cpu", action="store_true", help="the CPU shape with the real SmolLM2")
     parser.add_argument("--dry-run", action="store_true", help="the GPU code path on a tiny model on the CPU")
     parser.add_argument("--steps", type=int, default=5)
-    parser.add_argument("--modes", nargs="*", default=list(MODES))
+    parser.add_argument("--modes", nargs="*", default=list(MODES), choices=ALL_MODES,
+                        help="modes to time (fused+cache+compile is optional: it compiles every block first)")
     parser.add_argument("--out", default="whole_step.json")
     args = parser.parse_args(argv)
     if not (args.cpu or args.dry_run) and not torch.cuda.is_available():
@@ -94,7 +95,8 @@ def main(argv=None):
             torch.cuda.reset_peak_memory_stats()
         runner = StepRunner(model, rows, mode)
         r = time_steps(runner, args.steps, sync)
-        r["mfu"] = model_flops_per_step(model, runner.tokens, mode == "fused+cache") / r["s_per_step"] / rate
+        runner.close()
+        r["mfu"] = model_flops_per_step(model, runner.tokens, mode.startswith("fused+cache")) / r["s_per_step"] / rate
         if device.type == "cuda":
             r["peak_gib"] = torch.cuda.max_memory_allocated() / 2 ** 30
         results.append(r)
@@ -102,10 +104,10 @@ def main(argv=None):
     naive = next((r for r in results if r["mode"] == "naive"), None)
     print(f"device: {torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu'}; "
           f"measured matmul rate {rate / 1e12:.2f} TFLOP/s; torch {torch.__version__}")
-    print(f"{'mode':14}{'ms/step':>10}{'tokens/s':>11}{'× naive':>9}{'MFU':>7}{'GiB':>8}")
+    print(f"{'mode':20}{'ms/step':>10}{'tokens/s':>11}{'× naive':>9}{'MFU':>7}{'GiB':>8}")
     for r in results:
         speedup = naive["s_per_step"] / r["s_per_step"] if naive else float("nan")
-        print(f"{r['mode']:14}{1e3 * r['s_per_step']:10.1f}{r['tokens_per_s']:11.0f}{speedup:9.2f}"
+        print(f"{r['mode']:20}{1e3 * r['s_per_step']:10.1f}{r['tokens_per_s']:11.0f}{speedup:9.2f}"
               f"{100 * r['mfu']:6.1f}%{r.get('peak_gib', float('nan')):8.2f}")
     with open(args.out, "w") as f:
         json.dump({"device": str(device), "matmul_rate": rate, "results": results}, f, indent=2)

@@ -36,5 +36,8 @@ def model():
 def test_whole_step(benchmark, model, mode):
     runner = StepRunner(model, make_rows(model.config.vocab_size, rows=8, length=128), mode)
     runner.step()
-    loss = benchmark.pedantic(runner.step, rounds=2, iterations=1)
+    try:
+        loss = benchmark.pedantic(runner.step, rounds=2, iterations=1)
+    finally:
+        runner.close()
     assert torch.isfinite(torch.tensor(loss))

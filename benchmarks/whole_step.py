@@ -4,14 +4,18 @@
   student forward, both to full-vocabulary logits, the KL / CE terms on them, backward, AdamW;
 - ``reference``: this package's objective on the pure-PyTorch ops (chunked loss head);
 - ``fused``: the same on the fused ops (C++ on CPU, Triton on GPU);
-- ``fused+cache``: fused, with the step cache warm (teacher states and frozen trunk stored).
+- ``fused+cache``: fused, with the step cache warm (teacher states and frozen trunk stored);
+- ``fused+cache+compile`` (optional, not in ``MODES``): fused+cache with each transformer block
+  run through ``torch.compile`` (:func:`unlearn_fast.trainer.compiled_blocks`; the warm-up step
+  pays the compilation).
 
-All four compute the same loss (``naive`` on materialised logits). One step = 8 rows × ``length``
+All modes compute the same loss (``naive`` on materialised logits). One step = 8 rows × ``length``
 tokens: half forgotten, half retained, every position a target.
 """
 
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass, field
 
@@ -22,9 +26,10 @@ from unlearn_fast.layers import LayerConfig, attach, layers_disabled, unlearning
 from unlearn_fast.objective import EULObjective, ObjectiveConfig, coefficients
 from unlearn_fast.ops.loss_head import IGNORE_INDEX, row_losses
 from unlearn_fast.step_cache import StepCache
-from unlearn_fast.trainer import forced_backend
+from unlearn_fast.trainer import compiled_blocks, forced_backend
 
 MODES = ("naive", "reference", "fused", "fused+cache")
+ALL_MODES = MODES + ("fused+cache+compile",)
 
 
 def make_rows(vocab: int, rows: int = 8, length: int = 128, seed: int = 0) -> list[Row]:
@@ -65,10 +70,15 @@ class StepRunner:
     config: ObjectiveConfig = field(default_factory=ObjectiveConfig)
 
     def __post_init__(self):
+        if self.mode not in ALL_MODES:
+            raise ValueError(f"unknown mode {self.mode!r}; one of {', '.join(ALL_MODES)}")
         self.device = next(self.model.parameters()).device
         self.batch = {k: v.to(self.device) for k, v in collate(self.rows, 0).items()}
         self.optimizer = torch.optim.AdamW(unlearning_parameters(self.model), lr=1e-4)
-        cache = StepCache(self.model, "causal") if self.mode == "fused+cache" else None
+        self._contexts = contextlib.ExitStack()  # the compiled blocks, restored by close()
+        if self.mode.endswith("+compile"):
+            self._contexts.enter_context(compiled_blocks(self.model))
+        cache = StepCache(self.model, "causal") if self.mode.startswith("fused+cache") else None
         self.objective = EULObjective(self.model, "causal", self.config, cache)
         self.tokens = int(self.batch["attention_mask"].sum())
         if cache is not None:  # warm the cache: the first epoch fills it
@@ -85,6 +95,10 @@ class StepRunner:
         loss.backward()
         self.optimizer.step()
         return loss.item()
+
+    def close(self) -> None:
+        """Undo what the mode changed on the shared model (compiled blocks)."""
+        self._contexts.close()
 
 
 def prepare(model, rank: int = 32, blocks="all", seed: int = 0):
