@@ -13,9 +13,12 @@ Shape (issue 7): N = 2048 tokens, d = 576 (SmolLM2-135M), r = 32, K = 1 and 4, f
 the K layers one after another. ``reference`` is the op's PyTorch fallback, ``cpp`` the fused C++
 kernels. Every case computes the gradients of x and of every weight and bias.
 
-All three do the same six GEMMs (2·N·d·Σr FLOPs each), which are most of eager's time at K = 1, so
-the fused op's gain there is bounded by the passes and allocations it saves (~1.1-1.2x measured);
-at K = 4 eager makes 4x the passes over [N, d] tensors.
+All three do the same six GEMMs (2·N·d·Σr FLOPs each), most of eager's time. ``cpp`` runs them per
+block of rows in its own AVX-512 kernel with the elementwise work in between and writes y and dx once,
+past the caches; eager makes K times the passes over [N, d] tensors and K times the parallel regions.
+Measured on the 2-core Zen 4 box (shared, so noisy; eager and cpp alternating in one process, min /
+median of 20-40 steps each): K = 1 about 1.3-1.6x / 1.5-2x eager, K = 4 about 1.7-2x / 2-2.3x.
+Under oversubscription (other busy processes on the 2 cores) eager slows down far more than cpp.
 """
 
 import pytest
@@ -84,3 +87,35 @@ def test_forward_backward(benchmark, case, provider, monkeypatch):
     for _ in range(2):  # warm up (allocator, thread pool) outside the timed rounds
         _step(fn, module, x, grad_y)
     benchmark(_step, fn, module, x, grad_y)
+
+
+def test_ratio_interleaved(benchmark, case, monkeypatch):
+    """eager and cpp in turn, 30 times each: on a shared machine both see the same load; the ratios of
+    the minima and of the medians are the figures issue 7 asks for (>= 1.5x)."""
+    import statistics
+    import time
+
+    from unlearn_fast._ext import C
+
+    if C is None or not hasattr(C, "unlearning_layer_forward"):
+        pytest.skip("C++ extension not built")
+    monkeypatch.setenv("UNLEARN_FAST_BACKEND", "cpp")
+    module, x, grad_y = case
+    fns = {"eager": lambda m, x: m(x), "cpp": fused}
+    times = {name: [] for name in fns}
+    for _ in range(2):
+        for fn in fns.values():
+            _step(fn, module, x, grad_y)
+    for _ in range(30):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            _step(fn, module, x, grad_y)
+            times[name].append(time.perf_counter() - start)
+    summary = {f"{stat}_ms_{name}": round(1e3 * f(t), 3) for name, t in times.items()
+               for stat, f in (("min", min), ("median", statistics.median))}
+    summary["eager/cpp_min"] = round(min(times["eager"]) / min(times["cpp"]), 2)
+    summary["eager/cpp_median"] = round(statistics.median(times["eager"]) / statistics.median(times["cpp"]), 2)
+    benchmark.group = f"unlearning_layer K={len(module.downs)} interleaved"
+    benchmark.extra_info.update(summary)
+    benchmark.pedantic(lambda: None, rounds=1, iterations=1)
+    print(f"\nK={len(module.downs)}", summary)

@@ -144,6 +144,49 @@ def test_cpp_half_input(monkeypatch):
     check_against_float64("silu", torch.float16, **ODD)
 
 
+# The C++ op works on blocks of rows (a multiple of 12 near 32768 / d rows: 48 at d = 576, 324 at
+# d = 100), runs of blocks ("chunks") spread over threads, and an AVX-512 GEMM kernel where the CPU has
+# one (UNLEARN_FAST_CPU_GEMM=aten: ATen's BLAS on the blocks instead). These shapes cover a short last
+# block, N below one block and below one kernel tile, N = 1, column counts the kernel must mask
+# (R = 16, 33; d = 100), wide panels (R = 128, d = 576) and outputs of >= 2 MiB, which are written with
+# non-temporal stores ("blocks").
+CPP_BLOCK_SHAPES = {
+    "blocks": dict(lead=(1000,), d=576, ranks=(32,)),  # 20 blocks of 48 rows + 40
+    "K4": dict(lead=(2, 101), d=576, ranks=(32, 32, 32, 32)),
+    "odd": dict(lead=(613,), d=100, ranks=(5, 8, 3)),  # 324 + 289 rows
+    "short": dict(lead=(11,), d=576, ranks=(13, 20)),
+    "one-row": dict(lead=(1,), d=64, ranks=(7,)),
+}
+
+
+@needs_cpp
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("gemm", ["auto", "aten"])
+@pytest.mark.parametrize("shape", CPP_BLOCK_SHAPES.values(), ids=CPP_BLOCK_SHAPES.keys())
+def test_cpp_blocks(shape, gemm, threads, monkeypatch):
+    monkeypatch.setenv("UNLEARN_FAST_BACKEND", "cpp")
+    monkeypatch.setenv("UNLEARN_FAST_CPU_GEMM", gemm)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for activation in ("relu", "silu"):
+            check_against_float64(activation, torch.float32, **shape)
+    finally:
+        torch.set_num_threads(before)
+
+
+@needs_cpp
+def test_cpp_repeatable(monkeypatch):
+    """Threads take chunks of blocks in whatever order they get to them; results do not change."""
+    monkeypatch.setenv("UNLEARN_FAST_BACKEND", "cpp")
+    case = make_case((1000,), 576, (32, 16), torch.float32)
+    first = forward_backward(unlearning_layer, *case, "gelu")
+    for _ in range(3):
+        again = forward_backward(unlearning_layer, *case, "gelu")
+        for a, b in zip([first[0], *first[1]], [again[0], *again[1]]):
+            assert torch.equal(a, b)
+
+
 @pytest.mark.parametrize("backend", [pytest.param("cpp", marks=needs_cpp), "triton"])
 def test_weights_only_gradients(backend, monkeypatch):
     """A frozen input (the lowest site of a frozen base) skips the grad-x GEMM; weights still train."""
@@ -151,7 +194,8 @@ def test_weights_only_gradients(backend, monkeypatch):
         pytest.skip("Triton needs a GPU or TRITON_INTERPRET=1")
     monkeypatch.setenv("UNLEARN_FAST_BACKEND", backend)
     device = "cuda" if backend == "triton" and torch.cuda.is_available() else "cpu"
-    x, D, b, U, c, grad_y = make_case((37,), 72, (5, 8, 3), torch.float32)
+    lead = (37,) if backend == "triton" else (1000,)  # several blocks of rows in C++
+    x, D, b, U, c, grad_y = make_case(lead, 72, (5, 8, 3), torch.float32)
     params = [t.to(device).requires_grad_(True) for t in (*D, *b, *U, *c)]
     y = unlearning_layer(x.to(device), params[:3], params[3:6], params[6:9], params[9:], "relu")
     grads = torch.autograd.grad(y, params, grad_y.to(device))
