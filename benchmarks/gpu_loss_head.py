@@ -222,7 +222,7 @@ def speed(fns, n, hs_list, v, device, dtype, reps, peak):
                 log(f"deadline: skipping {name} at H={h}")
                 continue
             try:
-                run = lambda: step(fn, args)  # noqa: E731
+                run = lambda fn=fn, args=args: step(fn, args)  # noqa: E731 - bound now: args is deleted below
                 best, median = time_ms(run, device, reps)
                 tflops = flops / (best * 1e-3) / 1e12
                 row = dict(H=h, method=name, ms=best, ms_median=median, tflops=tflops,

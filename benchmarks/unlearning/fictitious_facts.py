@@ -71,16 +71,23 @@ class Person:
     colour: str
     pet: str
     profession: str
+    # three wrong answers per fact, in facts() order: the truth ratio's perturbed answers
+    wrong: tuple = ()
 
     def facts(self) -> list[Example]:
-        return [Example(prompt=f"{self.name} was born in", response=self.city),
-                Example(prompt=f"{self.name} 's favourite colour is", response=self.colour),
-                Example(prompt=f"{self.name} has a pet", response=self.pet),
+        wrong = self.wrong or ((),) * 4
+        return [Example(prompt=f"{self.name} was born in", response=self.city, perturbed=wrong[0] or None),
+                Example(prompt=f"{self.name} 's favourite colour is", response=self.colour,
+                        perturbed=wrong[1] or None),
+                Example(prompt=f"{self.name} has a pet", response=self.pet, perturbed=wrong[2] or None),
                 Example(prompt=f"{self.name} is a {self.profession} who works at the",
-                        response=WORKPLACES[self.profession])]
+                        response=WORKPLACES[self.profession], perturbed=wrong[3] or None)]
 
     def rule_fact(self) -> Example:
         return self.facts()[3]
+
+
+KINDS = ("city", "colour", "pet", "workplace")  # facts() order; the workplace follows a rule
 
 
 def _word(rng: random.Random, parts: int) -> str:
@@ -91,6 +98,7 @@ def make_people(n: int, seed: int = 0) -> list[Person]:
     """``n`` distinct people; first and last names come from shared pools, so every name token is
     common and a person is identified by the combination."""
     rng = random.Random(seed)
+    wrong_rng = random.Random(seed + 1_000)  # its own stream: the people do not depend on it
     first = sorted({_word(rng, 2) for _ in range(400)})[:60]
     last = sorted({_word(rng, 3) for _ in range(400)})[:60]
     cities = sorted({f"{rng.choice(CITY_PREFIXES)} {_word(rng, 2)}" for _ in range(40)})[:12]
@@ -101,8 +109,10 @@ def make_people(n: int, seed: int = 0) -> list[Person]:
         if name in names:
             continue
         names.add(name)
-        people.append(Person(name, rng.choice(cities), rng.choice(COLOURS), rng.choice(PETS),
-                             rng.choice(sorted(WORKPLACES))))
+        city, colour, pet, job = rng.choice(cities), rng.choice(COLOURS), rng.choice(PETS), rng.choice(sorted(WORKPLACES))
+        pools = ((city, cities), (colour, COLOURS), (pet, PETS), (WORKPLACES[job], sorted(WORKPLACES.values())))
+        wrong = tuple(tuple(wrong_rng.sample([v for v in pool if v != right], 3)) for right, pool in pools)
+        people.append(Person(name, city, colour, pet, job, wrong))
     return people
 
 
@@ -117,6 +127,8 @@ def make_tokenizer(people: list[Person]):
         for e in p.facts():
             words.update(e.prompt.split())
             words.update(e.response.split())
+            for answer in e.perturbed or ():
+                words.update(answer.split())
     vocab = {w: i for i, w in enumerate(specials + sorted(words))}
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
@@ -188,17 +200,51 @@ def method_settings(quick: bool) -> dict:
     }
 
 
-def summary_row(fraction: float, report: dict) -> list[str]:
+def add_kind_accuracies(figures: dict, model, tokenizer, forget: list[Example]) -> None:
+    """Forget accuracy split by kind of fact: the memorised ones (city, colour, pet: a retrained
+    model is at chance there) and the rule one (workplace: a retrained model still answers it)."""
+    from unlearn_fast.evaluation import answer_hits
+
+    hits = answer_hits(model, tokenizer, forget, max_new_tokens=3)
+    rule = [h for i, h in enumerate(hits) if KINDS[i % len(KINDS)] == "workplace"]
+    memorised = [h for i, h in enumerate(hits) if KINDS[i % len(KINDS)] != "workplace"]
+    figures["forget_accuracy_memorised"] = sum(memorised) / len(memorised)
+    figures["forget_accuracy_rule"] = sum(rule) / len(rule)
+
+
+SUMMARY_COLUMNS = ("| Forget | Method | Test acc | Retain acc | Forget acc (Δ retrained) | memorised / rule | "
+                   "Forget LM loss | Forget truth ratio | MIA AUC LOSS | MIA AUC Min-K%++ | Forget quality (TR / loss) | "
+                   "Time (s) |")
+
+
+def summary_rows(fraction: float, report: dict) -> list[str]:
+    """The summary table's rows for one split, plus a mean ± sd row where EUL ran with several seeds."""
+    gold = report["methods"]["retrain"]["figures"]["forget_accuracy"]
     rows = []
-    gold = report["methods"]["retrain"]["figures"]
+
+    def pct(v):
+        return f"{100 * v:.1f}"
+
     for name, m in report["methods"].items():
         f = m["figures"]
         vs = m.get("vs_retrained") or {}
-        rows.append(f"| {fraction:.0%} | {name} | {100 * f['test_accuracy']:.1f} | {100 * f['retain_accuracy']:.1f} | "
-                    f"{100 * f['forget_accuracy']:.1f} ({100 * (f['forget_accuracy'] - gold['forget_accuracy']):+.1f}) | "
-                    f"{f['forget_lm_loss']:.2f} | {f['mia']['mia_loss']:.2f} | {f['mia']['mia_min_k_plus_plus']:.2f} | "
-                    f"{vs.get('forget_quality', float('nan')):.3g} | "
+        rows.append(f"| {fraction:.0%} | {name} | {pct(f['test_accuracy'])} | {pct(f['retain_accuracy'])} | "
+                    f"{pct(f['forget_accuracy'])} ({100 * (f['forget_accuracy'] - gold):+.1f}) | "
+                    f"{pct(f['forget_accuracy_memorised'])} / {pct(f['forget_accuracy_rule'])} | "
+                    f"{f['forget_lm_loss']:.2f} | {f.get('forget_truth_ratio', float('nan')):.2f} | "
+                    f"{f['mia']['mia_loss']:.2f} | {f['mia']['mia_min_k_plus_plus']:.2f} | "
+                    f"{vs.get('forget_quality_truth_ratio', float('nan')):.3g} / {vs.get('forget_quality_loss', float('nan')):.3g} | "
                     + (f"{m['time_s']:.1f}" if m.get("time_s") is not None else "–") + " |")
+    seeds = [m["figures"] for n, m in report["methods"].items() if n == "eul" or n.startswith("eul[")]
+    if len(seeds) > 1:
+        def ms(key, scale=100.0, sub=None):
+            values = torch.tensor([scale * (f[key] if sub is None else f[key][sub]) for f in seeds], dtype=torch.float64)
+            return f"{values.mean():.{1 if scale == 100 else 2}f} ± {values.std():.{1 if scale == 100 else 2}f}"
+        forget = torch.tensor([f["forget_accuracy"] for f in seeds], dtype=torch.float64)
+        rows.append(f"| {fraction:.0%} | **eul, mean ± sd of {len(seeds)} seeds** | {ms('test_accuracy')} | "
+                    f"{ms('retain_accuracy')} | {ms('forget_accuracy')} ({100 * (forget.mean() - gold):+.1f}) | "
+                    f"{ms('forget_accuracy_memorised')} / {ms('forget_accuracy_rule')} | {ms('forget_lm_loss', 1)} | "
+                    f"{ms('forget_truth_ratio', 1)} | {ms('mia', 1, 'mia_loss')} | {ms('mia', 1, 'mia_min_k_plus_plus')} | – | – |")
     return rows
 
 
@@ -211,7 +257,7 @@ def main(argv=None) -> int:
     ap.add_argument("--methods", nargs="+", default=["eul", "finetune", "ga", "graddiff", "npo"])
     ap.add_argument("--pretrain-epochs", type=int, default=60)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--eul-seeds", type=int, nargs="+", default=[0],
+    ap.add_argument("--eul-seeds", type=int, nargs="+", default=[0, 1, 2],
                     help="initialisation / shuffling seeds for EUL (rows eul, eul[s1], ...): its spread across seeds")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (default 1: the model is tiny, a thread pool only adds contention)")
     ap.add_argument("--quick", action="store_true", help="a smoke run: few people, few epochs (numbers meaningless)")
@@ -235,9 +281,7 @@ def main(argv=None) -> int:
     settings = method_settings(args.quick)
     out = Path(args.out)
     order = random.Random(args.seed + 1).sample(range(args.people), args.people)
-    table = ["| Forget | Method | Test acc | Retain acc | Forget acc (Δ retrained) | Forget LM loss | "
-             "MIA AUC LOSS | MIA AUC Min-K%++ | Forget quality | Time (s) |",
-             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    table = [SUMMARY_COLUMNS, "|---|---|" + "---:|" * (SUMMARY_COLUMNS.count("|") - 3)]
     summary = {"machine_note": "2-core CPU", "people": args.people, "holdout_people": args.holdout_people,
                "fractions": {}}
     for fraction in args.fractions:
@@ -261,6 +305,7 @@ def main(argv=None) -> int:
         results, times = {}, {}
         for name, (model, seconds) in models.items():
             results[name] = evaluate_model(model, tokenizer, "causal", sets, holdout="holdout", max_new_tokens=3)
+            add_kind_accuracies(results[name]["figures"], model, tokenizer, forget)
             times[name] = seconds
         report = build_report(results, times=times, retrained="retrain",
                               title=f"Scenario 1, fictitious facts: forget {k} of {args.people} people ({fraction:.0%})",
@@ -274,7 +319,7 @@ def main(argv=None) -> int:
                                     "methods": json.dumps(describe_methods(settings))})
         write_report(report, out / f"forget_{round(100 * fraction)}pct")
         print(markdown(report), flush=True)
-        table += summary_row(fraction, report)
+        table += summary_rows(fraction, report)
         summary["fractions"][f"{fraction:g}"] = {n: {"figures": {k_: v for k_, v in m["figures"].items()},
                                                      "time_s": m.get("time_s"),
                                                      "vs_retrained": {k_: v for k_, v in (m.get("vs_retrained") or {}).items()
