@@ -233,7 +233,8 @@ def summary_rows(fraction: float, report: dict) -> list[str]:
                     f"{pct(f['forget_accuracy_memorised'])} / {pct(f['forget_accuracy_rule'])} | "
                     f"{f['forget_lm_loss']:.2f} | {f.get('forget_truth_ratio', float('nan')):.2f} | "
                     f"{f['mia']['mia_loss']:.2f} | {f['mia']['mia_min_k_plus_plus']:.2f} | "
-                    f"{vs.get('forget_quality_truth_ratio', float('nan')):.3g} / {vs.get('forget_quality_loss', float('nan')):.3g} | "
+                    + (f"{vs.get('forget_quality_truth_ratio', float('nan')):.3g} / {vs['forget_quality_loss']:.3g} | "
+                       if "forget_quality_loss" in vs else "– | ")
                     + (f"{m['time_s']:.1f}" if m.get("time_s") is not None else "–") + " |")
     seeds = [m["figures"] for n, m in report["methods"].items() if n == "eul" or n.startswith("eul[")]
     if len(seeds) > 1:
