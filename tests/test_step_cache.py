@@ -108,3 +108,30 @@ def test_bucketing_reduces_padding():
     assert sorted(map(id, sum(plain, []))) == sorted(map(id, sum(bucketed, [])))
     assert padding_fraction(bucketed) == 0.0
     assert padding_fraction(plain) > 0.3
+
+
+@pytest.mark.parametrize("schedule", ["mixed", "alternate"])
+def test_bucketing_pairs_forget_and_retain_groups_of_similar_length(schedule):
+    """In the mixed schedule a step is a retain group plus a forget group: bucketing matches their
+    lengths too, and still uses every retain row once and the forget groups as often as without it."""
+    from collections import Counter
+
+    from unlearn_fast.encoding import Row
+    from unlearn_fast.trainer import batches
+
+    def rows(lengths, forget):
+        return [Row(list(range(n)), [0] * n, [True] * n, forget) for n in lengths]
+
+    retain = rows([3] * 16 + [40] * 16, False)
+    forget = rows([3] * 4 + [40] * 4, True)
+    used = {}
+    for bucket in (False, True):
+        config = TrainConfig(epochs=2, batch_size=4, schedule=schedule, bucket_by_length=bucket)
+        groups = list(batches(forget, retain, config))
+        used[bucket] = (groups, Counter(id(r) for g in groups for r in g))
+    (plain, plain_uses), (bucketed, bucketed_uses) = used[False], used[True]
+    assert padding_fraction(bucketed) == 0.0
+    assert padding_fraction(plain) > 0.2
+    assert len(plain) == len(bucketed)
+    assert all(bucketed_uses[id(r)] == 2 for r in retain)  # every retain row once per epoch
+    assert sorted(plain_uses[id(r)] for r in forget) == sorted(bucketed_uses[id(r)] for r in forget)

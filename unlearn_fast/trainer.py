@@ -94,6 +94,10 @@ def _length(row: Row) -> int:
     return len(row.input_ids) + len(row.decoder_input_ids or ())
 
 
+def _longest(group: Sequence[Row]) -> int:
+    return max(_length(r) for r in group)
+
+
 def _chunks(rows: Sequence[Row], size: int, rng: random.Random, bucket: bool = False) -> list[list[Row]]:
     """Shuffled batches; with ``bucket``, rows of similar length share a batch (less padding):
     rows are sorted by length inside shuffled windows of 16 batches, and the batches shuffled."""
@@ -127,9 +131,20 @@ def batches(forget: Sequence[Row], retain: Sequence[Row], config: TrainConfig) -
             yield from _chunks(forget, config.batch_size, rng, config.bucket_by_length)
         else:
             big, small = (retain, forget) if len(retain) >= len(forget) else (forget, retain)
-            small_groups = itertools.cycle(_chunks(small, config.batch_size, rng, config.bucket_by_length)) if small else None
-            for group in _chunks(big, config.batch_size, rng, config.bucket_by_length):
-                yield group + next(small_groups) if small_groups else group
+            small_groups = _chunks(small, config.batch_size, rng, config.bucket_by_length) if small else []
+            big_groups = _chunks(big, config.batch_size, rng, config.bucket_by_length)
+            if not small_groups:
+                yield from big_groups
+                continue
+            # each group of the larger set goes with the next group of the smaller one, cycling
+            partners = list(itertools.islice(itertools.cycle(small_groups), len(big_groups)))
+            pairs = list(zip(big_groups, partners))
+            if config.bucket_by_length:
+                # pair long with long and short with short, so the combined batch pads little
+                pairs = list(zip(sorted(big_groups, key=_longest), sorted(partners, key=_longest)))
+                rng.shuffle(pairs)
+            for group, partner in pairs:
+                yield group + partner
 
 
 def count_steps(forget: Sequence[Row], retain: Sequence[Row], config: TrainConfig) -> int:
