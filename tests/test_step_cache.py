@@ -135,3 +135,24 @@ def test_bucketing_pairs_forget_and_retain_groups_of_similar_length(schedule):
     assert len(plain) == len(bucketed)
     assert all(bucketed_uses[id(r)] == 2 for r in retain)  # every retain row once per epoch
     assert sorted(plain_uses[id(r)] for r in forget) == sorted(bucketed_uses[id(r)] for r in forget)
+
+
+def test_padding_script_on_scenario_1_data():
+    """benchmarks/padding.py on scenario 1's data (no model needed): bucketing cuts the padding."""
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "padding.py"
+    saved_path = list(sys.path)
+    spec = importlib.util.spec_from_file_location("padding_script", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)  # puts benchmarks/unlearning on sys.path
+    try:
+        name, forget, retain, config = module.fictitious_facts()
+        assert len(forget) == 80 and len(retain) == 720
+        f = module.fractions(forget, retain, config)
+        assert 0.0 <= f["bucketed"] < f["plain"] < 1.0
+    finally:
+        sys.modules.pop("fictitious_facts", None)
+        sys.path[:] = saved_path
