@@ -138,11 +138,12 @@ def batches(forget: Sequence[Row], retain: Sequence[Row], config: TrainConfig) -
                 continue
             # each group of the larger set goes with the next group of the smaller one, cycling
             partners = list(itertools.islice(itertools.cycle(small_groups), len(big_groups)))
-            pairs = list(zip(big_groups, partners))
             if config.bucket_by_length:
                 # pair long with long and short with short, so the combined batch pads little
                 pairs = list(zip(sorted(big_groups, key=_longest), sorted(partners, key=_longest)))
                 rng.shuffle(pairs)
+            else:
+                pairs = list(zip(big_groups, partners))
             for group, partner in pairs:
                 yield group + partner
 
