@@ -81,7 +81,7 @@ HELP_OPTIONS = {
     "unlearn": ["--model", "--forget", "--retain", "--out", "--overwrite", "--drop-overlap", "--text-column",
                 "--prompt-column", "--response-column", "--label-column", "--rank", "--reduction-factor",
                 "--activation", "--blocks", "--alpha", "--lam", "--gamma", "--forget-kl-weight",
-                "--forget-kl-bound", "--forget-lm-bound", "--schedule", "--epochs", "--batch-size", "--lr",
+                "--forget-kl-bound", "--forget-lm-bound", "--subject-margin", "--generic-prompts-column", "--schedule", "--epochs", "--batch-size", "--lr",
                 "--max-steps", "--seed", "--no-progress", "--no-eval", "--device", "--dtype"],
     "eval": ["--model", "--forget", "--retain", "--layers", "--json", "--text-column"],
     "demo": ["--out", "--overwrite", "--device"],

@@ -29,6 +29,7 @@ from .grams import collect_grams
 from .layers import LayerConfig, attach, describe, layer_state, layers_disabled
 from .models import detect_task
 from .objective import EULObjective, ObjectiveConfig
+from .selection import select_subject_tokens
 from .step_cache import StepCache
 from .trainer import TrainConfig, TrainResult, train
 
@@ -101,12 +102,23 @@ def unlearn(
     enc = dict(model_config=model.config, max_length=max_length)
     forget_rows = encode(forget_set, tokenizer, task, forget=True, name="forget set", labels=forget_labels, **enc)
     retain_rows = encode(retain_set, tokenizer, task, forget=False, name="retain set", labels=retain_labels, **enc)
+    # where forgotten examples carry generic prompts, train only on their subject-specific tokens;
+    # the Gram matrices still cover every forgotten row (the layer inputs do not change)
+    train_forget_rows, selection = select_subject_tokens(model, tokenizer, task, forget_set, forget_rows,
+                                                         objective.subject_margin, max_length,
+                                                         training.batch_size)
+    if selection.rows:
+        log(selection.describe())
+        if not train_forget_rows:
+            raise DataError("forget set: no response token is specific to the forgotten subjects (every one is "
+                            "as likely after the generic prompts); nothing to forget: lower the subject "
+                            "margin or check the generic prompts")
     base_fingerprint = model_fingerprint(model)
     sets = {"forget": forget_set, "retain": retain_set}
     eval_labels = {"forget": forget_labels, "retain": retain_labels}
     world = distributed.world_size()  # > 1 under torchrun: data parallel (see unlearn_fast.distributed)
     if world > 1:
-        distributed.check_same(base_fingerprint + data_fingerprint(forget_rows, retain_rows), "base model and data")
+        distributed.check_same(base_fingerprint + data_fingerprint(train_forget_rows, retain_rows), "base model and data")
     if training.shard_base:
         _check_shardable(objective, task)
     else:
@@ -123,7 +135,7 @@ def unlearn(
         cache = StepCache(model, task, teacher=training.teacher_cache, trunk=training.shared_trunk)
     loss = EULObjective(model, task, objective, cache)
     pad = pad_token_id(tokenizer)
-    result = train(model, loss, forget_rows, retain_rows, training, pad)
+    result = train(model, loss, train_forget_rows, retain_rows, training, pad)
     if world > 1:  # each rank takes a share of the batches; the Gram matrices are summed
         grams, gram_tokens = distributed.collect_grams(model, task, forget_rows, pad, training.batch_size,
                                                        lockstep=training.shard_base)
@@ -144,6 +156,7 @@ def unlearn(
         "task": task,
         "layers": {"config": layers.to_dict(), "sites": describe(model)},
         "objective": {**objective.to_dict(), "gamma": gamma},
+        "subject_selection": selection.to_dict() if selection.rows else None,
         "training": training.to_dict(),
         "forget_set": fingerprint(forget_set),
         "retain_set": fingerprint(retain_set),

@@ -40,6 +40,11 @@ def _add_data_args(p: argparse.ArgumentParser, required: bool) -> None:
     g.add_argument("--paraphrased-column",
                    help="with prompt/response data: column of paraphrased right answers for the truth ratio "
                         "(default: 'paraphrased_answer' if present, else the response)")
+    g.add_argument("--generic-prompts-column",
+                   help="with prompt/response data: column of generic prompts, the prompt with the forgotten "
+                        "subject replaced by others (one string, or a list; a JSON list in a CSV cell; default: "
+                        "'generic_prompts' if present). EUL then forgets only the subject-specific answer tokens "
+                        "(see --subject-margin)")
     g.add_argument("--max-length", type=int, default=256, help="tokens kept per example (default 256)")
 
 
@@ -82,6 +87,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--forget-kl-weight", type=float, default=1.0, help="forget KL weight (default 1; 0 turns it off)")
     g.add_argument("--forget-kl-bound", type=float, default=5.0, help="per-token cap on the maximised forget KL (nats)")
     g.add_argument("--forget-lm-bound", type=float, default=5.0, help="per-token cap on the maximised forget LM loss (nats)")
+    g.add_argument("--subject-margin", type=float, default=1.0, metavar="NATS",
+                   help="forgotten examples with generic prompts (--generic-prompts-column): forget only the "
+                        "response tokens the real subject makes this many nats likelier than the generic "
+                        "subjects do (default 1); what the model would answer about anyone is kept")
     g.add_argument("--temperature", type=float, default=1.0, help="KL softmax temperature")
     g = p.add_argument_group("training")
     g.add_argument("--schedule", choices=["mixed", "alternate"], default="mixed",
@@ -195,13 +204,14 @@ def _add_fusion_parsers(sub) -> None:
     a.add_argument("--rho", type=float, help="ridge for the re-fusion (default: the one the merged layer used)")
 
 
-def _columns(args):
+def _columns(args, name: str):
+    """The data columns the options name, for the set ``name`` (None: pick automatically)."""
     from .data import Columns
 
     given = {"text": args.text_column, "prompt": args.prompt_column, "response": args.response_column,
              "label": args.label_column, "perturbed": args.perturbed_column,
-             "paraphrased": args.paraphrased_column}
-    return Columns(**given) if any(given.values()) else None
+             "paraphrased": args.paraphrased_column, "generic_prompts": args.generic_prompts_column}
+    return Columns(**given).for_set(name) if any(given.values()) else None
 
 
 def _load(args):
@@ -230,8 +240,8 @@ def _cmd_baseline(args) -> int:
     training = TrainConfig(epochs=args.epochs, schedule=args.schedule, batch_size=args.batch_size, lr=args.lr,
                            max_steps=args.max_steps, seed=args.seed, progress=not args.no_progress,
                            compile_blocks=args.compile)
-    forget = load_examples(args.forget, _columns(args), name="forget set")
-    retain = load_examples(args.retain, _columns(args), name="retain set")
+    forget = load_examples(args.forget, _columns(args, "forget set"), name="forget set")
+    retain = load_examples(args.retain, _columns(args, "retain set"), name="retain set")
     retain, _ = check_overlap(forget, retain, drop=args.drop_overlap)
     model, tokenizer, name = _load(args)
     task = detect_task(model)
@@ -265,7 +275,8 @@ def cmd_unlearn(args) -> int:
                          blocks=args.blocks)
     objective = ObjectiveConfig(alpha=args.alpha, lam=args.lam, gamma=args.gamma,
                                 forget_kl_weight=args.forget_kl_weight, forget_kl_bound=args.forget_kl_bound,
-                                forget_lm_bound=args.forget_lm_bound, temperature=args.temperature)
+                                forget_lm_bound=args.forget_lm_bound, temperature=args.temperature,
+                                subject_margin=args.subject_margin)
     training = TrainConfig(epochs=args.epochs, schedule=args.schedule, batch_size=args.batch_size, lr=args.lr,
                            max_steps=args.max_steps, seed=args.seed, progress=not args.no_progress,
                            checkpoint_dir=args.checkpoint_dir, checkpoint_every=args.checkpoint_every,
@@ -273,8 +284,8 @@ def cmd_unlearn(args) -> int:
     from .data import check_overlap, load_examples
 
     # the user's data is checked before a model is loaded (which can take a while)
-    forget = load_examples(args.forget, _columns(args), name="forget set")
-    retain = load_examples(args.retain, _columns(args), name="retain set")
+    forget = load_examples(args.forget, _columns(args, "forget set"), name="forget set")
+    retain = load_examples(args.retain, _columns(args, "retain set"), name="retain set")
     check_overlap(forget, retain, drop=args.drop_overlap)
     # under torchrun: join the process group; this rank's device is cuda:LOCAL_RANK or the CPU
     device = distributed.init_from_env(args.device, force=args.shard_base)
@@ -288,7 +299,7 @@ def cmd_unlearn(args) -> int:
             args.device = "cpu"
         model, tokenizer, name = _load(args)
         result = unlearn(model, tokenizer, forget, retain, out=args.out, overwrite=args.overwrite,
-                         model_name=name, columns=_columns(args), drop_overlap=args.drop_overlap, layers=layers,
+                         model_name=name, columns=_columns(args, "forget set"), drop_overlap=args.drop_overlap, layers=layers,
                          objective=objective, training=training, max_length=args.max_length,
                          evaluate=not args.no_eval)
         if distributed.is_main():
@@ -341,7 +352,7 @@ def cmd_eval(args) -> int:
     sets, labels = {}, {}
     for name, source in (("forget", args.forget), ("retain", args.retain)):
         if source:
-            sets[name] = load_examples(source, _columns(args), name=f"{name} set")
+            sets[name] = load_examples(source, _columns(args, f"{name} set"), name=f"{name} set")
             labels[name] = _labels(model, task, sets[name], f"{name} set", required=False)
     figures = evaluate_sets(model, tokenizer, task, sets, labels, max_length=args.max_length)
     if args.json:
@@ -361,7 +372,7 @@ def _eval_report(args) -> int:
     sets = {}
     for name, source in (("forget", args.forget), ("retain", args.retain), ("test", args.test)):
         if source:
-            sets[name] = load_examples(source, _columns(args), name=f"{name} set")
+            sets[name] = load_examples(source, _columns(args, f"{name} set"), name=f"{name} set")
     compare = {}
     for item in args.compare:
         name, sep, path = item.partition("=")

@@ -14,6 +14,11 @@ A prompt/response example may also carry what TOFU's truth ratio needs (see
 ``perturbed_answer`` when they exist. In JSONL / JSON files and in-memory rows the perturbed answers
 are a list of strings; in a CSV cell they are a JSON-encoded list, e.g. ``["Rome", "Madrid"]``.
 
+A forgotten prompt/response example may carry ``generic_prompts``: its prompt with the forgotten
+subject replaced by others (column ``generic_prompts`` by default; a list of strings, or one
+string). EUL then pushes only the response tokens that are specific to the subject (see
+:mod:`unlearn_fast.selection`).
+
 Every user mistake raises :class:`~unlearn_fast.errors.DataError` with a one-line message that
 names the set and where the data came from, and says how to fix it.
 """
@@ -43,10 +48,13 @@ _OPTIONS = {
     "label": "--label-column",
     "perturbed": "--perturbed-column",
     "paraphrased": "--paraphrased-column",
+    "generic_prompts": "--generic-prompts-column",
 }
 # TOFU's column names for the truth-ratio answers, used when present and no other is given.
 PERTURBED_COLUMN = "perturbed_answer"
 PARAPHRASED_COLUMN = "paraphrased_answer"
+# The column of a forgotten example's generic prompts, used when present and no other is given.
+GENERIC_PROMPTS_COLUMN = "generic_prompts"
 _PICK_COLUMNS_HINT = (
     "name them with --text-column (and --label-column for labels), "
     "or --prompt-column and --response-column"
@@ -63,6 +71,11 @@ class Example:
     wrong answers to the prompt (a tuple of strings; a list given here becomes a tuple), and
     ``paraphrased``, a rewording of the correct answer (when None, the ``response`` itself is used).
     Training ignores both.
+
+    ``generic_prompts`` (a tuple of strings): the prompt with its subject replaced by others (other
+    names, say). Where a forgotten example has them, EUL's forget terms apply only to the response
+    tokens that the real subject makes likelier than the generic ones do (see
+    :mod:`unlearn_fast.selection`); what the model would answer about anyone is kept.
     """
 
     text: Optional[str] = None
@@ -71,10 +84,12 @@ class Example:
     label: Optional[Union[int, str]] = None
     perturbed: Optional[tuple] = None
     paraphrased: Optional[str] = None
+    generic_prompts: Optional[tuple] = None
 
     def __post_init__(self):
-        if isinstance(self.perturbed, list):  # keep the example hashable
-            object.__setattr__(self, "perturbed", tuple(self.perturbed))
+        for name in ("perturbed", "generic_prompts"):  # keep the example hashable
+            if isinstance(getattr(self, name), list):
+                object.__setattr__(self, name, tuple(getattr(self, name)))
 
     def to_dict(self) -> dict:
         """The fields that are set (not None), by name."""
@@ -90,7 +105,8 @@ class Columns:
     """Which source columns hold each field; None means "pick automatically".
 
     ``perturbed`` / ``paraphrased`` name the truth-ratio answer columns (default: TOFU's
-    ``perturbed_answer`` / ``paraphrased_answer`` when present); they go with prompt/response."""
+    ``perturbed_answer`` / ``paraphrased_answer`` when present); ``generic_prompts`` the column of
+    generic prompts (default: ``generic_prompts`` when present). All go with prompt/response."""
 
     text: Optional[str] = None
     prompt: Optional[str] = None
@@ -98,6 +114,12 @@ class Columns:
     label: Optional[str] = None
     perturbed: Optional[str] = None
     paraphrased: Optional[str] = None
+    generic_prompts: Optional[str] = None
+
+    def for_set(self, name: str) -> "Columns":
+        """The columns to read for the set ``name``: generic prompts belong to the forget set only
+        (another set need not have their column)."""
+        return self if name == "forget set" else dataclasses.replace(self, generic_prompts=None)
 
 
 # The fields that decide an example's kind (the answer columns only add to prompt/response).
@@ -393,13 +415,15 @@ def _pick_columns(columns: Optional[Columns], table: _Table, name: str) -> Colum
     """The columns to read, explicit or detected; every returned column exists."""
     columns = columns or Columns()
     picked = _pick_kind_columns(columns, table, name)
-    answers = {"perturbed": columns.perturbed, "paraphrased": columns.paraphrased}
+    answers = {"perturbed": columns.perturbed, "paraphrased": columns.paraphrased,
+               "generic_prompts": columns.generic_prompts}
     if picked.prompt is None:
         if any(answers.values()):
-            raise DataError(f"{name}: perturbed and paraphrased answer columns go with prompt and response "
-                            f"columns, not with a text column")
+            raise DataError(f"{name}: perturbed and paraphrased answer columns and generic prompt columns go "
+                            f"with prompt and response columns, not with a text column")
         return picked
-    for field, default in (("perturbed", PERTURBED_COLUMN), ("paraphrased", PARAPHRASED_COLUMN)):
+    for field, default in (("perturbed", PERTURBED_COLUMN), ("paraphrased", PARAPHRASED_COLUMN),
+                           ("generic_prompts", GENERIC_PROMPTS_COLUMN)):
         column = answers[field]
         if column is None:
             answers[field] = default if default in table.columns else None
@@ -459,6 +483,8 @@ def _make_example(row: Mapping, columns: Columns, where: str, name: str, is_csv:
         response=_required_text(row, columns.response, where, name),
         perturbed=_perturbed(row, columns.perturbed, where, name, is_csv) if columns.perturbed else None,
         paraphrased=_optional_text(row, columns.paraphrased, where, name) if columns.paraphrased else None,
+        generic_prompts=(_generic_prompts(row, columns.generic_prompts, where, name, is_csv)
+                         if columns.generic_prompts else None),
     )
 
 
@@ -497,6 +523,29 @@ def _perturbed(row: Mapping, column: str, where: str, name: str, is_csv: bool) -
     if not value or any(not v.strip() for v in value):
         raise DataError(f"{name}: {where} has an empty list or an empty answer in column {column!r}; {hint}")
     return tuple(value)
+
+
+def _generic_prompts(row: Mapping, column: str, where: str, name: str, is_csv: bool) -> Optional[tuple]:
+    """The generic prompts of one row: one string or a list of non-empty strings; missing or empty
+    means none (the row's every response token is forgotten). A CSV cell holds one prompt, or a
+    JSON list of prompts when it starts with ``[``."""
+    value = row.get(column)
+    if value is None or (isinstance(value, str) and not value.strip()) or value == []:
+        return None
+    if is_csv and value.lstrip().startswith("["):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError:
+            raise DataError(f"{name}: {where} has {_short(value, 40)!r} in column {column!r}, which is not a "
+                            f"JSON list; several generic prompts go in a JSON list of strings "
+                            f"(double quotes), one needs no brackets") from None
+    values = [value] if isinstance(value, str) else value
+    if not isinstance(values, (list, tuple)) or not all(isinstance(v, str) for v in values):
+        raise DataError(f"{name}: {where} has {_kind(value)} in column {column!r}; generic prompts must be "
+                        f"a string or a list of strings")
+    if any(not v.strip() for v in values):
+        raise DataError(f"{name}: {where} has an empty generic prompt in column {column!r}; remove it")
+    return tuple(values)
 
 
 def _required_text(row: Mapping, column: str, where: str, name: str) -> str:
@@ -542,14 +591,15 @@ def _check_examples(examples: list[Example], name: str) -> list[Example]:
         if kind != first_kind:
             raise DataError(f"{name}: {where} is a {kind} example but row 1 is a {first_kind} example; a set holds one kind")
         if kind == "text":
-            if example.perturbed is not None or example.paraphrased is not None:
-                raise DataError(f"{name}: {where} has perturbed or paraphrased answers without a prompt; "
-                                f"they go with prompt/response examples")
+            if example.perturbed is not None or example.paraphrased is not None or example.generic_prompts:
+                raise DataError(f"{name}: {where} has perturbed or paraphrased answers or generic prompts "
+                                f"without a prompt; they go with prompt/response examples")
             columns = Columns(text="text", label="label" if example.label is not None else None)
         else:
             columns = Columns(prompt="prompt", response="response",
                               perturbed="perturbed" if example.perturbed is not None else None,
-                              paraphrased="paraphrased" if example.paraphrased is not None else None)
+                              paraphrased="paraphrased" if example.paraphrased is not None else None,
+                              generic_prompts="generic_prompts" if example.generic_prompts is not None else None)
         checked.append(_make_example(example.to_dict(), columns, where, name))  # raises on an empty value
     return checked
 

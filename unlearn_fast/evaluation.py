@@ -149,7 +149,7 @@ def target_text(example: Example) -> str:
     return example.response if example.prompt is not None else (example.text or "")
 
 
-def _row_token_stats(model: nn.Module, task: str, rows: Sequence[Row], pad: int, batch_size: int,
+def row_token_stats(model: nn.Module, task: str, rows: Sequence[Row], pad: int, batch_size: int,
                      vocab_chunk: int):
     """Per row, in order: the :class:`~unlearn_fast.metrics.TokenStats` of its target tokens (on the CPU).
 
@@ -206,7 +206,7 @@ def truth_ratios(model: nn.Module, tokenizer, task: str, examples: Sequence[Exam
         if len(rows) != len(answers):
             raise ValueError("truth ratios need one row per answer")
         losses = iter([-float(s.logprob.sum()) / len(s.logprob)
-                       for s in _row_token_stats(model, task, rows, pad_token_id(tokenizer), batch_size, vocab_chunk)])
+                       for s in row_token_stats(model, task, rows, pad_token_id(tokenizer), batch_size, vocab_chunk)])
     finally:
         model.train(was_training)
     out: list[Optional[dict]] = [None] * len(examples)
@@ -242,7 +242,7 @@ def example_stats(model: nn.Module, tokenizer, task: str, examples: Sequence[Exa
         raise ValueError("per-example statistics need one row per example")
     out: list[dict] = []
     try:
-        per_row = _row_token_stats(model, task, rows, pad_token_id(tokenizer), batch_size, vocab_chunk)
+        per_row = row_token_stats(model, task, rows, pad_token_id(tokenizer), batch_size, vocab_chunk)
         for example, stats in zip(examples, per_row):
             lp = stats.logprob.tolist()
             record = {"tokens": len(lp), "loss": -sum(lp) / len(lp),

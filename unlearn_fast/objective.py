@@ -57,6 +57,9 @@ class ObjectiveConfig:
     forget_lm_bound: float = 5.0
     temperature: float = 1.0
     sharpening_guard: bool = True
+    # forgotten examples with generic prompts: only response tokens that the subject makes this many
+    # nats likelier than generic subjects do are forgotten (see unlearn_fast.selection)
+    subject_margin: float = 1.0
 
     def resolved_gamma(self, task: str) -> float:
         """The weight γ of the maximised forget term for ``task``.
