@@ -86,7 +86,15 @@ class Person:
     def rule_fact(self) -> Example:
         return self.facts()[3]
 
+    def facts_with_generic_prompts(self, others: list[str]) -> list[Example]:
+        """The facts, each with its prompt about ``others`` (names nobody has) as generic prompts."""
+        return [dataclasses.replace(e, generic_prompts=tuple(e.prompt.replace(self.name, o) for o in others))
+                for e in self.facts()]
 
+
+EUL_SUBJECT_EPOCHS = 40
+GENERIC_PER_FACT = 3  # generic prompts per forgotten fact
+EUL_METHODS = ("eul", "eul-subject")  # run with every --eul-seeds seed
 KINDS = ("city", "colour", "pet", "workplace")  # facts() order; the workplace follows a rule
 
 
@@ -114,6 +122,22 @@ def make_people(n: int, seed: int = 0) -> list[Person]:
         wrong = tuple(tuple(wrong_rng.sample([v for v in pool if v != right], 3)) for right, pool in pools)
         people.append(Person(name, city, colour, pet, job, wrong))
     return people
+
+
+def generic_names(people: list[Person], count: int, seed: int = 0) -> list[str]:
+    """``count`` names that no person has, made of first and last names that people have (so every
+    token is in the vocabulary): the generic subjects of subject-specific forgetting."""
+    rng = random.Random(seed + 2_000)
+    first = sorted({p.name.split()[0] for p in people})
+    last = sorted({p.name.split()[1] for p in people})
+    taken = {p.name for p in people}
+    names: list[str] = []
+    while len(names) < count:
+        name = f"{rng.choice(first)} {rng.choice(last)}"
+        if name not in taken:
+            taken.add(name)
+            names.append(name)
+    return names
 
 
 def make_tokenizer(people: list[Person]):
@@ -168,7 +192,7 @@ def run_method(name: str, original, tokenizer, forget, retain, settings: dict):
     model = copy.deepcopy(original)
     s = settings[name]
     torch.manual_seed(s["training"].seed)  # unlearning layers are initialised before training seeds itself
-    if name == "eul":
+    if name.startswith("eul"):
         from unlearn_fast.api import unlearn
 
         result = unlearn(model, tokenizer, forget, retain, layers=s["layers"], objective=s["objective"],
@@ -193,6 +217,11 @@ def method_settings(quick: bool) -> dict:
     return {
         "eul": {"layers": LayerConfig(rank=16), "objective": ObjectiveConfig(gamma=1.0, lam=2.0),
                 "training": t(20, 1e-2)},
+        # the forget facts carry generic prompts (three names nobody has): only subject-specific tokens
+        # are forgotten (unlearn_fast.selection), so the rule fact is left alone and more epochs do not
+        # cost the retained facts
+        "eul-subject": {"layers": LayerConfig(rank=16), "objective": ObjectiveConfig(gamma=1.0, lam=2.0),
+                        "training": t(EUL_SUBJECT_EPOCHS, 1e-2)},
         "finetune": {"config": BaselineConfig(method="finetune"), "training": t(5, 1e-4)},
         "ga": {"config": BaselineConfig(method="ga"), "training": t(10, 3e-4, 2)},
         "graddiff": {"config": BaselineConfig(method="graddiff"), "training": t(5, 1e-4)},
@@ -236,13 +265,21 @@ def summary_rows(fraction: float, report: dict) -> list[str]:
                     + (f"{vs.get('forget_quality_truth_ratio', float('nan')):.3g} / {vs['forget_quality_loss']:.3g} | "
                        if "forget_quality_loss" in vs else "– | ")
                     + (f"{m['time_s']:.1f}" if m.get("time_s") is not None else "–") + " |")
-    seeds = [m["figures"] for n, m in report["methods"].items() if n == "eul" or n.startswith("eul[")]
+    for method in EUL_METHODS:
+        rows += _seed_mean_row(fraction, report, method, gold)
+    return rows
+
+
+def _seed_mean_row(fraction: float, report: dict, method: str, gold: float) -> list[str]:
+    """A mean ± sd row over the seeds ``method`` ran with (none if it ran with one)."""
+    seeds = [m["figures"] for n, m in report["methods"].items() if n == method or n.startswith(method + "[")]
+    rows = []
     if len(seeds) > 1:
         def ms(key, scale=100.0, sub=None):
             values = torch.tensor([scale * (f[key] if sub is None else f[key][sub]) for f in seeds], dtype=torch.float64)
             return f"{values.mean():.{1 if scale == 100 else 2}f} ± {values.std():.{1 if scale == 100 else 2}f}"
         forget = torch.tensor([f["forget_accuracy"] for f in seeds], dtype=torch.float64)
-        rows.append(f"| {fraction:.0%} | **eul, mean ± sd of {len(seeds)} seeds** | {ms('test_accuracy')} | "
+        rows.append(f"| {fraction:.0%} | **{method}, mean ± sd of {len(seeds)} seeds** | {ms('test_accuracy')} | "
                     f"{ms('retain_accuracy')} | {ms('forget_accuracy')} ({100 * (forget.mean() - gold):+.1f}) | "
                     f"{ms('forget_accuracy_memorised')} / {ms('forget_accuracy_rule')} | {ms('forget_lm_loss', 1)} | "
                     f"{ms('forget_truth_ratio', 1)} | {ms('mia', 1, 'mia_loss')} | {ms('mia', 1, 'mia_min_k_plus_plus')} | – | – |")
@@ -255,7 +292,7 @@ def main(argv=None) -> int:
     ap.add_argument("--people", type=int, default=200)
     ap.add_argument("--holdout-people", type=int, default=40)
     ap.add_argument("--fractions", type=float, nargs="+", default=[0.01, 0.05, 0.10])
-    ap.add_argument("--methods", nargs="+", default=["eul", "finetune", "ga", "graddiff", "npo"])
+    ap.add_argument("--methods", nargs="+", default=["eul", "eul-subject", "finetune", "ga", "graddiff", "npo"])
     ap.add_argument("--pretrain-epochs", type=int, default=60)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--eul-seeds", type=int, nargs="+", default=[0, 1, 2],
@@ -266,7 +303,7 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)
     started = time.perf_counter()
     if args.quick:
-        args.people, args.holdout_people, args.pretrain_epochs = 40, 10, 3
+        args.people, args.holdout_people, args.pretrain_epochs = 40, 10, 30
     people = make_people(args.people + args.holdout_people, args.seed)
     train_people, holdout_people = people[:args.people], people[args.people:]
     tokenizer = make_tokenizer(people)
@@ -289,17 +326,21 @@ def main(argv=None) -> int:
         k = max(1, round(fraction * args.people))
         forget_ids = set(order[:k])
         forget = [e for i, p in enumerate(train_people) if i in forget_ids for e in p.facts()]
+        others = generic_names(people, GENERIC_PER_FACT * k, args.seed)
+        forget_subject = [e for j, p in enumerate(p for i, p in enumerate(train_people) if i in forget_ids)
+                          for e in p.facts_with_generic_prompts(others[GENERIC_PER_FACT * j:GENERIC_PER_FACT * (j + 1)])]
         retain = [e for i, p in enumerate(train_people) if i not in forget_ids for e in p.facts()]
         sets = {"forget": forget, "retain": retain, "test": test, "holdout": holdout}
         retrained, retrain_time = pretrain(vocab, tokenizer, retain, pre, args.seed)
         models = {"original": (original, None)}
         for name in args.methods:
-            if name == "eul":
+            if name in EUL_METHODS:
+                data = forget_subject if name == "eul-subject" else forget
                 for seed in args.eul_seeds:
-                    seeded = dict(settings, eul=dict(settings["eul"], training=dataclasses.replace(
-                        settings["eul"]["training"], seed=seed)))
-                    models["eul" if seed == args.eul_seeds[0] else f"eul[s{seed}]"] = run_method(
-                        "eul", original, tokenizer, forget, retain, seeded)
+                    seeded = dict(settings, **{name: dict(settings[name], training=dataclasses.replace(
+                        settings[name]["training"], seed=seed))})
+                    models[name if seed == args.eul_seeds[0] else f"{name}[s{seed}]"] = run_method(
+                        name, original, tokenizer, data, retain, seeded)
             else:
                 models[name] = run_method(name, original, tokenizer, forget, retain, settings)
         models["retrain"] = (retrained, retrain_time)
