@@ -148,3 +148,19 @@ def save_model_dir(arch: str, path, seed: int = 0):
     model.save_pretrained(path)
     tokenizer_for(arch).save_pretrained(path)
     return path
+
+
+def benchmark_module(name: str):
+    """Import ``benchmarks/unlearning/<name>.py`` (a script, not a package module) as ``name``;
+    yields the module and unregisters it afterwards (for module-scoped fixtures)."""
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "unlearning" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses look their module up
+    spec.loader.exec_module(module)
+    yield module
+    sys.modules.pop(name, None)

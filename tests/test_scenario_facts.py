@@ -1,33 +1,26 @@
 """Scenario 1 (benchmarks/unlearning/fictitious_facts.py): the generated people and their generic names,
 and a smoke run of the whole script (few people, one split; its numbers mean nothing)."""
 
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import pytest
 
-PATH = Path(__file__).resolve().parents[1] / "benchmarks" / "unlearning" / "fictitious_facts.py"
+from conftest import benchmark_module
 
 
 @pytest.fixture(scope="module")
 def ff():
-    spec = importlib.util.spec_from_file_location("fictitious_facts", PATH)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["fictitious_facts"] = module  # dataclasses look their module up
-    spec.loader.exec_module(module)
-    yield module
-    sys.modules.pop("fictitious_facts", None)
+    yield from benchmark_module("fictitious_facts")
 
 
 def test_generic_names_are_nobodys_and_made_of_known_tokens(ff):
     people = ff.make_people(60, seed=3)
-    names = ff.generic_names(people, 30, seed=3)
+    trained, held_out = people[:50], people[50:]
+    names = ff.generic_names(trained, 30, seed=3, taken=tuple(p.name for p in held_out))
     assert len(set(names)) == 30 and not set(names) & {p.name for p in people}
-    assert names == ff.generic_names(people, 30, seed=3)  # seeded
-    vocab = ff.make_tokenizer(people).get_vocab()
-    assert all(word in vocab for n in names for word in n.split())
+    assert names == ff.generic_names(trained, 30, seed=3, taken=tuple(p.name for p in held_out))  # seeded
+    trained_words = {w for p in trained for w in p.name.split()}
+    assert all(word in trained_words for n in names for word in n.split())
 
 
 def test_facts_with_generic_prompts_replace_only_the_name(ff):

