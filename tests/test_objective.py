@@ -182,7 +182,8 @@ def compare(model, task, batch, **weights):
     params = [p for p in model.parameters() if p.requires_grad]
     loss, terms = objective(batch)
     got_grads = torch.autograd.grad(loss, params, allow_unused=True)
-    kwargs = {k: v for k, v in config.to_dict().items() if k != "sharpening_guard"}
+    # the subject margin acts before training (unlearn_fast.selection), not in a batch's loss
+    kwargs = {k: v for k, v in config.to_dict().items() if k not in ("sharpening_guard", "subject_margin")}
     kwargs["gamma"] = objective.gamma
     expected, parts = hand_loss(model, task, batch, **kwargs)
     want_grads = torch.autograd.grad(expected, params, allow_unused=True)
