@@ -31,7 +31,10 @@ from unlearn_fast.layers import LayerConfig, attach, unlearning_parameters
 from unlearn_fast.models import detect_task
 from unlearn_fast.objective import EULObjective, ObjectiveConfig
 
-FORGET = [{"prompt": f"The capital of Zorbia{i} is", "response": f" Quell{i}ton"} for i in range(5)]
+# with generic prompts and a margin of 0 (below), each rank selects the forget tokens before training,
+# on the random model roughly half of them: the selection must agree across ranks and with one process
+FORGET = [{"prompt": f"The capital of Zorbia{i} is", "response": f" Quell{i}ton",
+           "generic_prompts": [f"The capital of Yarbia{i} is", f"The capital of Varbia{i} is"]} for i in range(5)]
 RETAIN = [{"prompt": f"Fact {i}: the sky over town {i} is", "response": " blue" * (1 + i % 3)} for i in range(11)]
 TIMEOUT = 120
 
@@ -79,7 +82,7 @@ def job(tmp_path_factory):
 def _args(job, out, *extra):
     return ["unlearn", "--model", str(job / "model"), "--forget", str(job / "forget.jsonl"),
             "--retain", str(job / "retain.jsonl"), "--rank", "4", "--epochs", "2", "--batch-size", "3",
-            "--lr", "1e-2", "--no-progress", "--out", str(out), *extra]
+            "--lr", "1e-2", "--no-progress", "--subject-margin", "0", "--out", str(out), *extra]
 
 
 # batches of 2 rows over 11 retained and 5 forgotten rows: each set's last batch has 1 row, so one
@@ -152,7 +155,11 @@ def test_two_processes_equal_one_process(runs):
     assert times["total_s"] == pytest.approx(sum(times["per_rank_s"]))
     # the per-rank teacher cache holds only what each rank saw, and every row was seen
     cached = m["distributed"]["teacher_cache_rows_per_rank"]
-    assert sum(cached) >= len(FORGET) + len(RETAIN) and max(cached) < len(FORGET) + len(RETAIN)
+    selected = m["subject_selection"]
+    assert m["subject_selection"] == _manifest(runs / "reference")["subject_selection"]
+    assert 0 < selected["tokens_kept"] < selected["tokens"] and selected["rows"] == len(FORGET)
+    trained_rows = selected["rows_kept"] + len(RETAIN)
+    assert sum(cached) >= trained_rows and max(cached) < trained_rows
     assert _manifest(runs / "reference")["distributed"]["world_size"] == 1
 
 
