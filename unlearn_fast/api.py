@@ -80,6 +80,9 @@ def unlearn(
     ``datasets.Dataset`` objects. The base stays frozen; one unlearning layer is attached per
     selected block. With ``out``, the artifact (layers + Gram matrices + manifest) is written
     atomically there. Returns the model with its layers attached (active) and the figures.
+
+    Forgotten prompt/response examples with ``generic_prompts`` are forgotten only where the subject
+    matters: see :mod:`unlearn_fast.selection` and ``ObjectiveConfig.subject_margin``.
     """
     layers = layers or LayerConfig()
     objective = objective or ObjectiveConfig()
