@@ -150,7 +150,7 @@ def target_text(example: Example) -> str:
 
 
 def row_token_stats(model: nn.Module, task: str, rows: Sequence[Row], pad: int, batch_size: int,
-                     vocab_chunk: int):
+                    vocab_chunk: int):
     """Per row, in order: the :class:`~unlearn_fast.metrics.TokenStats` of its target tokens (on the CPU).
 
     Rows are run in batches through :func:`unlearn_fast.models.output_states` and the output head in
