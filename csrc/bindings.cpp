@@ -9,6 +9,8 @@
 
 #include <tuple>
 
+#include "cpu/block_gemm.h"
+
 namespace unlearn_fast {
 
 using Tensor3 = std::tuple<at::Tensor, at::Tensor, at::Tensor>;
@@ -162,4 +164,8 @@ PYBIND11_MODULE(_C, m) {
         py::arg("pre"), py::arg("down_weight"), py::arg("up_weight"), py::arg("activation"),
         py::arg("compute_grad_x"), py::call_guard<py::gil_scoped_release>(),
         unlearn_fast::kUnlearningLayerBackwardDoc);
+  m.def(
+      "cpu_gemm_kernel", [] { return unlearn_fast::cpu::gemm_kernel_name(unlearn_fast::cpu::pick_gemm_kernel()); },
+      "The block GEMM kernel the CPU unlearning-layer op would use now: 'avx512', 'avx2' or 'aten' (the fastest "
+      "one this CPU has, or the one UNLEARN_FAST_CPU_GEMM asks for where the CPU has it).");
 }

@@ -67,7 +67,10 @@ def backend_report() -> dict:
     else:
         live.append("cuda")
 
-    return {"versions": versions, "live": live, "not_live": not_live, "forced": os.environ.get(BACKEND_VAR)}
+    # the CPU unlearning-layer op's block GEMM (csrc/cpu/block_gemm.h): avx512, avx2 or aten
+    cpu_gemm = C.cpu_gemm_kernel() if C is not None and hasattr(C, "cpu_gemm_kernel") else None
+    return {"versions": versions, "live": live, "not_live": not_live, "forced": os.environ.get(BACKEND_VAR),
+            "cpu_gemm": cpu_gemm}
 
 
 def main() -> None:
@@ -79,6 +82,8 @@ def main() -> None:
     print("live backends: " + ", ".join(report["live"]))
     for name, why in report["not_live"].items():
         print(f"  not live: {name}: {why}")
+    if report["cpu_gemm"]:
+        print(f"cpp unlearning-layer GEMM kernel: {report['cpu_gemm']} (UNLEARN_FAST_CPU_GEMM=avx512|avx2|aten picks one)")
     forced = report["forced"]
     print(f"{BACKEND_VAR}={forced}" if forced is not None else f"{BACKEND_VAR} not set (auto)")
 

@@ -20,8 +20,9 @@
 //
 // A block's [rows, d] tiles of x and g are used while they sit in the core's L2, the bottleneck lives
 // in a per-thread [rows, R] buffer, and y and dx are written once, past the caches (stream_output).
-// The block GEMMs (gemm below) are a small AVX-512 kernel that reads its operands in place; the
-// weight-gradient GEMMs accumulate into per-chunk accumulators (see for_each_block), summed at the end.
+// The block GEMMs (block_gemm.h) are small register-tiled AVX-512 or AVX2 kernels that read their
+// operands in place; the weight-gradient GEMMs accumulate into per-chunk accumulators (see
+// for_each_block), summed at the end.
 // At N = 2048, d = 576, R = 32, on 2 Zen 4 cores, forward + backward takes ~2.7 ms (~170 GFLOP/s,
 // ~75 % of the FMA peak); the six GEMMs alone, as whole-matrix MKL calls, sum to ~2.7 ms, and the
 // previous version (those calls plus fused elementwise passes) took ~4.4 ms.
@@ -33,24 +34,19 @@
 
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
-#include <ATen/ops/addmm.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/from_blob.h>
 #include <ATen/ops/sum.h>
 #include <c10/util/Exception.h>
 #include <c10/util/string_view.h>
 
+#include "block_gemm.h"
 #include "vec_math.h"
-
-#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
-#include <immintrin.h>
-#endif
 
 #include <algorithm>
 #include <atomic>
 #include <initializer_list>
 #include <cstdint>
-#include <cstdlib>
 #include <cstring>
 #include <string>
 #include <tuple>
@@ -178,152 +174,10 @@ void column_sums(const float* g, double* colsum, int64_t rows, int64_t d) {
   }
 }
 
-// ---- GEMMs on blocks ------------------------------------------------------------------------------
-// C [m, n] = init + bias + A B. B [k, n], C and init (optional, may be C itself) row-major; bias
-// (optional) [n] added to every row; A [m, k] strided, A(i, p) = A[i * rs + p * cs], so a row-major A
-// (cs = 1) and a transposed one (rs = 1) are one case. Serial: called inside the parallel region.
-struct StridedA {
-  const float* p;
-  int64_t rs, cs;
-};
-struct RowMajor {
-  const float* p = nullptr;
-  int64_t ld = 0;
-};
-
-#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
-#define UNLEARN_FAST_HAVE_AVX512_GEMM 1
-#define UNLEARN_FAST_AVX512 __attribute__((target("avx512f")))
-
-// An [MR, 16 NV] tile of C in MR * NV zmm accumulators; per step p, NV vectors of B's row p and MR
-// broadcasts of A. Operands are read in place, nothing is packed: at these sizes MKL spent ~30 % of
-// its time packing per call, and this kernel runs at ~110 GFLOP/s per core on the blocks against
-// MKL's 85-100 (AMD Zen 4). With kMasked the last vector holds only the columns in `last`; with
-// kStream C is written with non-temporal stores (C 64-byte aligned, ldc a multiple of 16).
-template <int MR, int NV, bool kMasked, bool kStream = false>
-UNLEARN_FAST_AVX512 UNLEARN_FAST_INLINE void gemm_tile(int64_t k, StridedA A, RowMajor B, float* C, int64_t ldc,
-                                                       RowMajor init, const float* bias, __mmask16 last) {
-  auto mask = [&](int v) -> __mmask16 { return kMasked && v == NV - 1 ? last : __mmask16(0xFFFF); };
-  __m512 acc[MR][NV];
-#pragma GCC unroll 16
-  for (int i = 0; i < MR; ++i) {
-#pragma GCC unroll 4
-    for (int v = 0; v < NV; ++v) {
-      acc[i][v] = init.p ? _mm512_maskz_loadu_ps(mask(v), init.p + i * init.ld + 16 * v) : _mm512_setzero_ps();
-      if (bias) acc[i][v] = _mm512_add_ps(acc[i][v], _mm512_maskz_loadu_ps(mask(v), bias + 16 * v));
-    }
-  }
-  for (int64_t p = 0; p < k; ++p) {
-    __m512 b[NV];
-#pragma GCC unroll 4
-    for (int v = 0; v < NV; ++v) b[v] = _mm512_maskz_loadu_ps(mask(v), B.p + p * B.ld + 16 * v);
-#pragma GCC unroll 16
-    for (int i = 0; i < MR; ++i) {
-      const __m512 a = _mm512_set1_ps(A.p[i * A.rs + p * A.cs]);
-#pragma GCC unroll 4
-      for (int v = 0; v < NV; ++v) acc[i][v] = _mm512_fmadd_ps(a, b[v], acc[i][v]);
-    }
-  }
-#pragma GCC unroll 16
-  for (int i = 0; i < MR; ++i) {
-#pragma GCC unroll 4
-    for (int v = 0; v < NV; ++v) {
-      if constexpr (kStream && !kMasked) {
-        _mm512_stream_ps(C + i * ldc + 16 * v, acc[i][v]);
-      } else {
-        _mm512_mask_storeu_ps(C + i * ldc + 16 * v, mask(v), acc[i][v]);
-      }
-    }
-  }
-}
-
-// The last `rows` (< MR) rows of a panel as one tile of that height.
-template <int MaxRows, int NV, bool kMasked, bool kStream>
-UNLEARN_FAST_AVX512 UNLEARN_FAST_INLINE void gemm_row_tail(int64_t rows, int64_t k, StridedA A, RowMajor B, float* C,
-                                                           int64_t ldc, RowMajor init, const float* bias,
-                                                           __mmask16 last) {
-  if constexpr (MaxRows > 0) {
-    if (rows == MaxRows) {
-      gemm_tile<MaxRows, NV, kMasked, kStream>(k, A, B, C, ldc, init, bias, last);
-    } else {
-      gemm_row_tail<MaxRows - 1, NV, kMasked, kStream>(rows, k, A, B, C, ldc, init, bias, last);
-    }
-  }
-}
-
-// All m rows of one panel of 16 NV columns: 24 accumulators (of 32 registers) a tile, as 6 x 4
-// vectors, or 12 x 2 for narrow panels (n = R = 32). (8 x 3 tiles, which would spare the 2-row tail
-// tiles at m = R = 32, measured slower.)
-template <int NV, bool kMasked, bool kStream = false>
-UNLEARN_FAST_AVX512 UNLEARN_FAST_INLINE void gemm_panel(int64_t m, int64_t k, StridedA A, RowMajor B, float* C,
-                                                        int64_t ldc, RowMajor init, const float* bias,
-                                                        __mmask16 last) {
-  constexpr int MR = NV >= 3 ? 6 : 12;
-  int64_t i = 0;
-  for (; i + MR <= m; i += MR) {
-    gemm_tile<MR, NV, kMasked, kStream>(k, {A.p + i * A.rs, A.rs, A.cs}, B, C + i * ldc, ldc,
-                               {init.p ? init.p + i * init.ld : nullptr, init.ld}, bias, last);
-  }
-  gemm_row_tail<MR - 1, NV, kMasked, kStream>(m - i, k, {A.p + i * A.rs, A.rs, A.cs}, B, C + i * ldc, ldc,
-                                     {init.p ? init.p + i * init.ld : nullptr, init.ld}, bias, last);
-}
-
-UNLEARN_FAST_AVX512 void gemm_avx512(int64_t m, int64_t n, int64_t k, StridedA A, RowMajor B, float* C, int64_t ldc,
-                                     RowMajor init, const float* bias, bool stream) {
-  auto shift = [](RowMajor t, int64_t j) { return RowMajor{t.p ? t.p + j : nullptr, t.ld}; };
-  stream = stream && reinterpret_cast<uintptr_t>(C) % 64 == 0 && ldc % 16 == 0;
-  int64_t j = 0;
-  for (; j + 64 <= n; j += 64) {
-    const RowMajor Bj = shift(B, j), init_j = shift(init, j);
-    const float* bias_j = bias ? bias + j : nullptr;
-    if (stream) {
-      gemm_panel<4, false, true>(m, k, A, Bj, C + j, ldc, init_j, bias_j, 0);
-    } else {
-      gemm_panel<4, false>(m, k, A, Bj, C + j, ldc, init_j, bias_j, 0);
-    }
-  }
-  if (stream) _mm_sfence();  // order the non-temporal stores before anything that follows
-  const int64_t rest = n - j;  // < 64 columns left: 1-4 vectors, the last one masked
-  if (rest == 0) return;
-  const __mmask16 last = static_cast<__mmask16>((1u << ((rest - 1) % 16 + 1)) - 1);
-  const RowMajor Bj = shift(B, j), init_j = shift(init, j);
-  const float* bias_j = bias ? bias + j : nullptr;
-  switch ((rest + 15) / 16) {
-    case 1: gemm_panel<1, true>(m, k, A, Bj, C + j, ldc, init_j, bias_j, last); break;
-    case 2: gemm_panel<2, true>(m, k, A, Bj, C + j, ldc, init_j, bias_j, last); break;
-    case 3: gemm_panel<3, true>(m, k, A, Bj, C + j, ldc, init_j, bias_j, last); break;
-    default: gemm_panel<4, true>(m, k, A, Bj, C + j, ldc, init_j, bias_j, last); break;
-  }
-}
-#endif
-
-// Whether the block GEMMs use the AVX-512 kernel: when the CPU has it, unless
-// UNLEARN_FAST_CPU_GEMM=aten (tests use it to cover the other path). Read once per op call.
-bool use_avx512_gemm() {
-#ifdef UNLEARN_FAST_HAVE_AVX512_GEMM
-  static const bool has_avx512 = __builtin_cpu_supports("avx512f");
-  const char* choice = std::getenv("UNLEARN_FAST_CPU_GEMM");
-  return has_avx512 && !(choice && std::string(choice) == "aten");
-#else
-  return false;
-#endif
-}
-
-// stream: write C with non-temporal stores (see stream_output). Only the AVX-512 kernel acts on it.
-void gemm(bool avx512, int64_t m, int64_t n, int64_t k, StridedA A, RowMajor B, float* C, int64_t ldc,
-          RowMajor init = {}, const float* bias = nullptr, bool stream = false) {
-#ifdef UNLEARN_FAST_HAVE_AVX512_GEMM
-  if (avx512) return gemm_avx512(m, n, k, A, B, C, ldc, init, bias, stream);
-#endif
-  // Elsewhere: the BLAS torch uses, through at::addmm_out on views of the blocks.
-  auto view = [](const float* p, int64_t rows, int64_t cols, int64_t rs, int64_t cs) {
-    return at::from_blob(const_cast<float*>(p), {rows, cols}, {rs, cs}, at::kFloat);
-  };
-  at::Tensor c = view(C, m, n, ldc, 1);
-  if (init.p && init.p != C) c.copy_(view(init.p, m, n, init.ld, 1));
-  if (bias) init.p ? c.add_(view(bias, 1, n, n, 1)) : c.copy_(view(bias, 1, n, n, 1).expand({m, n}));
-  at::addmm_out(c, c, view(A.p, m, k, A.rs, A.cs), view(B.p, k, n, B.ld, 1), init.p || bias ? 1.f : 0.f, 1.f);
-}
+using cpu::block_gemm;
+using cpu::GemmKernel;
+using cpu::RowMajor;
+using cpu::StridedA;
 
 // ---- Blocks of rows over threads -------------------------------------------------------------------
 // Rows per block: a [rows, d] tile is ~128 KiB, so the tiles a block works on, its [rows, R] buffers
@@ -449,7 +303,7 @@ std::tuple<at::Tensor, at::Tensor> unlearning_layer_forward_cpu(const at::Tensor
   check_weight(up_weight, "up_weight", {d, R});
   check_weight(up_bias, "up_bias", {d});
   const Act act = parse_activation(activation);
-  const bool avx512 = use_avx512_gemm();
+  const GemmKernel gemm = cpu::pick_gemm_kernel();
 
   const int64_t n = x.size(0);
   const at::Tensor x32 = as_float(x);
@@ -473,10 +327,10 @@ std::tuple<at::Tensor, at::Tensor> unlearning_layer_forward_cpu(const at::Tensor
     float* hb = hp + first * R;
     float* ab = act_buf + w * per_worker;  // act(h) of the block
     // h = x D^T + b: one GEMM for all K layers
-    gemm(avx512, rows, R, d, {xb, d, 1}, {Dt, R}, hb, R, {}, b.const_data_ptr<float>());
+    block_gemm(gemm, rows, R, d, {xb, d, 1}, {Dt, R}, hb, R, {}, b.const_data_ptr<float>());
     activation_forward_rows(act, hb, ab, rows, R);
     // y = x + c + a U^T
-    gemm(avx512, rows, d, R, {ab, R, 1}, {Ut, d}, yp + first * d, d, {xb, d}, c.const_data_ptr<float>(), stream);
+    block_gemm(gemm, rows, d, R, {ab, R, 1}, {Ut, d}, yp + first * d, d, {xb, d}, c.const_data_ptr<float>(), stream);
   });
   return {x.scalar_type() == at::kFloat ? y : y.to(x.scalar_type()), pre};
 }
@@ -492,7 +346,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> unlearnin
   check_weight(down_weight, "down_weight", {R, d});
   check_weight(up_weight, "up_weight", {d, R});
   const Act act = parse_activation(activation);
-  const bool avx512 = use_avx512_gemm();
+  const GemmKernel gemm = cpu::pick_gemm_kernel();
 
   const at::Tensor g = as_float(grad_y), x32 = as_float(x), h = pre.contiguous();
   const at::Tensor D = down_weight.contiguous(), U = up_weight.contiguous();
@@ -516,18 +370,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> unlearnin
     const float* xb = xp + first * d;
     float* dh = work + w * per_worker;
     float* ab = dh + blocks.rows * R;
-    gemm(avx512, rows, R, d, {gb, d, 1}, {U.const_data_ptr<float>(), R}, dh, R);  // da = g U
+    block_gemm(gemm, rows, R, d, {gb, d, 1}, {U.const_data_ptr<float>(), R}, dh, R);  // da = g U
     activation_backward_rows(act, hp + first * R, ab, dh, &db_acc[c * R], rows, R);  // a, dh = da act'(h), db
     column_sums(gb, &dc_acc[c * d], rows, d);                                         // dc
     if (dxp) {  // dx = g + dh D
-      gemm(avx512, rows, d, R, {dh, R, 1}, {D.const_data_ptr<float>(), d}, dxp + first * d, d, {gb, d}, nullptr,
+      block_gemm(gemm, rows, d, R, {dh, R, 1}, {D.const_data_ptr<float>(), d}, dxp + first * d, d, {gb, d}, nullptr,
            stream);
     }
     // dU^T += a^T g, dD += dh^T x (a chunk's first block writes its accumulators)
     float* dUt = dUt_acc + c * R * d;
     float* dDc = dD_acc + c * R * d;
-    gemm(avx512, R, d, rows, {ab, 1, R}, {gb, d}, dUt, d, first_of_chunk ? RowMajor{} : RowMajor{dUt, d});
-    gemm(avx512, R, d, rows, {dh, 1, R}, {xb, d}, dDc, d, first_of_chunk ? RowMajor{} : RowMajor{dDc, d});
+    block_gemm(gemm, R, d, rows, {ab, 1, R}, {gb, d}, dUt, d, first_of_chunk ? RowMajor{} : RowMajor{dUt, d});
+    block_gemm(gemm, R, d, rows, {dh, 1, R}, {xb, d}, dDc, d, first_of_chunk ? RowMajor{} : RowMajor{dDc, d});
   });
 
   // Sum the chunks, in chunk order.

@@ -145,27 +145,38 @@ def test_cpp_half_input(monkeypatch):
 
 
 # The C++ op works on blocks of rows (a multiple of 12 near 32768 / d rows: 48 at d = 576, 324 at
-# d = 100), runs of blocks ("chunks") spread over threads, and an AVX-512 GEMM kernel where the CPU has
-# one (UNLEARN_FAST_CPU_GEMM=aten: ATen's BLAS on the blocks instead). These shapes cover a short last
-# block, N below one block and below one kernel tile, N = 1, column counts the kernel must mask
-# (R = 16, 33; d = 100), wide panels (R = 128, d = 576) and outputs of >= 2 MiB, which are written with
-# non-temporal stores ("blocks").
+# d = 100), runs of blocks ("chunks") spread over threads, and a register-tiled block GEMM, AVX-512 or
+# AVX2 by what the CPU has (UNLEARN_FAST_CPU_GEMM=avx512|avx2|aten picks one; aten is ATen's BLAS on
+# the blocks). These shapes cover a short last block, N below one block and below one kernel tile,
+# N = 1, column counts the kernels must mask (R = 5, 13, 16, 33; d = 100, 72), wide panels (R = 128,
+# d = 576) and outputs of >= 2 MiB, which are written with non-temporal stores ("blocks").
 CPP_BLOCK_SHAPES = {
     "blocks": dict(lead=(1000,), d=576, ranks=(32,)),  # 20 blocks of 48 rows + 40
     "K4": dict(lead=(2, 101), d=576, ranks=(32, 32, 32, 32)),
     "odd": dict(lead=(613,), d=100, ranks=(5, 8, 3)),  # 324 + 289 rows
     "short": dict(lead=(11,), d=576, ranks=(13, 20)),
     "one-row": dict(lead=(1,), d=64, ranks=(7,)),
+    "tails": dict(lead=(50,), d=90, ranks=(12, 11)),  # two-vector masked tails in both kernels
+    "wide": dict(lead=(130,), d=576, ranks=(128,)),
 }
+
+
+def use_cpu_gemm(kernel, monkeypatch):
+    """Ask the C++ op for one block GEMM kernel; skip where this CPU does not have it."""
+    from unlearn_fast._ext import C
+
+    monkeypatch.setenv("UNLEARN_FAST_CPU_GEMM", kernel)
+    if C.cpu_gemm_kernel() != kernel:
+        pytest.skip(f"this CPU has no {kernel} kernel (the op uses {C.cpu_gemm_kernel()})")
 
 
 @needs_cpp
 @pytest.mark.parametrize("threads", [1, 2])
-@pytest.mark.parametrize("gemm", ["auto", "aten"])
+@pytest.mark.parametrize("gemm", ["avx512", "avx2", "aten"])
 @pytest.mark.parametrize("shape", CPP_BLOCK_SHAPES.values(), ids=CPP_BLOCK_SHAPES.keys())
 def test_cpp_blocks(shape, gemm, threads, monkeypatch):
     monkeypatch.setenv("UNLEARN_FAST_BACKEND", "cpp")
-    monkeypatch.setenv("UNLEARN_FAST_CPU_GEMM", gemm)
+    use_cpu_gemm(gemm, monkeypatch)
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:

@@ -15,8 +15,9 @@ Backends (chosen once per call by :func:`~unlearn_fast.ops.backend.pick_backend`
   dot operands in x's dtype (bf16/fp16 tensor cores, IEEE fp32 for fp32 x), fp32 accumulation.
 * ``cpp`` (CPU tensors): ``unlearn_fast._C.unlearning_layer_forward`` / ``_backward``
   (csrc/cpu/unlearning_layer.cpp), all arithmetic in fp32: one pass over blocks of rows, the block GEMMs
-  in a small AVX-512 kernel (``UNLEARN_FAST_CPU_GEMM=aten`` puts them on ATen's BLAS instead; CPUs
-  without AVX-512 always do).
+  in small register-tiled kernels, AVX-512 or AVX2 + FMA by what the CPU has (csrc/cpu/block_gemm.h;
+  ``UNLEARN_FAST_CPU_GEMM=avx512|avx2|aten`` picks one, ``aten`` being ATen's BLAS on the blocks;
+  ``python -m unlearn_fast.env`` prints the one in use).
 * ``reference``: :func:`unlearning_layer_reference`, autograd through plain PyTorch.
 
 The fused backends see the K layers as one: D = [D_1; ...; D_K] [R, d], b [R], U = [U_1 ... U_K]
