@@ -8,6 +8,7 @@ V = 128256, tied head), bf16, batch 8 × 1024, a rank-128 unlearning layer after
 CPU: the real SmolLM2-135M (fp32, 8 × 128, rank 32 after every block), the issue's CPU shape:
 
     python benchmarks/gpu_step.py --cpu --steps 2 --out step_cpu.json
+    python benchmarks/gpu_step.py --cpu --steps 5 --modes naive fused+cache --interleave   # robust ratio
 
 Script check without a GPU (the GPU model's code path, tiny and on the CPU, bf16):
 
@@ -27,7 +28,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from whole_step import ALL_MODES, MODES, StepRunner, make_rows, prepare, time_steps  # noqa: E402
+from whole_step import ALL_MODES, MODES, StepRunner, make_rows, prepare, time_interleaved, time_steps  # noqa: E402
 
 
 def matmul_rate(device, dtype, n=8192, reps=10) -> float:
@@ -81,10 +82,16 @@ def main(argv=None):
                         help="blocks that carry a layer: 'all' (default, the issues' shape) or N, the top N "
                              "(the demo's recipe uses 8): below the lowest layer the fused modes share the "
                              "trunk and skip the backward, which the naive loop cannot; MFU is left out then")
+    parser.add_argument("--interleave", action="store_true",
+                        help="run the modes' steps in turn (one step of each, --steps times) and report each "
+                             "mode's median and minimum: on a shared machine every mode sees the same load, so "
+                             "the ratios hold when absolute times drift (no peak memory in this mode)")
     parser.add_argument("--out", default="whole_step.json")
     args = parser.parse_args(argv)
     if not (args.cpu or args.dry_run) and not torch.cuda.is_available():
         parser.error("no GPU: use --cpu for the CPU shape, or --dry-run")
+    if args.interleave and any(m.endswith("+compile") for m in args.modes):
+        parser.error("--interleave runs every mode on one model: fused+cache+compile would compile them all")
     device = torch.device("cpu" if args.cpu or args.dry_run else "cuda")
     args.device = device
     blocks = "all" if args.blocks == "all" else int(args.blocks)
@@ -94,27 +101,36 @@ def main(argv=None):
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     rate = matmul_rate(device, next(model.parameters()).dtype, n=8192 if device.type == "cuda" else 2048 if args.cpu else 256)
     results = []
-    for mode in args.modes:
+    for mode in [] if args.interleave else args.modes:
         if device.type == "cuda":
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
         runner = StepRunner(model, rows, mode)
         r = time_steps(runner, args.steps, sync)
         runner.close()
-        r["mfu"] = (model_flops_per_step(model, runner.tokens, mode.startswith("fused+cache")) / r["s_per_step"] / rate
-                    if blocks == "all" else float("nan"))
         if device.type == "cuda":
             r["peak_gib"] = torch.cuda.max_memory_allocated() / 2 ** 30
         results.append(r)
         del runner
+    if args.interleave:
+        results = time_interleaved([StepRunner(model, rows, mode) for mode in args.modes], args.steps, sync)
+    for r in results:
+        r["mfu"] = (model_flops_per_step(model, r["tokens"], r["mode"].startswith("fused+cache")) / r["s_per_step"]
+                    / rate if blocks == "all" else float("nan"))
     naive = next((r for r in results if r["mode"] == "naive"), None)
     print(f"device: {torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu'}; "
           f"measured matmul rate {rate / 1e12:.2f} TFLOP/s; torch {torch.__version__}; layers on {args.blocks} blocks")
-    print(f"{'mode':20}{'ms/step':>10}{'tokens/s':>11}{'× naive':>9}{'MFU':>7}{'GiB':>8}")
+    if args.interleave:
+        print(f"interleaved: {args.steps} steps of each mode in turn; ms/step and × naive from the medians")
+    print(f"{'mode':20}{'ms/step':>10}{'tokens/s':>11}{'× naive':>9}{'MFU':>7}{'GiB':>8}"
+          + (f"{'min ms':>10}{'× naive (min)':>15}" if args.interleave else ""))
     for r in results:
         speedup = naive["s_per_step"] / r["s_per_step"] if naive else float("nan")
-        print(f"{r['mode']:20}{1e3 * r['s_per_step']:10.1f}{r['tokens_per_s']:11.0f}{speedup:9.2f}"
-              f"{100 * r['mfu']:6.1f}%{r.get('peak_gib', float('nan')):8.2f}")
+        line = (f"{r['mode']:20}{1e3 * r['s_per_step']:10.1f}{r['tokens_per_s']:11.0f}{speedup:9.2f}"
+                f"{100 * r['mfu']:6.1f}%{r.get('peak_gib', float('nan')):8.2f}")
+        if args.interleave:
+            line += f"{1e3 * r['s_min']:10.1f}{(naive['s_min'] / r['s_min'] if naive else float('nan')):15.2f}"
+        print(line)
     with open(args.out, "w") as f:
         json.dump({"device": str(device), "matmul_rate": rate, "blocks": args.blocks, "results": results}, f, indent=2)
 

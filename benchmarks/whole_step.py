@@ -121,4 +121,33 @@ def time_steps(runner: StepRunner, steps: int, sync=lambda: None) -> dict:
         runner.step()
     sync()
     seconds = (time.perf_counter() - start) / steps
-    return {"mode": runner.mode, "s_per_step": seconds, "tokens_per_s": runner.tokens / seconds}
+    return {"mode": runner.mode, "s_per_step": seconds, "tokens_per_s": runner.tokens / seconds,
+            "tokens": runner.tokens}
+
+
+def time_interleaved(runners: list[StepRunner], steps: int, sync=lambda: None) -> list[dict]:
+    """One step of each runner in turn, ``steps`` times (after one warm-up step each): the modes
+    share the machine's load, so their ratio holds where absolute times drift. Medians and minima;
+    closes the runners."""
+    import statistics
+
+    times = {id(r): [] for r in runners}
+    try:
+        for r in runners:
+            r.step()
+        for _ in range(steps):
+            for r in runners:
+                sync()
+                start = time.perf_counter()
+                r.step()
+                sync()
+                times[id(r)].append(time.perf_counter() - start)
+    finally:
+        for r in runners:
+            r.close()
+    out = []
+    for r in runners:
+        median = statistics.median(times[id(r)])
+        out.append({"mode": r.mode, "s_per_step": median, "s_min": min(times[id(r)]),
+                    "s_all": times[id(r)], "tokens_per_s": r.tokens / median, "tokens": r.tokens})
+    return out

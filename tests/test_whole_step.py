@@ -1,0 +1,55 @@
+"""benchmarks/whole_step.py and gpu_step.py (the whole-step benchmark of issue 8), on a tiny model:
+every mode computes the same loss, and the interleaved timing gives each mode its own samples."""
+
+import json
+import os
+import sys
+
+import pytest
+from conftest import make_model
+
+BENCH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks")
+sys.path.insert(0, BENCH)
+from whole_step import MODES, StepRunner, make_rows, prepare, time_interleaved  # noqa: E402
+
+
+@pytest.fixture
+def model():
+    return prepare(make_model("llama"), rank=4)
+
+
+def test_every_mode_computes_the_naive_loss(model):
+    rows = make_rows(model.config.vocab_size, rows=4, length=9)
+    losses = {}
+    for mode in MODES:  # each runner's first step, from the same layer weights
+        state = {k: v.clone() for k, v in model.state_dict().items()}
+        runner = StepRunner(model, rows, mode)
+        losses[mode] = runner.step()
+        runner.close()
+        model.load_state_dict(state)
+    assert losses["naive"] != 0
+    for mode, loss in losses.items():
+        assert loss == pytest.approx(losses["naive"], rel=1e-5), (mode, losses)
+
+
+def test_interleaved_timing_keeps_modes_apart(model):
+    rows = make_rows(model.config.vocab_size, rows=4, length=9)
+    runners = [StepRunner(model, rows, mode) for mode in ("naive", "fused+cache")]
+    results = time_interleaved(runners, steps=3)
+    assert [r["mode"] for r in results] == ["naive", "fused+cache"]
+    for r in results:
+        assert len(r["s_all"]) == 3 and r["s_min"] <= r["s_per_step"] <= max(r["s_all"])
+        assert r["tokens"] == 4 * 9 and r["tokens_per_s"] == pytest.approx(r["tokens"] / r["s_per_step"])
+
+
+def test_gpu_step_script_interleaved_dry_run(tmp_path, capsys):
+    import gpu_step
+
+    out = tmp_path / "step.json"
+    gpu_step.main(["--dry-run", "--steps", "2", "--modes", "naive", "fused", "--interleave", "--out", str(out)])
+    report = json.loads(out.read_text())
+    assert [r["mode"] for r in report["results"]] == ["naive", "fused"]
+    assert all(len(r["s_all"]) == 2 for r in report["results"])
+    assert "× naive (min)" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        gpu_step.main(["--dry-run", "--modes", "fused+cache+compile", "--interleave", "--out", str(out)])
