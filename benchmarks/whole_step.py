@@ -24,7 +24,7 @@ import torch
 from unlearn_fast.encoding import Row, collate
 from unlearn_fast.layers import LayerConfig, attach, layers_disabled, unlearning_parameters
 from unlearn_fast.objective import EULObjective, ObjectiveConfig, coefficients
-from unlearn_fast.ops.loss_head import IGNORE_INDEX, row_losses
+from unlearn_fast.ops.loss_head import IGNORE_INDEX, reused_logit_buffers, row_losses
 from unlearn_fast.step_cache import StepCache
 from unlearn_fast.trainer import compiled_blocks, forced_backend
 
@@ -78,6 +78,8 @@ class StepRunner:
         self._contexts = contextlib.ExitStack()  # the compiled blocks, restored by close()
         if self.mode.endswith("+compile"):
             self._contexts.enter_context(compiled_blocks(self.model))
+        if self.mode != "naive":  # as the trainer does: one logit buffer for every step
+            self._contexts.enter_context(reused_logit_buffers())
         cache = StepCache(self.model, "causal") if self.mode.startswith("fused+cache") else None
         self.objective = EULObjective(self.model, "causal", self.config, cache)
         self.tokens = int(self.batch["attention_mask"].sum())

@@ -27,6 +27,7 @@ from .errors import TrainingError, UnlearnFastError
 from .layers import _block_lists, unlearning_parameters
 from .objective import TERMS, EULObjective
 from .ops.backend import BACKENDS, ENV_VAR
+from .ops.loss_head import reused_logit_buffers
 
 SCHEDULES = ("alternate", "mixed")
 
@@ -191,7 +192,7 @@ def train(model: nn.Module, objective: EULObjective, forget: Sequence[Row], reta
     With ``config.compile_blocks`` the blocks run compiled (see :func:`compiled_blocks`).
     Raises TrainingError (before anything is written) if the loss becomes NaN or infinite.
     """
-    with compiled_blocks(model, config.compile_blocks):
+    with compiled_blocks(model, config.compile_blocks), reused_logit_buffers():
         return _train(model, objective, forget, retain, config, pad_id, params)
 
 

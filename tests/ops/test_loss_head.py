@@ -133,6 +133,58 @@ def test_capped_forget_term_stops_pushing():
     assert hs.grad.abs().max() == 0
 
 
+@pytest.mark.parametrize("backend", ["reference", "cpp"])
+def test_reused_logit_buffers_change_nothing(backend, monkeypatch):
+    """Calls inside reused_logit_buffers (one buffer, grown when a call needs more, stale values
+    left in it) give bit-equal results to calls with fresh buffers, with and without a teacher."""
+    from unlearn_fast.ops.loss_head import _reuse, reused_logit_buffers
+
+    if backend == "cpp" and not _cpp_built():
+        pytest.skip("C++ extension not built")
+    monkeypatch.setenv("UNLEARN_FAST_BACKEND", backend)
+
+    def run(n, teacher=True, seed=0):
+        hs, ht, w, targets, kl_coef, ce_coef = make(n, 16, 211, seed=seed)
+        out = eul_loss_head(hs, ht if teacher else None, w, targets, kl_coef, ce_coef, chunk_rows=8)
+        out.loss.backward()
+        return out.loss.detach(), out.kl, out.ce, hs.grad
+
+    calls = [(5, True, 0), (29, True, 1), (13, False, 2), (29, True, 3)]  # grows, shrinks, no teacher
+    fresh = [run(*c) for c in calls]
+    with reused_logit_buffers():
+        with reused_logit_buffers():  # nested: the outer buffer
+            reused = [run(*c) for c in calls]
+            held = _reuse.buffer
+            assert held.numel() == 2 * 8 * 211  # the largest call: 8-row chunks of student and teacher
+        assert _reuse.buffer is held
+    assert getattr(_reuse, "buffer", None) is None  # let go at the end
+    for a, b in zip(fresh, reused):
+        for x, y in zip(a, b):
+            assert torch.equal(x, y)
+
+
+def test_reused_logit_buffer_is_per_thread():
+    import threading
+
+    from unlearn_fast.ops.loss_head import _logit_buffer, reused_logit_buffers
+
+    cpu = torch.device("cpu")
+    with reused_logit_buffers():
+        first = _logit_buffer(4, 10, cpu)
+        assert _logit_buffer(3, 10, cpu).data_ptr() == first.data_ptr()  # the same memory
+        seen = []
+        worker = threading.Thread(target=lambda: seen.append(_logit_buffer(4, 10, cpu).data_ptr()))
+        worker.start()
+        worker.join()
+        assert seen and seen[0] != first.data_ptr()  # another thread: a buffer of its own
+
+
+def _cpp_built():
+    from unlearn_fast._ext import C
+
+    return C is not None
+
+
 def test_shape_errors():
     hs, ht, w, targets, kl_coef, ce_coef = make(5, 4, 7)
     with pytest.raises(ValueError, match="head weight"):
