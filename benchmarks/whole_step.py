@@ -3,7 +3,8 @@
 - ``naive``: what a plain transformers/PyTorch loop does — a teacher forward without grad and a
   student forward, both to full-vocabulary logits, the KL / CE terms on them, backward, AdamW;
 - ``reference``: this package's objective on the pure-PyTorch ops (chunked loss head);
-- ``fused``: the same on the fused ops (C++ on CPU, Triton on GPU);
+- ``fused``: the same on the fused ops (C++ on CPU, Triton on GPU), the frozen trunk's RMSNorms
+  and SwiGLU products included (:func:`unlearn_fast.fused_trunk.fused_trunk`, as the trainer runs);
 - ``fused+cache``: fused, with the step cache warm (teacher states and frozen trunk stored);
 - ``fused+cache+compile`` (optional, not in ``MODES``): fused+cache with each transformer block
   run through ``torch.compile`` (:func:`unlearn_fast.trainer.compiled_blocks`; the warm-up step
@@ -22,6 +23,7 @@ from dataclasses import dataclass, field
 import torch
 
 from unlearn_fast.encoding import Row, collate
+from unlearn_fast.fused_trunk import fused_trunk
 from unlearn_fast.layers import LayerConfig, attach, layers_disabled, unlearning_parameters
 from unlearn_fast.objective import EULObjective, ObjectiveConfig, coefficients
 from unlearn_fast.ops.loss_head import IGNORE_INDEX, reused_logit_buffers, row_losses
@@ -84,11 +86,16 @@ class StepRunner:
         self.objective = EULObjective(self.model, "causal", self.config, cache)
         self.tokens = int(self.batch["attention_mask"].sum())
         if cache is not None:  # warm the cache: the first epoch fills it
-            self.objective(self.batch, self.rows)
+            with self._trunk():
+                self.objective(self.batch, self.rows)
+
+    def _trunk(self):
+        """The fused trunk for the fused modes, switched on per step: interleaved runners share one model."""
+        return fused_trunk(self.model, enabled=self.mode.startswith("fused"))
 
     def step(self) -> float:
         backend = "reference" if self.mode == "reference" else "auto"
-        with forced_backend(backend):
+        with forced_backend(backend), self._trunk():
             if self.mode == "naive":
                 loss = naive_loss(self.model, self.batch, self.config, self.objective.gamma)
             else:

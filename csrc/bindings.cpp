@@ -51,6 +51,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> unlearnin
     const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& pre, const at::Tensor& down_weight,
     const at::Tensor& up_weight, c10::string_view activation, bool compute_grad_x);
 
+// csrc/cpu/trunk.cpp
+std::tuple<at::Tensor, at::Tensor> rms_norm_forward_cpu(const at::Tensor& x, const at::Tensor& weight, double eps);
+std::tuple<at::Tensor, at::Tensor> rms_norm_forward_meta(const at::Tensor& x, const at::Tensor& weight, double eps);
+at::Tensor rms_norm_backward_cpu(const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& weight,
+                                 const at::Tensor& rstd);
+at::Tensor rms_norm_backward_meta(const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& weight,
+                                  const at::Tensor& rstd);
+at::Tensor swiglu_forward_cpu(const at::Tensor& gate, const at::Tensor& up);
+at::Tensor swiglu_forward_meta(const at::Tensor& gate, const at::Tensor& up);
+std::tuple<at::Tensor, at::Tensor> swiglu_backward_cpu(const at::Tensor& grad_h, const at::Tensor& gate,
+                                                       const at::Tensor& up);
+std::tuple<at::Tensor, at::Tensor> swiglu_backward_meta(const at::Tensor& grad_h, const at::Tensor& gate,
+                                                        const at::Tensor& up);
+
 namespace {
 
 Tensor4 loss_rows(const at::Tensor& student_logits, const at::Tensor& teacher_logits, const at::Tensor& targets,
@@ -106,18 +120,30 @@ TORCH_LIBRARY(unlearn_fast, m) {
       "unlearning_layer_backward(Tensor grad_y, Tensor x, Tensor pre, Tensor down_weight, Tensor up_weight, "
       "str activation, bool compute_grad_x) -> (Tensor grad_x, Tensor grad_down_weight, Tensor grad_down_bias, "
       "Tensor grad_up_weight, Tensor grad_up_bias)");
+  m.def("rms_norm_forward(Tensor x, Tensor weight, float eps) -> (Tensor y, Tensor rstd)");
+  m.def("rms_norm_backward(Tensor grad_y, Tensor x, Tensor weight, Tensor rstd) -> Tensor");
+  m.def("swiglu_forward(Tensor gate, Tensor up) -> Tensor");
+  m.def("swiglu_backward(Tensor grad_h, Tensor gate, Tensor up) -> (Tensor grad_gate, Tensor grad_up)");
 }
 
 TORCH_LIBRARY_IMPL(unlearn_fast, CPU, m) {
   m.impl("loss_rows", &unlearn_fast::loss_rows_cpu);
   m.impl("unlearning_layer_forward", &unlearn_fast::unlearning_layer_forward_cpu);
   m.impl("unlearning_layer_backward", &unlearn_fast::unlearning_layer_backward_cpu);
+  m.impl("rms_norm_forward", &unlearn_fast::rms_norm_forward_cpu);
+  m.impl("rms_norm_backward", &unlearn_fast::rms_norm_backward_cpu);
+  m.impl("swiglu_forward", &unlearn_fast::swiglu_forward_cpu);
+  m.impl("swiglu_backward", &unlearn_fast::swiglu_backward_cpu);
 }
 
 TORCH_LIBRARY_IMPL(unlearn_fast, Meta, m) {
   m.impl("loss_rows", &unlearn_fast::loss_rows_meta);
   m.impl("unlearning_layer_forward", &unlearn_fast::unlearning_layer_forward_meta);
   m.impl("unlearning_layer_backward", &unlearn_fast::unlearning_layer_backward_meta);
+  m.impl("rms_norm_forward", &unlearn_fast::rms_norm_forward_meta);
+  m.impl("rms_norm_backward", &unlearn_fast::rms_norm_backward_meta);
+  m.impl("swiglu_forward", &unlearn_fast::swiglu_forward_meta);
+  m.impl("swiglu_backward", &unlearn_fast::swiglu_backward_meta);
 }
 
 #ifdef UNLEARN_FAST_WITH_CUDA

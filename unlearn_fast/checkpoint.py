@@ -42,7 +42,7 @@ STATE_FILE = "state.json"
 _NAME = re.compile(r"^step-(\d+)$")
 # settings that may change between an interrupted run and its resumption
 _FREE = ("progress", "checkpoint_dir", "checkpoint_every", "resume", "backend", "teacher_cache", "shared_trunk",
-         "shard_base")
+         "shard_base", "fused_trunk")
 
 
 def data_fingerprint(*sets) -> str:

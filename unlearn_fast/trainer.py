@@ -24,6 +24,7 @@ from . import checkpoint
 from .distributed import DataParallel, all_gather_floats, term_counts
 from .encoding import Row, collate, token_count
 from .errors import TrainingError, UnlearnFastError
+from .fused_trunk import fused_trunk
 from .layers import _block_lists, unlearning_parameters
 from .objective import TERMS, EULObjective
 from .ops.backend import BACKENDS, ENV_VAR
@@ -59,6 +60,8 @@ class TrainConfig:
     shard_base: bool = False
     # torch.compile each transformer block's forward while training (see compiled_blocks)
     compile_blocks: bool = False
+    # run the frozen trunk's RMSNorms and SwiGLU products through the fused ops (see fused_trunk)
+    fused_trunk: bool = True
 
     def __post_init__(self):
         if self.schedule not in SCHEDULES:
@@ -189,10 +192,13 @@ def train(model: nn.Module, objective: EULObjective, forget: Sequence[Row], reta
     batch and the gradients are all-reduced (see :mod:`unlearn_fast.distributed`); with
     ``config.checkpoint_dir`` checkpoints are saved, and ``config.resume`` continues from the
     newest (see :mod:`unlearn_fast.checkpoint`).
-    With ``config.compile_blocks`` the blocks run compiled (see :func:`compiled_blocks`).
+    With ``config.compile_blocks`` the blocks run compiled (see :func:`compiled_blocks`); with
+    ``config.fused_trunk`` (the default) Llama-family norms and MLP products run the fused trunk
+    ops (see :mod:`unlearn_fast.fused_trunk`).
     Raises TrainingError (before anything is written) if the loss becomes NaN or infinite.
     """
-    with compiled_blocks(model, config.compile_blocks), reused_logit_buffers():
+    with compiled_blocks(model, config.compile_blocks), fused_trunk(model, config.fused_trunk), \
+            reused_logit_buffers():
         return _train(model, objective, forget, retain, config, pad_id, params)
 
 

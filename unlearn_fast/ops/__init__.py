@@ -3,6 +3,7 @@ accumulation: the test oracle and fallback), its autograd Function, and the publ
 picks a backend once (see :mod:`unlearn_fast.ops.backend`)."""
 
 from .loss_head import LossHeadOutput, eul_loss_head, eul_loss_head_reference, loss_rows_reference
+from .trunk import rms_norm, rms_norm_reference, swiglu, swiglu_reference
 from .unlearning_layer import unlearning_layer, unlearning_layer_reference
 
 __all__ = [
@@ -10,6 +11,10 @@ __all__ = [
     "eul_loss_head",
     "eul_loss_head_reference",
     "loss_rows_reference",
+    "rms_norm",
+    "rms_norm_reference",
+    "swiglu",
+    "swiglu_reference",
     "unlearning_layer",
     "unlearning_layer_reference",
 ]
