@@ -3,21 +3,10 @@ tokenizer built in code (no model hub is contacted)."""
 
 from __future__ import annotations
 
-import os
 import string
-import sys
 
-# `python -m pytest` puts the working directory (the repository root) first on sys.path, where the
-# top-level kernels/ folder (installed as unlearn_fast.kernels) shadows the PyPI package `kernels`
-# that transformers >= 5.2x imports when it is installed (it is a dependency of transformers now).
-# The package under test is installed, so the root is not needed on the path: drop it.
-_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _ROOT]
-if (getattr(sys.modules.get("kernels"), "__file__", None) or "").startswith(os.path.join(_ROOT, "kernels")):
-    del sys.modules["kernels"]
-
-import pytest  # noqa: E402
-import torch  # noqa: E402
+import pytest
+import torch
 
 VOCAB_SIZE = 128
 SPECIALS = ["<pad>", "<s>", "</s>", "<unk>", "<extra_id_0>", "[CLS]", "[SEP]", "[MASK]"]
