@@ -3,12 +3,11 @@
 import importlib
 import importlib.util
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
 
+from conftest import run_triton_cases_under_interpreter
 from unlearn_fast.ops import eul_loss_head, eul_loss_head_reference
 from unlearn_fast.ops.loss_head import IGNORE_INDEX
 
@@ -217,16 +216,9 @@ def triton_interpreted():
 
 def test_triton_cases_under_the_interpreter():
     """Run this file's Triton cases (``-k triton``) with TRITON_INTERPRET=1 set from the start."""
-    if not HAS_TRITON:
-        pytest.skip("triton is not installed")
     if INTERPRETED:
         pytest.skip("TRITON_INTERPRET is set: the Triton cases run in this process")
-    env = dict(os.environ, TRITON_INTERPRET="1", UNLEARN_FAST_BACKEND="auto")
-    cmd = [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", __file__, "-k",
-           "triton and not under_the_interpreter"]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-3000:]
-    assert " passed" in proc.stdout and "skipped" not in proc.stdout.splitlines()[-1], proc.stdout[-2000:]
+    run_triton_cases_under_interpreter(__file__, "triton and not under_the_interpreter", timeout=900)
 
 
 @pytest.fixture(params=["reference", "cpp", "triton"])

@@ -8,14 +8,12 @@ to be set before triton is imported).
 """
 
 import importlib
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
 import torch.nn.functional as F
 
+from conftest import run_triton_cases_under_interpreter, triton_can_run
 from unlearn_fast._ext import C
 from unlearn_fast.ops import unlearning_layer, unlearning_layer_reference
 
@@ -201,7 +199,7 @@ def test_cpp_repeatable(monkeypatch):
 @pytest.mark.parametrize("backend", [pytest.param("cpp", marks=needs_cpp), "triton"])
 def test_weights_only_gradients(backend, monkeypatch):
     """A frozen input (the lowest site of a frozen base) skips the grad-x GEMM; weights still train."""
-    if backend == "triton" and not _triton_can_run():
+    if backend == "triton" and not triton_can_run():
         pytest.skip("Triton needs a GPU or TRITON_INTERPRET=1")
     monkeypatch.setenv("UNLEARN_FAST_BACKEND", backend)
     device = "cuda" if backend == "triton" and torch.cuda.is_available() else "cpu"
@@ -266,15 +264,7 @@ def test_cpp_bad_inputs():
 # Triton: on a GPU directly; on the CPU under TRITON_INTERPRET=1, which must be set before triton is
 # imported, so the outer test reruns this file's Triton tests in a subprocess with it set.
 # --------------------------------------------------------------------------------------------
-def _triton_can_run() -> bool:
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"
-
-
-needs_triton = pytest.mark.skipif(not _triton_can_run(), reason="no GPU and no TRITON_INTERPRET=1: runs in "
+needs_triton = pytest.mark.skipif(not triton_can_run(), reason="no GPU and no TRITON_INTERPRET=1: runs in "
                                   "test_triton_under_interpreter's subprocess (if triton is installed)")
 
 
@@ -333,19 +323,7 @@ def test_triton_backend_many_tiles(path, monkeypatch):
 
 def test_triton_under_interpreter():
     """Runs the Triton tests above on the CPU (TRITON_INTERPRET=1, in a fresh process)."""
-    if _triton_can_run():
-        pytest.skip("the Triton tests run directly in this process")
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        pytest.skip("triton is not installed")
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    env.pop("UNLEARN_FAST_BACKEND", None)
-    cmd = [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", "-p", "no:benchmark",
-           __file__, "-k", "triton_backend or (weights_only and triton)"]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
-    assert " passed" in proc.stdout and "skipped" not in proc.stdout.splitlines()[-1], proc.stdout[-2000:]
+    run_triton_cases_under_interpreter(__file__, "triton_backend or (weights_only and triton)")
 
 
 # --------------------------------------------------------------------------------------------
