@@ -9,6 +9,7 @@ CPU: the real SmolLM2-135M (fp32, 8 × 128, rank 32 after every block), the issu
 
     python benchmarks/gpu_step.py --cpu --steps 2 --out step_cpu.json
     python benchmarks/gpu_step.py --cpu --steps 5 --modes naive fused+cache --interleave   # robust ratio
+    python benchmarks/gpu_step.py --cpu --steps 5 --modes naive fused+cache --interleave --trunk-ab  # + trunk off
 
 Script check without a GPU (the GPU model's code path, tiny and on the CPU, bf16):
 
@@ -86,6 +87,9 @@ def main(argv=None):
                         help="run the modes' steps in turn (one step of each, --steps times) and report each "
                              "mode's median and minimum: on a shared machine every mode sees the same load, so "
                              "the ratios hold when absolute times drift (no peak memory in this mode)")
+    parser.add_argument("--trunk-ab", action="store_true",
+                        help="also run each fused mode with the fused trunk ops off (labelled '(no fused "
+                             "trunk)'), to measure what the RMSNorm / SwiGLU kernels buy in the same run")
     parser.add_argument("--out", default="whole_step.json")
     args = parser.parse_args(argv)
     if not (args.cpu or args.dry_run) and not torch.cuda.is_available():
@@ -100,12 +104,15 @@ def main(argv=None):
     rows = make_rows(model.config.vocab_size, rows=8, length=length)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     rate = matmul_rate(device, next(model.parameters()).dtype, n=8192 if device.type == "cuda" else 2048 if args.cpu else 256)
+    variants = [(mode, True) for mode in args.modes]
+    if args.trunk_ab:
+        variants += [(mode, False) for mode in args.modes if mode.startswith("fused")]
     results = []
-    for mode in [] if args.interleave else args.modes:
+    for mode, trunk in [] if args.interleave else variants:
         if device.type == "cuda":
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
-        runner = StepRunner(model, rows, mode)
+        runner = StepRunner(model, rows, mode, fused_trunk=trunk)
         r = time_steps(runner, args.steps, sync)
         runner.close()
         if device.type == "cuda":
@@ -113,7 +120,8 @@ def main(argv=None):
         results.append(r)
         del runner
     if args.interleave:
-        results = time_interleaved([StepRunner(model, rows, mode) for mode in args.modes], args.steps, sync)
+        results = time_interleaved([StepRunner(model, rows, mode, fused_trunk=trunk) for mode, trunk in variants],
+                                   args.steps, sync)
     for r in results:
         r["mfu"] = (model_flops_per_step(model, r["tokens"], r["mode"].startswith("fused+cache")) / r["s_per_step"]
                     / rate if blocks == "all" else float("nan"))
@@ -122,11 +130,11 @@ def main(argv=None):
           f"measured matmul rate {rate / 1e12:.2f} TFLOP/s; torch {torch.__version__}; layers on {args.blocks} blocks")
     if args.interleave:
         print(f"interleaved: {args.steps} steps of each mode in turn; ms/step and × naive from the medians")
-    print(f"{'mode':20}{'ms/step':>10}{'tokens/s':>11}{'× naive':>9}{'MFU':>7}{'GiB':>8}"
+    print(f"{'mode':30}{'ms/step':>10}{'tokens/s':>11}{'× naive':>9}{'MFU':>7}{'GiB':>8}"
           + (f"{'min ms':>10}{'× naive (min)':>15}" if args.interleave else ""))
     for r in results:
         speedup = naive["s_per_step"] / r["s_per_step"] if naive else float("nan")
-        line = (f"{r['mode']:20}{1e3 * r['s_per_step']:10.1f}{r['tokens_per_s']:11.0f}{speedup:9.2f}"
+        line = (f"{r['mode']:30}{1e3 * r['s_per_step']:10.1f}{r['tokens_per_s']:11.0f}{speedup:9.2f}"
                 f"{100 * r['mfu']:6.1f}%{r.get('peak_gib', float('nan')):8.2f}")
         if args.interleave:
             line += f"{1e3 * r['s_min']:10.1f}{(naive['s_min'] / r['s_min'] if naive else float('nan')):15.2f}"

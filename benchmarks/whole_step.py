@@ -70,6 +70,7 @@ class StepRunner:
     rows: list[Row]
     mode: str
     config: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    fused_trunk: bool = True  # False: a fused mode without the fused trunk ops (to measure what they buy)
 
     def __post_init__(self):
         if self.mode not in ALL_MODES:
@@ -89,9 +90,14 @@ class StepRunner:
             with self._trunk():
                 self.objective(self.batch, self.rows)
 
+    @property
+    def label(self) -> str:
+        trunk_off = self.mode.startswith("fused") and not self.fused_trunk
+        return f"{self.mode} (no fused trunk)" if trunk_off else self.mode
+
     def _trunk(self):
         """The fused trunk for the fused modes, switched on per step: interleaved runners share one model."""
-        return fused_trunk(self.model, enabled=self.mode.startswith("fused"))
+        return fused_trunk(self.model, enabled=self.fused_trunk and self.mode.startswith("fused"))
 
     def step(self) -> float:
         backend = "reference" if self.mode == "reference" else "auto"
@@ -130,7 +136,7 @@ def time_steps(runner: StepRunner, steps: int, sync=lambda: None) -> dict:
         runner.step()
     sync()
     seconds = (time.perf_counter() - start) / steps
-    return {"mode": runner.mode, "s_per_step": seconds, "tokens_per_s": runner.tokens / seconds,
+    return {"mode": runner.label, "s_per_step": seconds, "tokens_per_s": runner.tokens / seconds,
             "tokens": runner.tokens}
 
 
@@ -157,6 +163,6 @@ def time_interleaved(runners: list[StepRunner], steps: int, sync=lambda: None) -
     out = []
     for r in runners:
         median = statistics.median(times[id(r)])
-        out.append({"mode": r.mode, "s_per_step": median, "s_min": min(times[id(r)]),
+        out.append({"mode": r.label, "s_per_step": median, "s_min": min(times[id(r)]),
                     "s_all": times[id(r)], "tokens_per_s": r.tokens / median, "tokens": r.tokens})
     return out

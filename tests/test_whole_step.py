@@ -53,3 +53,33 @@ def test_gpu_step_script_interleaved_dry_run(tmp_path, capsys):
     assert "× naive (min)" in capsys.readouterr().out
     with pytest.raises(SystemExit):
         gpu_step.main(["--dry-run", "--modes", "fused+cache+compile", "--interleave", "--out", str(out)])
+
+
+def test_trunk_ab_runs_each_fused_mode_without_the_fused_trunk(model, tmp_path, monkeypatch):
+    """--trunk-ab adds a runner per fused mode with the fused trunk off; only the others call the trunk ops,
+    and the loss is the same either way."""
+    import gpu_step
+
+    from unlearn_fast.ops import trunk
+
+    rows = make_rows(model.config.vocab_size, rows=4, length=9)
+    calls = []
+    real = trunk.rms_norm
+    monkeypatch.setattr(trunk, "rms_norm", lambda *a, **k: calls.append(1) or real(*a, **k))
+    monkeypatch.setattr("unlearn_fast.fused_trunk.rms_norm", trunk.rms_norm)
+    losses = {}
+    for on in (False, True):
+        state = {k: v.clone() for k, v in model.state_dict().items()}
+        runner = StepRunner(model, rows, "fused", fused_trunk=on)
+        assert runner.label == ("fused" if on else "fused (no fused trunk)")
+        calls.clear()
+        losses[on] = runner.step()
+        assert bool(calls) == on
+        runner.close()
+        model.load_state_dict(state)
+    assert losses[True] == pytest.approx(losses[False], rel=1e-5)
+
+    out = tmp_path / "step.json"
+    gpu_step.main(["--dry-run", "--steps", "1", "--modes", "naive", "fused", "--interleave", "--trunk-ab",
+                   "--out", str(out)])
+    assert [r["mode"] for r in json.loads(out.read_text())["results"]] == ["naive", "fused", "fused (no fused trunk)"]
