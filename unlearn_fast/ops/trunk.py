@@ -42,39 +42,24 @@ def swiglu_reference(gate: Tensor, up: Tensor) -> Tensor:
 
 
 # ---------------------------------------------------------------------------------------------
-# Fused backends, by name. Every function takes and returns contiguous 2-D (RMSNorm) or
-# same-shaped (SwiGLU) tensors:
-#   rms_forward(x [N, d], w [d], eps) -> (y [N, d], rstd [N] fp32)
-#   rms_backward(dy, x, w, rstd) -> dx
+# Fused backends. Both expose the same four kernels under the same names, over contiguous 2-D
+# (RMSNorm) or same-shaped (SwiGLU) tensors:
+#   rms_norm_forward(x [N, d], w [d], eps) -> (y [N, d], rstd [N] fp32)
+#   rms_norm_backward(dy, x, w, rstd) -> dx
 #   swiglu_forward(g, u) -> h;   swiglu_backward(dh, g, u) -> (dg, du)
 # ---------------------------------------------------------------------------------------------
-def _cpp():
-    cpp_ops()  # loads _C, which registers torch.ops.unlearn_fast.*
-    return torch.ops.unlearn_fast
-
-
-def _triton():
-    from unlearn_fast.kernels import trunk as kernels  # imports triton: only when used
-
-    return kernels
-
-
-_FUSED = {
-    "cpp": dict(
-        rms_forward=lambda x, w, eps: _cpp().rms_norm_forward(x, w, eps),
-        rms_backward=lambda dy, x, w, rstd: _cpp().rms_norm_backward(dy, x, w, rstd),
-        swiglu_forward=lambda g, u: _cpp().swiglu_forward(g, u),
-        swiglu_backward=lambda dh, g, u: _cpp().swiglu_backward(dh, g, u),
-    ),
-    "triton": dict(
-        rms_forward=lambda x, w, eps: _triton().rms_norm_forward(x, w, eps),
-        rms_backward=lambda dy, x, w, rstd: _triton().rms_norm_backward(dy, x, w, rstd),
-        swiglu_forward=lambda g, u: _triton().swiglu_forward(g, u),
-        swiglu_backward=lambda dh, g, u: _triton().swiglu_backward(dh, g, u),
-    ),
-}
 # What each backend's kernels take: the C++ ones are float32 only.
 _DTYPES = {"cpp": (torch.float32,), "triton": (torch.float32, torch.bfloat16, torch.float16)}
+
+
+def _kernels(backend: str):
+    """The namespace holding ``backend``'s four kernels."""
+    if backend == "cpp":
+        cpp_ops()  # loads _C, which registers torch.ops.unlearn_fast.*
+        return torch.ops.unlearn_fast
+    from unlearn_fast.kernels import trunk  # imports triton: only when used
+
+    return trunk
 
 
 class _RMSNormFunction(torch.autograd.Function):
@@ -82,7 +67,7 @@ class _RMSNormFunction(torch.autograd.Function):
     def forward(ctx, x, weight, eps, backend):
         x2 = x.reshape(-1, x.shape[-1]).contiguous()
         w = weight.contiguous()
-        y, rstd = _FUSED[backend]["rms_forward"](x2, w, eps)
+        y, rstd = _kernels(backend).rms_norm_forward(x2, w, eps)
         ctx.save_for_backward(x2, w, rstd)
         ctx.backend, ctx.x_shape = backend, x.shape
         return y.view(x.shape)
@@ -93,7 +78,7 @@ class _RMSNormFunction(torch.autograd.Function):
         dy = grad_y.reshape(x2.shape).to(x2.dtype).contiguous()
         grad_x = grad_w = None
         if ctx.needs_input_grad[0]:
-            grad_x = _FUSED[ctx.backend]["rms_backward"](dy, x2, w, rstd).view(ctx.x_shape)
+            grad_x = _kernels(ctx.backend).rms_norm_backward(dy, x2, w, rstd).view(ctx.x_shape)
         if ctx.needs_input_grad[1]:  # frozen in unlearning; kept correct for other uses
             normed = (x2.float() * rstd.unsqueeze(1)).to(x2.dtype)
             grad_w = (dy.float() * normed.float()).sum(0).to(w.dtype)
@@ -104,7 +89,7 @@ class _SwiGLUFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, gate, up, backend):
         g, u = gate.contiguous(), up.contiguous()
-        h = _FUSED[backend]["swiglu_forward"](g, u)
+        h = _kernels(backend).swiglu_forward(g, u)
         ctx.save_for_backward(g, u)
         ctx.backend = backend
         return h
@@ -112,7 +97,7 @@ class _SwiGLUFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_h):
         g, u = ctx.saved_tensors
-        dg, du = _FUSED[ctx.backend]["swiglu_backward"](grad_h.to(g.dtype).contiguous(), g, u)
+        dg, du = _kernels(ctx.backend).swiglu_backward(grad_h.to(g.dtype).contiguous(), g, u)
         need = ctx.needs_input_grad
         return (dg if need[0] else None), (du if need[1] else None), None
 
@@ -125,7 +110,7 @@ def rms_norm(x: Tensor, weight: Tensor, eps: float = 1e-6) -> Tensor:
     """
     if weight.dim() != 1 or weight.shape[0] != x.shape[-1]:
         raise ValueError(f"rms_norm: weight must be [{x.shape[-1]}], got {list(weight.shape)}")
-    backend = pick_backend(x.device, available=tuple(_FUSED))
+    backend = pick_backend(x.device, available=tuple(_DTYPES))
     if (backend == "reference" or x.dtype not in _DTYPES[backend] or weight.dtype != x.dtype
             or x.numel() == 0):
         return rms_norm_reference(x, weight, eps)
@@ -136,7 +121,7 @@ def swiglu(gate: Tensor, up: Tensor) -> Tensor:
     """silu(gate) · up in one pass (forward and backward); the reference where no backend fits."""
     if gate.shape != up.shape:
         raise ValueError(f"swiglu: gate and up must have one shape, got {list(gate.shape)} and {list(up.shape)}")
-    backend = pick_backend(gate.device, available=tuple(_FUSED))
+    backend = pick_backend(gate.device, available=tuple(_DTYPES))
     if (backend == "reference" or gate.dtype not in _DTYPES[backend] or up.dtype != gate.dtype
             or gate.numel() == 0):
         return swiglu_reference(gate, up)
