@@ -3,8 +3,8 @@
 #   1. editable install without the extension (seconds), then the C++/CUDA extension built in the
 #      background while the Triton-only unlearning-layer suite runs;
 #   2. benchmarks/gpu_unlearning_layer.py, gpu_loss_head.py (after the build: it times the CUDA
-#      backend too), gpu_step.py;
-#   3. the op tests (tests/ops) on the GPU.
+#      backend too), gpu_step.py --trunk-ab (a mode that fails is reported and the rest still run);
+#   3. the op tests (tests/ops, the trunk ops' first) on the GPU.
 # Each stage has its own time limit and a failure does not stop the next one. Logs and JSON go to
 # $OUT (default /tmp/gpu_out): at most 8 files, the device tool's limit.
 #
@@ -52,6 +52,8 @@ echo "=== build done at +$(( $(date +%s) - T0 ))s"; tail -n 12 "$OUT/build.log"
 $PY -c "from unlearn_fast._ext import has_cuda_ops; print('CUDA ops in unlearn_fast._C:', has_cuda_ops())"
 
 stage loss_head "${LH_LIMIT:-170}" $PY benchmarks/gpu_loss_head.py --out "$OUT/loss_head.json"
-stage step "${STEP_LIMIT:-130}" $PY benchmarks/gpu_step.py --out "$OUT/step.json"
-TAIL=15 stage tests "${TEST_LIMIT:-100}" $PY -m pytest -q -x -p no:cacheprovider tests/ops
+stage step "${STEP_LIMIT:-130}" $PY benchmarks/gpu_step.py --trunk-ab --out "$OUT/step.json"
+# The trunk ops first: nothing else checks their Triton kernels on the GPU. No -x: one failing file
+# must not hide the others' results.
+TAIL=15 stage tests "${TEST_LIMIT:-100}" $PY -m pytest -q --maxfail=20 -p no:cacheprovider tests/ops/test_trunk.py tests/ops
 echo "total $(( $(date +%s) - T0 ))s"

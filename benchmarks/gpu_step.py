@@ -25,6 +25,7 @@ import json
 import os
 import sys
 import time
+import traceback
 
 import torch
 
@@ -72,6 +73,37 @@ def model_flops_per_step(model, tokens: int, cached: bool) -> float:
     return 2 * params * tokens * passes
 
 
+def time_sequential(model, rows, variants, steps: int, device) -> list[dict]:
+    """Each (mode, fused_trunk) variant on its own, with its peak memory on a GPU. A variant that raises
+    is reported as {"mode", "error"} and the others still run: a short GPU lease gets its table even if
+    one kernel fails there. A fused mode that fails with the fused trunk on is retried with it off (the
+    Triton trunk kernels are the newest), unless that variant is on the list anyway."""
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    results, queue = [], list(variants)
+    while queue:
+        mode, trunk = queue.pop(0)
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+        runner = None
+        try:
+            runner = StepRunner(model, rows, mode, fused_trunk=trunk)
+            r = time_steps(runner, steps, sync)
+            if device.type == "cuda":
+                r["peak_gib"] = torch.cuda.max_memory_allocated() / 2 ** 30
+        except Exception as err:  # noqa: BLE001 - reported in the table and the JSON, then the next variant
+            traceback.print_exc()
+            r = {"mode": StepRunner.label_of(mode, trunk), "error": f"{type(err).__name__}: {err}".splitlines()[0][:300]}
+            if trunk and mode.startswith("fused") and (mode, False) not in variants:
+                queue.insert(0, (mode, False))
+        finally:
+            if runner is not None:
+                runner.close()
+        results.append(r)
+        del runner
+    return results
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--cpu", action="store_true", help="the CPU shape with the real SmolLM2")
@@ -107,25 +139,16 @@ def main(argv=None):
     variants = [(mode, True) for mode in args.modes]
     if args.trunk_ab:
         variants += [(mode, False) for mode in args.modes if mode.startswith("fused")]
-    results = []
-    for mode, trunk in [] if args.interleave else variants:
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
-            torch.cuda.reset_peak_memory_stats()
-        runner = StepRunner(model, rows, mode, fused_trunk=trunk)
-        r = time_steps(runner, args.steps, sync)
-        runner.close()
-        if device.type == "cuda":
-            r["peak_gib"] = torch.cuda.max_memory_allocated() / 2 ** 30
-        results.append(r)
-        del runner
     if args.interleave:
         results = time_interleaved([StepRunner(model, rows, mode, fused_trunk=trunk) for mode, trunk in variants],
                                    args.steps, sync)
-    for r in results:
+    else:
+        results = time_sequential(model, rows, variants, args.steps, device)
+    timed = [r for r in results if "error" not in r]
+    for r in timed:
         r["mfu"] = (model_flops_per_step(model, r["tokens"], r["mode"].startswith("fused+cache")) / r["s_per_step"]
                     / rate if blocks == "all" else float("nan"))
-    naive = next((r for r in results if r["mode"] == "naive"), None)
+    naive = next((r for r in timed if r["mode"] == "naive"), None)
     print(f"device: {torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu'}; "
           f"measured matmul rate {rate / 1e12:.2f} TFLOP/s; torch {torch.__version__}; layers on {args.blocks} blocks")
     if args.interleave:
@@ -133,6 +156,9 @@ def main(argv=None):
     print(f"{'mode':30}{'ms/step':>10}{'tokens/s':>11}{'× naive':>9}{'MFU':>7}{'GiB':>8}"
           + (f"{'min ms':>10}{'× naive (min)':>15}" if args.interleave else ""))
     for r in results:
+        if "error" in r:
+            print(f"{r['mode']:30}failed: {r['error']}")
+            continue
         speedup = naive["s_per_step"] / r["s_per_step"] if naive else float("nan")
         line = (f"{r['mode']:30}{1e3 * r['s_per_step']:10.1f}{r['tokens_per_s']:11.0f}{speedup:9.2f}"
                 f"{100 * r['mfu']:6.1f}%{r.get('peak_gib', float('nan')):8.2f}")

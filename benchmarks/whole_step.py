@@ -92,8 +92,12 @@ class StepRunner:
 
     @property
     def label(self) -> str:
-        trunk_off = self.mode.startswith("fused") and not self.fused_trunk
-        return f"{self.mode} (no fused trunk)" if trunk_off else self.mode
+        return self.label_of(self.mode, self.fused_trunk)
+
+    @staticmethod
+    def label_of(mode: str, fused_trunk: bool) -> str:
+        trunk_off = mode.startswith("fused") and not fused_trunk
+        return f"{mode} (no fused trunk)" if trunk_off else mode
 
     def _trunk(self):
         """The fused trunk for the fused modes, switched on per step: interleaved runners share one model."""

@@ -83,3 +83,24 @@ def test_trunk_ab_runs_each_fused_mode_without_the_fused_trunk(model, tmp_path, 
     gpu_step.main(["--dry-run", "--steps", "1", "--modes", "naive", "fused", "--interleave", "--trunk-ab",
                    "--out", str(out)])
     assert [r["mode"] for r in json.loads(out.read_text())["results"]] == ["naive", "fused", "fused (no fused trunk)"]
+
+
+def test_a_failing_variant_leaves_the_rest_of_the_table(tmp_path, monkeypatch, capsys):
+    """Sequential GPU-style run: when the fused trunk raises, the fused modes are reported as failed and
+    rerun without it, and the other modes are still timed."""
+    import gpu_step
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("trunk kernel failed to compile")
+
+    monkeypatch.setattr("unlearn_fast.fused_trunk.rms_norm", broken)
+    out = tmp_path / "step.json"
+    gpu_step.main(["--dry-run", "--steps", "1", "--modes", "naive", "fused", "fused+cache", "--out", str(out)])
+    results = json.loads(out.read_text())["results"]
+    assert [r["mode"] for r in results] == ["naive", "fused", "fused (no fused trunk)", "fused+cache",
+                                            "fused+cache (no fused trunk)"]
+    failed = [r["mode"] for r in results if "error" in r]
+    assert failed == ["fused", "fused+cache"]
+    assert all(r["s_per_step"] > 0 for r in results if "error" not in r)
+    assert "RuntimeError: trunk kernel failed to compile" in results[1]["error"]
+    assert "fused (no fused trunk)" in capsys.readouterr().out
