@@ -32,6 +32,8 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from whole_step import ALL_MODES, MODES, StepRunner, make_rows, prepare, time_interleaved, time_steps  # noqa: E402
 
+from unlearn_fast.layers import unlearning_parameters  # noqa: E402
+
 
 def matmul_rate(device, dtype, n=8192, reps=10) -> float:
     """Measured dense matmul FLOP/s on this device (the denominator of MFU)."""
@@ -77,11 +79,17 @@ def time_sequential(model, rows, variants, steps: int, device) -> list[dict]:
     """Each (mode, fused_trunk) variant on its own, with its peak memory on a GPU. A variant that raises
     is reported as {"mode", "error"} and the others still run: a short GPU lease gets its table even if
     one kernel fails there. A fused mode that fails with the fused trunk on is retried with it off (the
-    Triton trunk kernels are the newest), unless that variant is on the list anyway."""
+    Triton trunk kernels are the newest), unless that variant is on the list anyway. Every variant starts
+    from the same layer weights, so their first steps' losses (``first_loss``) must agree: the check
+    that the fast paths compute the naive loss on this device."""
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    start = [p.detach().clone() for p in unlearning_parameters(model)]
     results, queue = [], list(variants)
     while queue:
         mode, trunk = queue.pop(0)
+        with torch.no_grad():
+            for p, p0 in zip(unlearning_parameters(model), start):
+                p.copy_(p0)
         if device.type == "cuda":
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
@@ -154,7 +162,7 @@ def main(argv=None):
     if args.interleave:
         print(f"interleaved: {args.steps} steps of each mode in turn; ms/step and × naive from the medians")
     print(f"{'mode':30}{'ms/step':>10}{'tokens/s':>11}{'× naive':>9}{'MFU':>7}{'GiB':>8}"
-          + (f"{'min ms':>10}{'× naive (min)':>15}" if args.interleave else ""))
+          + (f"{'min ms':>10}{'× naive (min)':>15}" if args.interleave else f"{'1st loss':>11}{'rel. diff':>11}"))
     for r in results:
         if "error" in r:
             print(f"{r['mode']:30}failed: {r['error']}")
@@ -164,6 +172,10 @@ def main(argv=None):
                 f"{100 * r['mfu']:6.1f}%{r.get('peak_gib', float('nan')):8.2f}")
         if args.interleave:
             line += f"{1e3 * r['s_min']:10.1f}{(naive['s_min'] / r['s_min'] if naive else float('nan')):15.2f}"
+        else:  # the first step's loss, every variant from the same weights: vs naive's
+            r["first_loss_rel_diff"] = (abs(r["first_loss"] - naive["first_loss"]) / abs(naive["first_loss"])
+                                        if naive and naive["first_loss"] else float("nan"))
+            line += f"{r['first_loss']:11.5g}{r['first_loss_rel_diff']:11.1e}"
         print(line)
     with open(args.out, "w") as f:
         json.dump({"device": str(device), "matmul_rate": rate, "blocks": args.blocks, "results": results}, f, indent=2)

@@ -133,7 +133,9 @@ def prepare(model, rank: int = 32, blocks="all", seed: int = 0):
 
 
 def time_steps(runner: StepRunner, steps: int, sync=lambda: None) -> dict:
-    runner.step()  # warm-up
+    """Seconds per step over ``steps`` steps after a warm-up step, whose loss is kept as ``first_loss``
+    (runners started from the same layer weights must agree on it)."""
+    first_loss = runner.step()  # warm-up
     sync()
     start = time.perf_counter()
     for _ in range(steps):
@@ -141,7 +143,7 @@ def time_steps(runner: StepRunner, steps: int, sync=lambda: None) -> dict:
     sync()
     seconds = (time.perf_counter() - start) / steps
     return {"mode": runner.label, "s_per_step": seconds, "tokens_per_s": runner.tokens / seconds,
-            "tokens": runner.tokens}
+            "tokens": runner.tokens, "first_loss": first_loss}
 
 
 def time_interleaved(runners: list[StepRunner], steps: int, sync=lambda: None) -> list[dict]:

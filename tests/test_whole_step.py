@@ -104,3 +104,20 @@ def test_a_failing_variant_leaves_the_rest_of_the_table(tmp_path, monkeypatch, c
     assert all(r["s_per_step"] > 0 for r in results if "error" not in r)
     assert "RuntimeError: trunk kernel failed to compile" in results[1]["error"]
     assert "fused (no fused trunk)" in capsys.readouterr().out
+
+
+def test_sequential_run_checks_every_mode_against_the_naive_first_loss(tmp_path, capsys):
+    """Without --interleave every variant starts from the same layer weights: the first steps' losses
+    agree with naive's (the GPU run's correctness check of the fast paths)."""
+    import gpu_step
+
+    out = tmp_path / "step.json"
+    gpu_step.main(["--dry-run", "--steps", "2", "--modes", *MODES, "--trunk-ab", "--out", str(out)])
+    results = json.loads(out.read_text())["results"]
+    assert len(results) == len(MODES) + 2
+    naive = results[0]["first_loss"]
+    assert naive > 0
+    for r in results:
+        assert r["first_loss_rel_diff"] == pytest.approx(abs(r["first_loss"] - naive) / naive)
+        assert r["first_loss_rel_diff"] < 1e-3, r
+    assert "rel. diff" in capsys.readouterr().out
