@@ -9,6 +9,8 @@
 # $OUT (default /tmp/gpu_out): at most 8 files, the device tool's limit.
 #
 #   OUT=/tmp/gpu_out bash benchmarks/gpu_all.sh
+#   DRY_RUN=1 OUT=/tmp/gpu_dry bash benchmarks/gpu_all.sh   # the same stages on the CPU, tiny shapes
+#                                                           # (each script's --dry-run): checks this script
 # Liger-Kernel, when wheels are in .whl/, is installed into /tmp/site for the loss-head comparison.
 set -u
 OUT=${OUT:-/tmp/gpu_out}
@@ -16,6 +18,7 @@ mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 PY=${PY:-python3}
 T0=$(date +%s)
+DRY=${DRY_RUN:+--dry-run}
 
 stage() {  # stage NAME LIMIT_S CMD...: run with a limit, log to $OUT/NAME.log, print its tail
   local name=$1 limit=$2
@@ -45,14 +48,14 @@ UNLEARN_FAST_BUILD_EXT=0 $PY -m pip install -q --no-build-isolation --no-deps -e
   echo "build rc=$?" >>"$OUT/build.log" ) &
 BUILD_PID=$!
 
-stage unlearning_layer "${UL_LIMIT:-150}" $PY benchmarks/gpu_unlearning_layer.py --out "$OUT/unlearning_layer.json"
+stage unlearning_layer "${UL_LIMIT:-150}" $PY benchmarks/gpu_unlearning_layer.py $DRY --out "$OUT/unlearning_layer.json"
 
 wait "$BUILD_PID"
 echo "=== build done at +$(( $(date +%s) - T0 ))s"; tail -n 12 "$OUT/build.log"
 $PY -c "from unlearn_fast._ext import has_cuda_ops; print('CUDA ops in unlearn_fast._C:', has_cuda_ops())"
 
-stage loss_head "${LH_LIMIT:-170}" $PY benchmarks/gpu_loss_head.py --out "$OUT/loss_head.json"
-stage step "${STEP_LIMIT:-130}" $PY benchmarks/gpu_step.py --trunk-ab --out "$OUT/step.json"
+stage loss_head "${LH_LIMIT:-170}" $PY benchmarks/gpu_loss_head.py $DRY --out "$OUT/loss_head.json"
+stage step "${STEP_LIMIT:-130}" $PY benchmarks/gpu_step.py $DRY --trunk-ab --out "$OUT/step.json"
 # The trunk ops first: nothing else checks their Triton kernels on the GPU. No -x: one failing file
 # must not hide the others' results.
 TAIL=15 stage tests "${TEST_LIMIT:-100}" $PY -m pytest -q --maxfail=20 -p no:cacheprovider tests/ops/test_trunk.py tests/ops
