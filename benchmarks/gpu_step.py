@@ -75,13 +75,13 @@ def model_flops_per_step(model, tokens: int, cached: bool) -> float:
     return 2 * params * tokens * passes
 
 
-def time_sequential(model, rows, variants, steps: int, device) -> list[dict]:
+def time_sequential(model, rows, variants, steps: int, device, save=lambda results: None) -> list[dict]:
     """Each (mode, fused_trunk) variant on its own, with its peak memory on a GPU. A variant that raises
     is reported as {"mode", "error"} and the others still run: a short GPU lease gets its table even if
     one kernel fails there. A fused mode that fails with the fused trunk on is retried with it off (the
     Triton trunk kernels are the newest), unless that variant is on the list anyway. Every variant starts
     from the same layer weights, so their first steps' losses (``first_loss``) must agree: the check
-    that the fast paths compute the naive loss on this device."""
+    that the fast paths compute the naive loss on this device. ``save(results)`` after each variant."""
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     start = [p.detach().clone() for p in unlearning_parameters(model)]
     results, queue = [], list(variants)
@@ -108,6 +108,8 @@ def time_sequential(model, rows, variants, steps: int, device) -> list[dict]:
             if runner is not None:
                 runner.close()
         results.append(r)
+        print(f"{r['mode']}: {r.get('error') or format(1e3 * r['s_per_step'], '.1f') + ' ms/step'}", flush=True)
+        save(results)
         del runner
     return results
 
@@ -151,7 +153,8 @@ def main(argv=None):
         results = time_interleaved([StepRunner(model, rows, mode, fused_trunk=trunk) for mode, trunk in variants],
                                    args.steps, sync)
     else:
-        results = time_sequential(model, rows, variants, args.steps, device)
+        results = time_sequential(model, rows, variants, args.steps, device,
+                                  lambda results: write_json(args.out, device, rate, args.blocks, results))
     timed = [r for r in results if "error" not in r]
     for r in timed:
         r["mfu"] = (model_flops_per_step(model, r["tokens"], r["mode"].startswith("fused+cache")) / r["s_per_step"]
@@ -177,8 +180,13 @@ def main(argv=None):
                                         if naive and naive["first_loss"] else float("nan"))
             line += f"{r['first_loss']:11.5g}{r['first_loss_rel_diff']:11.1e}"
         print(line)
-    with open(args.out, "w") as f:
-        json.dump({"device": str(device), "matmul_rate": rate, "blocks": args.blocks, "results": results}, f, indent=2)
+    write_json(args.out, device, rate, args.blocks, results)
+
+
+def write_json(path, device, rate, blocks, results) -> None:
+    with open(path + ".tmp", "w") as f:
+        json.dump({"device": str(device), "matmul_rate": rate, "blocks": blocks, "results": results}, f, indent=2)
+    os.replace(path + ".tmp", path)
 
 
 if __name__ == "__main__":

@@ -28,7 +28,7 @@ import torch
 import triton
 import triton.language as tl
 
-IGNORE_INDEX = -100
+IGNORE_INDEX = tl.constexpr(-100)  # a constexpr: the compiler refuses plain globals in kernels
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 # Block sizes. On a GPU they are a first guess for H100/H200 that the GPU benchmark has not yet
@@ -36,7 +36,10 @@ INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 ROW_BLOCK_V = 256 if INTERPRET else 4096
 ROW_WARPS = 1 if INTERPRET else 8
 PAIR_BLOCKS = dict(BLOCK_M=32, BLOCK_V=128, BLOCK_K=32) if INTERPRET else dict(BLOCK_M=64, BLOCK_V=128, BLOCK_K=64)
-PAIR_WARPS, PAIR_STAGES = (1, 1) if INTERPRET else (8, 3)
+# One warpgroup for 16-bit operands: with 8 warps on a 64-row tile, ptxas of triton 3.6 serialises the
+# sm_90 wgmma instructions (warning C7515; tests/ops/sm90_compile.py shows it). fp32 tiles need the 8
+# warps' registers (4 spill 0.8-34 KB).
+PAIR_WARPS_16BIT, PAIR_WARPS_FP32, PAIR_STAGES = (1, 1, 1) if INTERPRET else (4, 8, 3)
 GRAD_BLOCKS = dict(BLOCK_M=32, BLOCK_H=32, BLOCK_V=128) if INTERPRET else dict(BLOCK_M=64, BLOCK_H=128, BLOCK_V=64)
 GRAD_WARPS, GRAD_STAGES = (1, 1) if INTERPRET else (8, 3)
 # The interpreter's tl.dot gives garbage for 16-bit operands (numpy has no bf16): there the kernels
@@ -245,7 +248,8 @@ def logits_pair(student_hidden, teacher_hidden, weight, bias, scale, out_s, out_
         float(scale),
         HAS_TEACHER=has_teacher, HAS_BIAS=bias is not None, PRECISION=_precision(weight.dtype),
         DOT_FP32=DOT_FP32 and weight.dtype != torch.float32,
-        num_warps=PAIR_WARPS, num_stages=PAIR_STAGES, **PAIR_BLOCKS,
+        num_warps=PAIR_WARPS_FP32 if weight.dtype == torch.float32 else PAIR_WARPS_16BIT, num_stages=PAIR_STAGES,
+        **PAIR_BLOCKS,
     )
 
 

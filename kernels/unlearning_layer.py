@@ -332,7 +332,9 @@ def default_blocks(R: int) -> dict:
         # 8 warps: with 4, ptxas (sm_90, triton 3.9) spills in both backward kernels
         return {"path": "narrow", "BLOCK_M": 64, "BLOCK_K": 64, "BLOCK_N": 64,
                 "W_BLOCK_M": 64, "W_BLOCK_N": 128 if rp <= 64 else 64, "num_warps": 8}
-    return {"path": "wide", "BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "num_warps": 8}
+    # 128 x 64 tiles on one warpgroup: at 128 x 128 with 8 warps, ptxas of triton 3.6 (the GPU machine's)
+    # serialises the bottleneck kernel's wgmma and spills in its gelu backward (tests/ops/sm90_compile.py)
+    return {"path": "wide", "BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 64, "num_warps": 4}
 
 
 def _interpreting() -> bool:
@@ -384,13 +386,14 @@ def forward(x, down_weight, down_bias, up_weight, up_bias, activation: str, bloc
 
 
 def _row_splits(device: torch.device, N: int, programs: int, rows_per_step: int) -> tuple[int, int]:
-    """(splits, rows per split) for a reduction over the N rows: about one program per SM (more splits
-    mean more fp32 partial sums to write and add up)."""
+    """(splits, rows per split) for a reduction over the N rows: at most one program per SM, rounded
+    down (these kernels' shared memory fits one program on an SM, so a 145th program on 132 SMs would
+    cost a second wave; more splits also mean more fp32 partial sums to write and add up)."""
     if device.type == "cuda":
         target = torch.cuda.get_device_properties(device).multi_processor_count
     else:
         target = 1  # the interpreter: one pass is fastest
-    splits = max(1, min(triton.cdiv(target, programs), triton.cdiv(N, 4 * rows_per_step)))
+    splits = max(1, min(target // programs, triton.cdiv(N, 4 * rows_per_step)))
     rows = triton.cdiv(triton.cdiv(N, splits), rows_per_step) * rows_per_step
     return triton.cdiv(N, rows), rows
 

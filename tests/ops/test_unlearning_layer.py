@@ -321,6 +321,24 @@ def test_triton_backend_many_tiles(path, monkeypatch):
                           device="cuda" if torch.cuda.is_available() else "cpu")
 
 
+@pytest.mark.parametrize("programs", [1, 16, 32, 64, 131, 132, 200])
+def test_row_splits_fill_one_wave(programs, monkeypatch):
+    """On a 132-SM GPU the row splits of a weight-gradient reduction never make more programs than SMs
+    (one wave; a kernel of one program per SM would need two for 133), and they cover every row."""
+    pytest.importorskip("triton")
+    from types import SimpleNamespace
+
+    from unlearn_fast.kernels import unlearning_layer as kernels
+
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: SimpleNamespace(multi_processor_count=132))
+    for n in (8192, 1000, 64):
+        splits, rows = kernels._row_splits(torch.device("cuda"), n, programs, 64)
+        assert splits >= 1 and rows % 64 == 0 and splits * rows >= n > (splits - 1) * rows
+        assert splits * programs <= max(132, programs)
+        if n == 8192 and 16 <= programs <= 66:  # enough rows and room for splits: most SMs busy
+            assert splits * programs > 132 - programs
+
+
 def test_triton_under_interpreter():
     """Runs the Triton tests above on the CPU (TRITON_INTERPRET=1, in a fresh process)."""
     run_triton_cases_under_interpreter(__file__, "triton_backend or (weights_only and triton)")
