@@ -10,8 +10,9 @@
 3. Timings, forward + backward (gradients of x and of every weight and bias): N = 8192, d = 2048 and
    4096, bf16 x, fp32 master weights, r = 64, K = 1 and 8, relu.
    eager  = per layer Linear, act, Linear, add under bf16 autocast, the K layers one after another;
-   triton = the op (the default blocks; for tuning also K = 1 on the wide path and K = 8 with the
-   block sizes of WIDE_SWEEP, as triton_wide_ms / triton_sweep<i>_ms).
+   triton = the op (the default blocks; for tuning also K = 1 on the wide path and with the row blocks
+   of NARROW_SWEEP, and K = 8 with the block sizes of WIDE_SWEEP, as triton_wide_ms /
+   triton_narrow_sweep<i>_ms / triton_sweep<i>_ms).
    floor  = max(FLOPs / matmul rate, bytes / copy bandwidth) with FLOPs = 12·N·d·R (six GEMMs) and
    bytes = the minimum any implementation moves: x read twice, y written, g read, dx written (bf16),
    the fp32 pre-activation written and read, the fp32 weights read twice and their gradients written.
@@ -159,6 +160,8 @@ class forced_blocks:
 # Wide-path block sizes tried on the K = 8 cases besides the default (first guesses, never run on a GPU)
 WIDE_SWEEP = [dict(path="wide", BLOCK_M=128, BLOCK_N=128, BLOCK_K=32, num_warps=8),
               dict(path="wide", BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, num_warps=8)]  # the default until 2026-12-05
+# Narrow-path row blocks tried on the K = 1 cases (default 64: 128 programs at N = 8192, under 132 SMs)
+NARROW_SWEEP = [dict(BLOCK_M=32), dict(BLOCK_M=128)]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -280,6 +283,11 @@ def timing_row(n, d, r, k, reps, activation, ceil):
         other = "wide" if row["default_path"] == "narrow" else "narrow"
         with forced_path(other):
             row[f"triton_{other}_ms"] = time_ms(step, reps)
+        if row["default_path"] == "narrow":
+            for i, change in enumerate(NARROW_SWEEP):
+                with forced_blocks({**kernels.default_blocks(R), **change}):
+                    row[f"triton_narrow_sweep{i}_ms"] = time_ms(step, reps)
+            row["narrow_sweep"] = NARROW_SWEEP
     elif row["default_path"] == "wide" or ARGS.dry_run:  # (dry run: to exercise the code)
         for i, blocks in enumerate(WIDE_SWEEP):
             with forced_blocks(blocks):
