@@ -5,9 +5,13 @@ compiler refuses (a plain global read inside a @triton.jit function, for one) an
 sizes than a GPU would. This script drives the real compiler instead: a stand-in driver reports a
 CUDA device of compute capability 9.0, the host launchers run on meta tensors (no memory), and every
 launch only compiles (``warmup``), down to ptxas and a cubin. It prints one line per compiled kernel
+(warps, registers, spilled bytes, shared memory, and whether ptxas serialised its wgmma instructions)
 and exits non-zero at the first launcher that fails.
 
-    python tests/ops/sm90_compile.py          # run by tests/ops/test_sm90_compile.py in a subprocess
+    python tests/ops/sm90_compile.py [--json kernels.json]   # tests/ops/test_sm90_compile.py runs it
+
+Run it under the GPU machine's triton (3.6) when changing block sizes: register use and wgmma
+serialisation differ between triton versions.
 
 Uses triton's runtime internals (driver.set_active, JITFunction.run): written against triton 3.6-3.9.
 """
