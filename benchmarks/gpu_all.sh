@@ -13,7 +13,9 @@
 #   OUT=/tmp/gpu_out bash benchmarks/gpu_all.sh
 #   DRY_RUN=1 OUT=/tmp/gpu_dry bash benchmarks/gpu_all.sh   # the same stages on the CPU, tiny shapes
 #                                                           # (each script's --dry-run): checks this script
-# Liger-Kernel, when wheels are in .whl/, is installed into /tmp/site for the loss-head comparison.
+# Liger-Kernel, when wheels are in .whl/, is installed into /tmp/site for the loss-head comparison
+# (the GPU machine has no network: `pip download --no-deps -d .whl liger-kernel==0.8.5` here first;
+# an untracked .whl/ travels with the working tree).
 set -u
 OUT=${OUT:-/tmp/gpu_out}
 mkdir -p "$OUT"
