@@ -26,7 +26,6 @@ product at ≥ 93 % of the measured matmul rate; the last table line gives the r
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -38,6 +37,7 @@ if DRY:  # must precede the first import of triton
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
+from unlearn_fast.atomic import write_json  # noqa: E402
 from unlearn_fast.ops import eul_loss_head  # noqa: E402
 from unlearn_fast.ops.loss_head import IGNORE_INDEX  # noqa: E402
 
@@ -311,9 +311,7 @@ def main():
     def save():  # after every row: a run cut off by its time limit still leaves what it measured
         result["wall_s"] = time.monotonic() - START
         if a.out:
-            with open(a.out + ".tmp", "w") as f:
-                json.dump(result, f, indent=1)
-            os.replace(a.out + ".tmp", a.out)
+            write_json(a.out, result, indent=1)
 
     accuracy(fns, check_n, hs_list[0], v, device, dtype, result["accuracy"], save)
     speed(fns, n, hs_list, v, device, dtype, reps, peak, result["speed"], save)

@@ -21,7 +21,6 @@ The GPU figures are unmeasured until this runs on a GPU.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -32,6 +31,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from whole_step import ALL_MODES, MODES, StepRunner, make_rows, prepare, time_interleaved, time_steps  # noqa: E402
 
+from unlearn_fast.atomic import write_json  # noqa: E402
 from unlearn_fast.layers import unlearning_parameters  # noqa: E402
 
 
@@ -154,7 +154,7 @@ def main(argv=None):
                                    args.steps, sync)
     else:
         results = time_sequential(model, rows, variants, args.steps, device,
-                                  lambda results: write_json(args.out, device, rate, args.blocks, results))
+                                  lambda results: write_report(args.out, device, rate, args.blocks, results))
     timed = [r for r in results if "error" not in r]
     for r in timed:
         r["mfu"] = (model_flops_per_step(model, r["tokens"], r["mode"].startswith("fused+cache")) / r["s_per_step"]
@@ -180,13 +180,11 @@ def main(argv=None):
                                         if naive and naive["first_loss"] else float("nan"))
             line += f"{r['first_loss']:11.5g}{r['first_loss_rel_diff']:11.1e}"
         print(line)
-    write_json(args.out, device, rate, args.blocks, results)
+    write_report(args.out, device, rate, args.blocks, results)
 
 
-def write_json(path, device, rate, blocks, results) -> None:
-    with open(path + ".tmp", "w") as f:
-        json.dump({"device": str(device), "matmul_rate": rate, "blocks": blocks, "results": results}, f, indent=2)
-    os.replace(path + ".tmp", path)
+def write_report(path, device, rate, blocks, results) -> None:
+    write_json(path, {"device": str(device), "matmul_rate": rate, "blocks": blocks, "results": results}, indent=2)
 
 
 if __name__ == "__main__":

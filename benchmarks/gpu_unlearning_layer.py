@@ -24,7 +24,6 @@ Writes everything as JSON to --out and prints a table.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics
@@ -72,6 +71,7 @@ def import_package():
 
 
 import_package()
+from unlearn_fast.atomic import write_json  # noqa: E402
 from unlearn_fast.kernels import unlearning_layer as kernels  # noqa: E402
 from unlearn_fast.ops import unlearning_layer, unlearning_layer_reference  # noqa: E402
 
@@ -319,9 +319,7 @@ def main():
 
     def save():  # after every stage, so a run cut short still leaves its results
         result["seconds"] = time.time() - t0
-        with open(ARGS.out + ".tmp", "w") as f:
-            json.dump(result, f, indent=2)
-        os.replace(ARGS.out + ".tmp", ARGS.out)
+        write_json(ARGS.out, result, indent=2)
 
     print("1. correctness (max relative error over y and all gradients, vs float64)")
     result["correctness"], ok = correctness()

@@ -326,3 +326,15 @@ def test_manifest_has_set_fingerprints_but_no_text(arch, tmp_path):
     assert manifest["base_model"]["fingerprint"] == model_fingerprint(make_model(arch))
     assert manifest["base_model"]["class"] == make_model(arch).__class__.__name__
     assert manifest["layers"]["config"]["rank"] == RANK
+
+
+def test_write_json_replaces_whole_or_not_at_all(tmp_path):
+    from unlearn_fast.atomic import write_json
+
+    path = tmp_path / "report.json"
+    write_json(path, {"rows": [1, 2]}, indent=2)
+    assert json.loads(path.read_text()) == {"rows": [1, 2]}
+    with pytest.raises(TypeError):  # not serialisable: fails mid-write
+        write_json(path, {"rows": [1, object()]})
+    assert json.loads(path.read_text()) == {"rows": [1, 2]}  # the old file, untouched
+    assert [p.name for p in tmp_path.iterdir()] == ["report.json"]  # no temporary left behind

@@ -1,8 +1,9 @@
-"""Atomic directory writes: build the files in a temporary sibling, then rename it into place."""
+"""Atomic writes: build a directory or a file as a temporary sibling, then rename it into place."""
 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import tempfile
@@ -33,4 +34,21 @@ def atomic_directory(out: Union[str, Path]) -> Iterator[Path]:
             os.rename(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def write_json(path: Union[str, Path], obj, **dump_kwargs) -> None:
+    """Write ``obj`` as JSON to ``path`` through a temporary sibling file (flushed to disk, then
+    renamed): a reader, or a run killed mid-write, sees the old file or the new one, never half of one."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(obj, f, **dump_kwargs)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
         raise

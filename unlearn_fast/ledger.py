@@ -22,13 +22,12 @@ from __future__ import annotations
 
 import datetime
 import json
-import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Optional, Union
 
 from .artifacts import read_artifact, read_manifest, write_artifact
+from .atomic import write_json
 from .errors import UnlearnFastError
 from .fusion import DEFAULT_RHO, check_compatible, fuse_paths, request_records, with_cross_terms
 
@@ -63,17 +62,7 @@ def read_ledger(ledger: PathLike) -> dict:
 
 
 def _write_ledger(ledger: Path, state: dict) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{LEDGER_FILE}.", dir=ledger)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(state, f, indent=2, sort_keys=True)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, ledger / LEDGER_FILE)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    write_json(ledger / LEDGER_FILE, state, indent=2, sort_keys=True)
 
 
 def list_requests(ledger: PathLike) -> list[dict]:
