@@ -103,6 +103,8 @@ def loss_head(dtype):
     for guard in (False, True):
         k.loss_rows(student, teacher, targets, coef, coef, 5.0, 5.0, 1.0, sharpening_guard=guard, grad=student)
     k.grad_hidden(student, weight, 1.0, meta(n, h, dtype=dtype))
+    if dtype == torch.bfloat16:  # the other 16-bit head: its weight is split too (listed under bf16)
+        k.grad_hidden(student, meta(v, h, dtype=torch.float16), 1.0, meta(n, h, dtype=torch.float16))
 
 
 def unlearning_layer(dtype):

@@ -316,20 +316,21 @@ def test_every_backend_matches_float64(backend, name):
         assert not torch.isclose(out.loss, no_forget_kl.loss, rtol=1e-4)  # and some kept it
 
 
-def test_every_backend_bf16(backend):
-    """bf16 hidden states and head: fp32 logits, so the loss matches fp64 on the same bf16 values; the
-    gradient is as good as its bf16 rounding."""
-    hs, ht, w, targets, kl_coef, ce_coef = make(37, 72, 1031, dtype=torch.bfloat16, noise=1e-2, seed=5)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_every_backend_16bit(backend, dtype):
+    """16-bit hidden states and head: fp32 logits, so the loss matches fp64 on the same 16-bit values;
+    the gradient is as good as its 16-bit rounding."""
+    hs, ht, w, targets, kl_coef, ce_coef = make(37, 72, 1031, dtype=dtype, noise=1e-2, seed=5)
     out = eul_loss_head(hs, ht, w, targets, kl_coef, ce_coef, chunk_rows=16)
     out.loss.backward()
     hs64 = hs.detach().double().requires_grad_(True)
     ref, _, _ = oracle(hs64, ht, w, targets, kl_coef, ce_coef)
     ref.backward()
     torch.testing.assert_close(out.loss.double(), ref.detach(), rtol=1e-4, atol=1e-4)
-    assert hs.grad.dtype == torch.bfloat16
+    assert hs.grad.dtype == dtype
     rel = (hs.grad.double() - hs64.grad).norm() / hs64.grad.norm()
-    floor = (hs64.grad.to(torch.bfloat16).double() - hs64.grad).norm() / hs64.grad.norm()
-    assert rel < 1.2 * floor, (rel, floor)  # as good as rounding the exact gradient to bf16
+    floor = (hs64.grad.to(dtype).double() - hs64.grad).norm() / hs64.grad.norm()
+    assert rel < 1.2 * floor, (rel, floor)  # as good as rounding the exact gradient to its dtype
 
 
 def test_every_backend_student_equal_teacher_is_exact(backend):
@@ -373,13 +374,15 @@ def test_triton_row_kernel_in_place_and_bad_target(triton_interpreted):
     assert torch.isnan(ce[1]) and not torch.isnan(ce[2:]).any()
 
 
-def test_triton_gemm_kernels_bf16(triton_interpreted):
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_triton_gemm_kernels_16bit(triton_interpreted, dtype):
     """The logits pair reads one weight tile for both products; grad_hidden keeps ~16 bits of the
-    logit gradient with a bf16 head (hi/lo split), where rounding it to bf16 would lose ~1e-3."""
+    logit gradient with a 16-bit head (hi/lo bf16 split of G, and of W for fp16), where rounding G to
+    bf16 would lose ~1e-3."""
     g = torch.Generator().manual_seed(0)
     M, H, V = 19, 40, 77
-    xs, xt = (torch.randn(M, H, generator=g).bfloat16() for _ in range(2))
-    w = (torch.randn(V, H, generator=g) / H ** 0.5).bfloat16()
+    xs, xt = (torch.randn(M, H, generator=g).to(dtype) for _ in range(2))
+    w = (torch.randn(V, H, generator=g) / H ** 0.5).to(dtype)
     b = torch.randn(V, generator=g)
     out_s, out_t = torch.empty(M, V), torch.empty(M, V)
     triton_interpreted.logits_pair(xs, xt, w, b, 0.7, out_s, out_t)
@@ -387,10 +390,12 @@ def test_triton_gemm_kernels_bf16(triton_interpreted):
         want = 0.7 * (x.double() @ w.double().t() + b.double())
         torch.testing.assert_close(out.double(), want, rtol=1e-6, atol=1e-6)
     grad = torch.randn(M, V, generator=g) * 1e-3
+    want = 1.3 * grad.double() @ w.double()
+    bf16_rounded = 1.3 * grad.bfloat16().double() @ w.double()
     out = torch.empty(M, H)
     triton_interpreted.grad_hidden(grad, w, 1.3, out)
-    want = 1.3 * grad.double() @ w.double()
-    assert ((out.double() - want).norm() / want.norm()) < 1e-4
+    rel = (out.double() - want).norm() / want.norm()
+    assert rel < 1e-4 and rel < 0.05 * (bf16_rounded - want).norm() / want.norm(), rel
 
 
 # ---------------------------------------------------------------------------------------------
