@@ -151,7 +151,7 @@ class forced_blocks:
         self.blocks, self.saved = blocks, kernels.default_blocks
 
     def __enter__(self):
-        kernels.default_blocks = lambda R: dict(self.blocks)
+        kernels.default_blocks = lambda R, dtype=None: dict(self.blocks)
 
     def __exit__(self, *exc):
         kernels.default_blocks = self.saved

@@ -323,15 +323,21 @@ def padded_rank(R: int) -> int:
     return max(16, triton.next_power_of_2(R))
 
 
-def default_blocks(R: int) -> dict:
-    """Block sizes for a bottleneck of width R (first guesses; override with ``blocks=``).
+def default_blocks(R: int, dtype: torch.dtype = torch.bfloat16) -> dict:
+    """Block sizes for a bottleneck of width R and inputs of ``dtype`` (first guesses; override with
+    ``blocks=``).
 
     ``path`` is "narrow" or "wide" (see the module docstring)."""
     rp = padded_rank(R)
     if rp <= NARROW_MAX_RP:
-        # 8 warps: with 4, ptxas (sm_90, triton 3.9) spills in both backward kernels
-        return {"path": "narrow", "BLOCK_M": 64, "BLOCK_K": 64, "BLOCK_N": 64,
-                "W_BLOCK_M": 64, "W_BLOCK_N": 128 if rp <= 64 else 64, "num_warps": 8}
+        # 8 warps: with 4, ptxas (sm_90, triton 3.9) spills in both backward kernels. fp32 operands need
+        # half-height tiles: at the 16-bit sizes their fp32 ("ieee") dots spill up to 4 KB under triton
+        # 3.6; these spill none under 3.6 or 3.9 (tests/ops/sm90_compile.py).
+        if dtype == torch.float32:
+            rows = {"BLOCK_M": 32, "W_BLOCK_M": 32, "W_BLOCK_N": 64 if rp <= 64 else 32}
+        else:
+            rows = {"BLOCK_M": 64, "W_BLOCK_M": 64, "W_BLOCK_N": 128 if rp <= 64 else 64}
+        return {"path": "narrow", "BLOCK_K": 64, "BLOCK_N": 64, "num_warps": 8, **rows}
     # 128 x 64 tiles on one warpgroup: at 128 x 128 with 8 warps, ptxas of triton 3.6 (the GPU machine's)
     # serialises the bottleneck kernel's wgmma and spills in its gelu backward (tests/ops/sm90_compile.py)
     return {"path": "wide", "BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 64, "num_warps": 4}
@@ -360,7 +366,7 @@ def forward(x, down_weight, down_bias, up_weight, up_bias, activation: str, bloc
     _check(x, down_weight, down_bias, up_weight, up_bias)
     N, D = x.shape
     R = down_weight.shape[0]
-    b = {**default_blocks(R), **(blocks or {})}
+    b = {**default_blocks(R, x.dtype), **(blocks or {})}
     common = _common(x, activation)
     split = activation == "relu" and x.dtype != torch.float32
     # The dots take 16-bit weights when x is 16-bit: cast once here, not per tile (halves the weight
@@ -410,7 +416,7 @@ def backward(grad_y, x, down_weight, up_weight, saved, activation: str, compute_
     assert grad_y.shape == x.shape and grad_y.dtype == x.dtype and grad_y.is_contiguous()
     N, D = x.shape
     R = down_weight.shape[0]
-    b = {**default_blocks(R), **(blocks or {})}
+    b = {**default_blocks(R, x.dtype), **(blocks or {})}
     common = _common(x, activation)
     pre = saved[0]
     down_weight, up_weight = down_weight.to(x.dtype), up_weight.to(x.dtype)  # dot operands (see forward)

@@ -112,7 +112,7 @@ def unlearning_layer(dtype):
 
     n, d = 8192, 2048
     x = meta(n, d, dtype=dtype)
-    for rank, activation in ((64, "relu"), (64, "gelu"), (512, "silu")):  # narrow and wide paths
+    for rank, activation in ((64, "relu"), (128, "gelu"), (512, "silu")):  # narrow (both tile widths), wide
         weights = meta(rank, d), meta(rank), meta(d, rank), meta(d)
         y, saved = k.forward(x, *weights, activation)
         k.backward(torch.empty_like(x), x, weights[0], weights[2], saved, activation, True)

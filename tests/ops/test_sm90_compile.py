@@ -36,8 +36,9 @@ def test_every_triton_kernel_compiles_for_sm90(tmp_path):
         compiled = {r["kernel"] for r in rows if r["launcher"].split()[0] == module}
         assert compiled == names, (module, compiled)
     for r in rows:
-        if r["launcher"].endswith("bfloat16"):  # the GPU's 16-bit path spills no registers
-            assert r["spill_bytes"] == 0, r
+        # No kernel spills registers; the one exception, fp32 loss-head logits, spills 8 B under triton 3.6.
+        fp32_logits = r["kernel"] == "_logits_pair_kernel" and r["launcher"].endswith("float32")
+        assert r["spill_bytes"] <= (64 if fp32_logits else 0), r
         assert r["shared"] <= 227 * 1024, r  # an sm_90 program's shared-memory limit
     # (Serialised wgmma, ptxas warning C7515, depends on the triton version: the script's table shows it;
     # the block sizes were chosen for the GPU machine's triton 3.6, where the bf16 kernels have none.)

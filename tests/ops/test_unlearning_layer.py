@@ -314,7 +314,7 @@ def test_triton_backend_many_tiles(path, monkeypatch):
     the weight gradients are summed over several row splits as on a GPU."""
     from unlearn_fast.kernels import unlearning_layer as kernels
 
-    monkeypatch.setattr(kernels, "default_blocks", lambda R: SMALL_BLOCKS[path])
+    monkeypatch.setattr(kernels, "default_blocks", lambda R, dtype=None: SMALL_BLOCKS[path])
     monkeypatch.setattr(kernels, "_row_splits", lambda device, n, programs, step: (-(-n // step), step))
     monkeypatch.setenv("UNLEARN_FAST_BACKEND", "triton")
     check_against_float64("gelu", torch.bfloat16, lead=(70,), d=40, ranks=(25, 15),
