@@ -173,6 +173,7 @@ def oracle(hs, ht, w, targets, kl_coef, ce_coef, chunk=256):
 
 
 def accuracy(fns, n, h, v, device, dtype, rows, save, noises=(1e-3, 1e-2, 1e-1)):
+    dtype_name = str(dtype).removeprefix("torch.")
     for noise in noises:
         args = make_inputs(n, h, v, noise, dtype, device, seed=1)
         ref_loss, ref_grad = oracle(*args)
@@ -182,12 +183,12 @@ def accuracy(fns, n, h, v, device, dtype, rows, save, noises=(1e-3, 1e-2, 1e-1))
                 continue
             try:
                 loss, grad = step(fn, args)
-                row = dict(noise=noise, method=name, dtype=str(dtype).removeprefix("torch."),
+                row = dict(noise=noise, method=name, dtype=dtype_name,
                            loss_rel=abs(loss.double().item() - ref_loss.item()) / abs(ref_loss.item()),
                            grad_rel=((grad.double() - ref_grad).norm() / ref_grad.norm()).item(), floor=floor)
                 row["ok"] = row["loss_rel"] <= 1e-4 and row["grad_rel"] <= 2e-3
             except Exception as err:  # noqa: BLE001 - report and go on
-                row = dict(noise=noise, method=name, dtype=str(dtype).removeprefix("torch."), error=f"{type(err).__name__}: {err}"[:300])
+                row = dict(noise=noise, method=name, dtype=dtype_name, error=f"{type(err).__name__}: {err}"[:300])
             rows.append(row)
             log("accuracy", row)
             save()

@@ -29,6 +29,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .dots import dot_acc
+
 IGNORE_INDEX = tl.constexpr(-100)  # a constexpr: the compiler refuses plain globals in kernels
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
@@ -264,6 +266,7 @@ SPLIT_G = tl.constexpr(1)  # bf16 weight: G = G_hi + G_lo
 SPLIT_G_AND_W = tl.constexpr(2)  # fp16 weight: G split, and W = W_hi + W_lo
 _SPLITS = {torch.bfloat16: SPLIT_G.value, torch.float16: SPLIT_G_AND_W.value}
 
+
 @triton.jit
 def _grad_hidden_kernel(
     g_ptr, w_ptr, out_ptr, M, V, H, stride_g, stride_w, stride_out, scale,
@@ -296,16 +299,10 @@ def _grad_hidden_kernel(
                 w_hi = w.to(tl.float32).to(tl.bfloat16)
                 w_lo = (w.to(tl.float32) - w_hi.to(tl.float32)).to(tl.bfloat16)
                 w = w_hi
-            if DOT_FP32:
-                acc = tl.dot(g_hi.to(tl.float32), w.to(tl.float32), acc, input_precision="ieee")
-                acc = tl.dot(g_lo.to(tl.float32), w.to(tl.float32), acc, input_precision="ieee")
-                if SPLIT == SPLIT_G_AND_W:
-                    acc = tl.dot(g_hi.to(tl.float32), w_lo.to(tl.float32), acc, input_precision="ieee")
-            else:
-                acc = tl.dot(g_hi, w, acc)
-                acc = tl.dot(g_lo, w, acc)
-                if SPLIT == SPLIT_G_AND_W:
-                    acc = tl.dot(g_hi, w_lo, acc)
+            acc = dot_acc(g_hi, w, acc, "tf32", DOT_FP32)  # (the precision applies to fp32 operands only)
+            acc = dot_acc(g_lo, w, acc, "tf32", DOT_FP32)
+            if SPLIT == SPLIT_G_AND_W:
+                acc = dot_acc(g_hi, w_lo, acc, "tf32", DOT_FP32)
     out = acc * scale
     tl.store(out_ptr + rows[:, None] * stride_out + hs[None, :], out.to(out_ptr.dtype.element_ty),
              mask=row_ok[:, None] & h_ok[None, :])

@@ -42,6 +42,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .dots import cast_rounded, dot_acc
+
 ACTIVATION_IDS = {"relu": 0, "gelu": 1, "silu": 2}
 NARROW_MAX_RP = 128  # widest bottleneck the single-pass kernels take (registers: [BLOCK_M, RP] fp32 tiles)
 
@@ -75,37 +77,14 @@ def _act_slope(h, ACT: tl.constexpr):
 
 
 @triton.jit
-def _cast(v, dtype: tl.constexpr, INTERPRET: tl.constexpr):
-    """v.to(dtype), rounded to nearest even. The interpreter truncates fp32 -> bf16 (the GPU rounds),
-    so there the rounding is done on the bits first."""
-    if INTERPRET:
-        if dtype == tl.bfloat16:
-            bits = v.to(tl.float32).to(tl.uint32, bitcast=True)
-            bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
-            v = bits.to(tl.float32, bitcast=True)
-    return v.to(dtype)
-
-
-@triton.jit
-def _dot(a, b, acc, PREC: tl.constexpr, INTERPRET: tl.constexpr):
-    """acc + a @ b, fp32 accumulation, b cast to a's dtype. Under the interpreter 16-bit operands go in
-    as fp32 (its bf16 dot multiplies the raw bits; 16-bit products are exact in fp32 anyway)."""
-    b = _cast(b, a.dtype, INTERPRET)
-    if INTERPRET:
-        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
-    else:
-        return tl.dot(a, b, acc, input_precision=PREC)
-
-
-@triton.jit
 def _dot_weight(a, w, acc, PREC: tl.constexpr, INTERPRET: tl.constexpr, SPLIT: tl.constexpr):
     """acc + a @ w. SPLIT: w is fp32 and goes in as hi + lo parts in a's dtype (two dots, ~fp32 exact)."""
     if SPLIT:
-        hi = _cast(w, a.dtype, INTERPRET)
-        acc = _dot(a, hi, acc, PREC, INTERPRET)
-        return _dot(a, _cast(w - hi.to(tl.float32), a.dtype, INTERPRET), acc, PREC, INTERPRET)
+        hi = cast_rounded(w, a.dtype, INTERPRET)
+        acc = dot_acc(a, hi, acc, PREC, INTERPRET)
+        return dot_acc(a, cast_rounded(w - hi.to(tl.float32), a.dtype, INTERPRET), acc, PREC, INTERPRET)
     else:
-        return _dot(a, w, acc, PREC, INTERPRET)
+        return dot_acc(a, w, acc, PREC, INTERPRET)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -131,7 +110,7 @@ def _forward_kernel(x_ptr, dw_ptr, db_ptr, uw_ptr, ub_ptr, y_ptr, pre_ptr, N, D,
         h = _dot_weight(x, dt, h, PREC, INTERPRET, SPLIT)
     h += tl.load(db_ptr + ranks, mask=rank_ok, other=0.0)[None, :]
     tl.store(pre_ptr + rows64[:, None] * R + ranks[None, :], h, mask=row_ok[:, None] & rank_ok[None, :])
-    a = _cast(_act(h, ACT), x_ptr.dtype.element_ty, INTERPRET)  # padded ranks: act(0) = 0
+    a = cast_rounded(_act(h, ACT), x_ptr.dtype.element_ty, INTERPRET)  # padded ranks: act(0) = 0
 
     # y = x + c + act(h) Uᵀ, one column block of d at a time (the x tile is re-read: an L2 hit)
     for n0 in range(0, D, BLOCK_N):
@@ -139,10 +118,11 @@ def _forward_kernel(x_ptr, dw_ptr, db_ptr, uw_ptr, ub_ptr, y_ptr, pre_ptr, N, D,
         col_ok = cols < D
         io_mask = row_ok[:, None] & col_ok[None, :]
         ut = tl.load(uw_ptr + cols[None, :] * R + ranks[:, None], mask=rank_ok[:, None] & col_ok[None, :], other=0.0)
-        out = _dot(a, ut, tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), PREC, INTERPRET)
+        out = dot_acc(a, ut, tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), PREC, INTERPRET)
         x = tl.load(x_ptr + rows64[:, None] * D + cols[None, :], mask=io_mask, other=0.0)
         out += x.to(tl.float32) + tl.load(ub_ptr + cols, mask=col_ok, other=0.0)[None, :]
-        tl.store(y_ptr + rows64[:, None] * D + cols[None, :], _cast(out, y_ptr.dtype.element_ty, INTERPRET), mask=io_mask)
+        tl.store(y_ptr + rows64[:, None] * D + cols[None, :], cast_rounded(out, y_ptr.dtype.element_ty, INTERPRET),
+                 mask=io_mask)
 
 
 @triton.jit
@@ -164,22 +144,23 @@ def _backward_rows_kernel(g_ptr, pre_ptr, dw_ptr, uw_ptr, dpre_ptr, gx_ptr, N, D
         col_ok = cols < D
         g = tl.load(g_ptr + rows64[:, None] * D + cols[None, :], mask=row_ok[:, None] & col_ok[None, :], other=0.0)
         u = tl.load(uw_ptr + cols[:, None] * R + ranks[None, :], mask=col_ok[:, None] & rank_ok[None, :], other=0.0)
-        da = _dot(g, u, da, PREC, INTERPRET)
+        da = dot_acc(g, u, da, PREC, INTERPRET)
     h = tl.load(pre_ptr + rows64[:, None] * R + ranks[None, :], mask=bottleneck_mask, other=0.0)
     dh = da * _act_slope(h, ACT)  # padded ranks: da = 0 there
     tl.store(dpre_ptr + rows64[:, None] * R + ranks[None, :], dh, mask=bottleneck_mask)
 
     # dx = g + dh D
     if GRAD_X:
-        dhc = _cast(dh, g_ptr.dtype.element_ty, INTERPRET)
+        dhc = cast_rounded(dh, g_ptr.dtype.element_ty, INTERPRET)
         for n0 in range(0, D, BLOCK_N):
             cols = n0 + tl.arange(0, BLOCK_N)
             col_ok = cols < D
             io_mask = row_ok[:, None] & col_ok[None, :]
             w = tl.load(dw_ptr + ranks[:, None] * D + cols[None, :], mask=rank_ok[:, None] & col_ok[None, :], other=0.0)
-            out = _dot(dhc, w, tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), PREC, INTERPRET)
+            out = dot_acc(dhc, w, tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), PREC, INTERPRET)
             out += tl.load(g_ptr + rows64[:, None] * D + cols[None, :], mask=io_mask, other=0.0).to(tl.float32)
-            tl.store(gx_ptr + rows64[:, None] * D + cols[None, :], _cast(out, gx_ptr.dtype.element_ty, INTERPRET), mask=io_mask)
+            tl.store(gx_ptr + rows64[:, None] * D + cols[None, :],
+                     cast_rounded(out, gx_ptr.dtype.element_ty, INTERPRET), mask=io_mask)
 
 
 @triton.jit
@@ -210,8 +191,8 @@ def _backward_weights_kernel(x_ptr, g_ptr, pre_ptr, dpre_ptr, gdw_ptr, gdb_ptr, 
         h = tl.load(pre_ptr + rows64[:, None] * R + ranks[None, :], mask=row_ok[:, None] & rank_ok[None, :], other=0.0)
         x = tl.load(x_ptr + rows64[:, None] * D + cols[None, :], mask=row_ok[:, None] & col_ok[None, :], other=0.0)
         g_t = tl.load(g_ptr + rows64[None, :] * D + cols[:, None], mask=col_ok[:, None] & row_ok[None, :], other=0.0)
-        acc_dw = _dot(_cast(dh_t, cd, INTERPRET), x, acc_dw, PREC, INTERPRET)
-        acc_uw = _dot(g_t, _act(h, ACT), acc_uw, PREC, INTERPRET)
+        acc_dw = dot_acc(cast_rounded(dh_t, cd, INTERPRET), x, acc_dw, PREC, INTERPRET)
+        acc_uw = dot_acc(g_t, _act(h, ACT), acc_uw, PREC, INTERPRET)
         acc_ub += tl.sum(g_t.to(tl.float32), axis=1)
         acc_db += tl.sum(dh_t, axis=1)
 
@@ -255,7 +236,7 @@ def _bottleneck_kernel(a_ptr, w_ptr, bias_ptr, pre_ptr, out_ptr, act_ptr, N, D, 
     else:
         h = acc + tl.load(bias_ptr + ranks, mask=rank_ok, other=0.0)[None, :]
         tl.store(out_ptr + offs, h, mask=mask)
-        tl.store(act_ptr + offs, _cast(_act(h, ACT), act_ptr.dtype.element_ty, INTERPRET), mask=mask)
+        tl.store(act_ptr + offs, cast_rounded(_act(h, ACT), act_ptr.dtype.element_ty, INTERPRET), mask=mask)
 
 
 @triton.jit
@@ -277,13 +258,13 @@ def _residual_kernel(a_ptr, w_ptr, res_ptr, bias_ptr, out_ptr, N, R, D, stride_w
         a = tl.load(a_ptr + rows64[:, None] * R + ks[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
         w = tl.load(w_ptr + ks[:, None] * stride_wr + cols[None, :] * stride_wd, mask=k_ok[:, None] & col_ok[None, :],
                     other=0.0)
-        acc = _dot(_cast(a, cd, INTERPRET), w, acc, PREC, INTERPRET)
+        acc = dot_acc(cast_rounded(a, cd, INTERPRET), w, acc, PREC, INTERPRET)
     mask = row_ok[:, None] & col_ok[None, :]
     offs = rows64[:, None] * D + cols[None, :]
     acc += tl.load(res_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + cols, mask=col_ok, other=0.0)[None, :]
-    tl.store(out_ptr + offs, _cast(acc, out_ptr.dtype.element_ty, INTERPRET), mask=mask)
+    tl.store(out_ptr + offs, cast_rounded(acc, out_ptr.dtype.element_ty, INTERPRET), mask=mask)
 
 
 @triton.jit
@@ -308,7 +289,7 @@ def _rows_reduce_kernel(a_ptr, b_ptr, out_ptr, colsum_ptr, N, M2, N2, ROWS_PER_S
         rows64 = rows.to(tl.int64)
         a_t = tl.load(a_ptr + rows64[None, :] * M2 + i[:, None], mask=i_ok[:, None] & row_ok[None, :], other=0.0)
         b = tl.load(b_ptr + rows64[:, None] * N2 + j[None, :], mask=row_ok[:, None] & j_ok[None, :], other=0.0)
-        acc = _dot(_cast(a_t, cd, INTERPRET), b, acc, PREC, INTERPRET)
+        acc = dot_acc(cast_rounded(a_t, cd, INTERPRET), b, acc, PREC, INTERPRET)
         colsum += tl.sum(a_t.to(tl.float32), axis=1)
     tl.store(out_ptr + split * M2 * N2 + i[:, None] * N2 + j[None, :], acc, mask=i_ok[:, None] & j_ok[None, :])
     if pid_n == 0:
