@@ -15,7 +15,8 @@ serving the K requests:
 
 Figures per configuration: forget accuracy / answer loss per request, retain and held-out
 accuracy / loss, general-text perplexity. It prints a table and writes ``results_*.json`` to --out
-(``--reuse --evaluate fused --rhos ...`` re-measures fusions of the trained requests only).
+(``--reuse --evaluate fused --rhos ...`` re-measures fusions of the trained requests only) and a
+results file to --results (see results_io.py).
 The targets from the issue: fused forget metric within 10 % of the request's own layer, fused
 retain metrics within 2 % of the unfused (K active) set.
 """
@@ -29,6 +30,8 @@ import time
 from pathlib import Path
 
 import torch
+
+import results_io
 
 
 def main() -> None:
@@ -44,17 +47,18 @@ def main() -> None:
     parser.add_argument("--no-union", action="store_true")
     parser.add_argument("--out", default="fusion_quality")
     parser.add_argument("--seed", type=int, default=0)
+    results_io.add_argument(parser)
     args = parser.parse_args()
 
     from unlearn_fast.api import unlearn
-    from unlearn_fast.artifacts import load_layers, load_layers_together
+    from unlearn_fast.io.artifacts import load_layers, load_layers_together
     from unlearn_fast.demo import GENERAL_TEXT, capital_example, capital_facts
-    from unlearn_fast.evaluation import answer_hits, evaluate_sets
-    from unlearn_fast.fusion import fuse_artifacts
-    from unlearn_fast.hub import load_model
-    from unlearn_fast.layers import LayerConfig, detach
-    from unlearn_fast.objective import ObjectiveConfig
-    from unlearn_fast.trainer import TrainConfig
+    from unlearn_fast.eval.evaluation import answer_hits, evaluate_sets
+    from unlearn_fast.fusion.closed_form import fuse_artifacts
+    from unlearn_fast.io.base_model import load_model
+    from unlearn_fast.model.layers import LayerConfig, detach
+    from unlearn_fast.train.objective import ObjectiveConfig
+    from unlearn_fast.train.trainer import TrainConfig
 
     started = time.perf_counter()
     out = Path(args.out)
@@ -126,6 +130,29 @@ def main() -> None:
     (out / f"results_{args.evaluate.replace(',', '_')}.json").write_text(json.dumps(summary, indent=2))
     print(f"fusion of {args.requests} layers: " + ", ".join(f"rho={k:g} {v:.2f} s" for k, v in fuse_s.items()))
     print(f"written to {out}; total {summary['total_time_s']:.0f} s")
+    where = results_io.results_dir(args.results)
+    if where:
+        print(f"results: {results_io.write_results(where, results_file(summary, args.requests))}")
+
+
+def results_file(summary: dict, k: int) -> dict:
+    """One row per configuration: accuracies in %, losses and perplexity as measured."""
+    cols = [f"forget{i}_accuracy" for i in range(k)] + [f"forget{i}_loss" for i in range(k)] + [
+        "retain_accuracy", "retain_loss", "held_out_accuracy", "held_out_loss", "general_perplexity"]
+    rows = []
+    for name, fig in summary["figures"].items():
+        row = {"config": name}
+        for c in cols:
+            v = fig.get(c)
+            if c.endswith("_accuracy"):
+                row[c.replace("_accuracy", "_acc_pct")] = None if v is None else round(100 * v, 1)
+            else:
+                row[c] = results_io.sig(v)
+        rows.append(row)
+    notes = (f"{summary['requests']} requests × {summary['per_request']} capitals, retain {summary['retain']}, "
+             f"held out {summary['held_out']}; fusion " + ", ".join(f"rho={r} {s:.2f} s" for r, s in
+                                                                    summary["fuse_time_s"].items()))
+    return results_io.make_results("fusion_quality", rows, results_io.command_line(__file__), notes)
 
 
 def _print(results: dict, k: int) -> None:

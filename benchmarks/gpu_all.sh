@@ -8,7 +8,9 @@
 # Each stage has its own time limit (UL_LIMIT, BUILD_LIMIT, LH_LIMIT, STEP_LIMIT, TEST_LIMIT), cut to
 # what is left of TOTAL_LIMIT (570 s) so the whole call ends inside the device tool's 600 s; a failure
 # does not stop the next stage, and every script writes its JSON as it goes. Logs and JSON go to $OUT
-# (default /tmp/gpu_out): at most 8 files, the device tool's limit.
+# (default /tmp/gpu_out): at most 8 files, the device tool's limit: build.log, stages.log (every stage's
+# output in turn), each script's JSON, and in $OUT/results the scripts' results files (benchmarks/results_io.py)
+# for benchmarks/results/.
 #
 #   OUT=/tmp/gpu_out bash benchmarks/gpu_all.sh
 #   DRY_RUN=1 OUT=/tmp/gpu_dry bash benchmarks/gpu_all.sh   # the same stages on the CPU, tiny shapes
@@ -27,15 +29,16 @@ DRY=""
 TOTAL=${TOTAL_LIMIT:-570}  # the device tool stops a command at 600 s: every stage ends before this
 
 stage() {  # stage NAME LIMIT_S CMD...: run with a limit (cut to what is left of $TOTAL), log to
-  # $OUT/NAME.log, print its tail
+  # $OUT/stages.log, print the tail of its output
   local name=$1 limit=$2 left=$(( TOTAL - ($(date +%s) - T0) ))
   shift 2
   [ "$limit" -gt "$left" ] && limit=$left
   if [ "$limit" -lt 10 ]; then echo "=== $name skipped: ${left}s left of ${TOTAL}s"; return; fi
   echo "=== $name (limit ${limit}s) at +$(( $(date +%s) - T0 ))s"
-  timeout -k 5 "$limit" "$@" >>"$OUT/$name.log" 2>&1
+  echo "=== $name" >>"$OUT/stages.log"
+  timeout -k 5 "$limit" "$@" >>"$OUT/stages.log" 2>&1
   echo "=== $name rc=$? at +$(( $(date +%s) - T0 ))s"
-  tail -n "${TAIL:-30}" "$OUT/$name.log"
+  tail -n "${TAIL:-30}" "$OUT/stages.log"
 }
 
 {
@@ -58,14 +61,14 @@ UNLEARN_FAST_BUILD_EXT=0 $PY -m pip install -q --no-build-isolation --no-deps -e
   echo "build rc=$?" >>"$OUT/build.log" ) &
 BUILD_PID=$!
 
-stage unlearning_layer "${UL_LIMIT:-150}" $PY benchmarks/gpu_unlearning_layer.py $DRY --out "$OUT/unlearning_layer.json"
+stage unlearning_layer "${UL_LIMIT:-150}" $PY benchmarks/gpu_unlearning_layer.py $DRY --out "$OUT/unlearning_layer.json" --results "$OUT/results"
 
 wait "$BUILD_PID"
 echo "=== build done at +$(( $(date +%s) - T0 ))s"; tail -n 12 "$OUT/build.log"
-$PY -c "from unlearn_fast._ext import has_cuda_ops; print('CUDA ops in unlearn_fast._C:', has_cuda_ops())"
+$PY -c "from unlearn_fast.ops.extension import has_cuda_ops; print('CUDA ops in unlearn_fast._C:', has_cuda_ops())"
 
-stage loss_head "${LH_LIMIT:-170}" $PY benchmarks/gpu_loss_head.py $DRY --out "$OUT/loss_head.json"
-stage step "${STEP_LIMIT:-130}" $PY benchmarks/gpu_step.py $DRY --trunk-ab --out "$OUT/step.json"
+stage loss_head "${LH_LIMIT:-170}" $PY benchmarks/gpu_loss_head.py $DRY --out "$OUT/loss_head.json" --results "$OUT/results"
+stage step "${STEP_LIMIT:-130}" $PY benchmarks/gpu_step.py $DRY --trunk-ab --out "$OUT/step.json" --results "$OUT/results"
 # The trunk ops first: nothing else checks their Triton kernels on the GPU. No -x: one failing file
 # must not hide the others' results; -v: a run cut off by its limit still shows where it was. The .cu
 # sources' compile test is left out (the build above compiled them).

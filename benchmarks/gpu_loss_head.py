@@ -38,9 +38,10 @@ if DRY:  # must precede the first import of triton
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from unlearn_fast.atomic import write_json  # noqa: E402
+from unlearn_fast.io.atomic import write_json  # noqa: E402
 from unlearn_fast.ops import eul_loss_head  # noqa: E402
 from unlearn_fast.ops.loss_head import IGNORE_INDEX  # noqa: E402
+import results_io  # noqa: E402
 
 DEADLINE_S = 140.0  # speed rows past this are skipped: gpu_all.sh gives the whole script 170 s
 START = time.monotonic()
@@ -118,12 +119,12 @@ def liger():
 
 
 def methods(device):
-    from unlearn_fast._ext import has_cuda_ops
+    from unlearn_fast.ops.extension import has_cuda_ops
     from unlearn_fast.ops.backend import triton_error
 
     out = {"naive": naive, "reference": op("reference")}
     if device.type == "cpu":
-        from unlearn_fast._ext import C
+        from unlearn_fast.ops.extension import C
 
         if C is not None:
             out["cpp"] = op("cpp")
@@ -287,6 +288,7 @@ def main():
     p.add_argument("--out", default=None, help="write the results as JSON here")
     p.add_argument("--hidden", default="2048,4096", help="H values (comma-separated)")
     p.add_argument("--reps", type=int, default=5)
+    results_io.add_argument(p)
     a = p.parse_args()
     if a.dry_run:
         device, dtype = torch.device("cpu"), torch.bfloat16
@@ -325,6 +327,24 @@ def main():
     save()
     if a.out:
         log("wrote", a.out)
+    where = results_io.results_dir(a.results, a.dry_run)
+    if where:
+        log("results:", results_io.write_results(where, results_file(result)))
+
+
+def results_file(result) -> dict:
+    """The speed table as a results file; the accuracy checks summed up in its notes."""
+    sig = results_io.sig
+    rows = [{"H": r["H"], "method": r["method"], "error": r["error"]} if "error" in r else
+            {"H": r["H"], "method": r["method"], "ms": sig(r["ms"]), "ms_median": sig(r["ms_median"]),
+             "tflops": sig(r["tflops"], 3), "pct_peak": sig(r["pct_peak"], 3), "gib": sig(r["gib"], 3)}
+            for r in result["speed"]]
+    failed = [f"{r['method']} {r['dtype']} noise {r['noise']:g}" for r in result["accuracy"] if not r.get("ok")]
+    info = result["info"]
+    notes = (f"{info['device']}, {info['dtype']}, N = {info['N']}, V = {info['V']}; matmul peak (measured) "
+             f"{result['matmul_peak_tflops']:.1f} TFLOP/s; accuracy vs float64: "
+             + (f"NOT met by {', '.join(failed)}" if failed else f"all {len(result['accuracy'])} checks met"))
+    return results_io.make_results("loss_head_gpu", rows, results_io.command_line(__file__), notes)
 
 
 if __name__ == "__main__":

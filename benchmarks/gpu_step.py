@@ -31,8 +31,9 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from whole_step import ALL_MODES, MODES, StepRunner, make_rows, prepare, time_interleaved, time_steps  # noqa: E402
 
-from unlearn_fast.atomic import write_json  # noqa: E402
-from unlearn_fast.layers import unlearning_parameters  # noqa: E402
+from unlearn_fast.io.atomic import write_json  # noqa: E402
+from unlearn_fast.model.layers import unlearning_parameters  # noqa: E402
+import results_io  # noqa: E402
 
 
 def matmul_rate(device, dtype, n=8192, reps=10) -> float:
@@ -50,7 +51,7 @@ def matmul_rate(device, dtype, n=8192, reps=10) -> float:
 
 def build_model(args):
     if args.cpu:
-        from unlearn_fast.hub import load_model
+        from unlearn_fast.io.base_model import load_model
 
         model, _, _ = load_model("smollm2", device="cpu")
         return model
@@ -133,6 +134,7 @@ def main(argv=None):
                         help="also run each fused mode with the fused trunk ops off (labelled '(no fused "
                              "trunk)'), to measure what the RMSNorm / SwiGLU kernels buy in the same run")
     parser.add_argument("--out", default="whole_step.json")
+    results_io.add_argument(parser)
     args = parser.parse_args(argv)
     if not (args.cpu or args.dry_run) and not torch.cuda.is_available():
         parser.error("no GPU: use --cpu for the CPU shape, or --dry-run")
@@ -181,6 +183,35 @@ def main(argv=None):
             line += f"{r['first_loss']:11.5g}{r['first_loss_rel_diff']:11.1e}"
         print(line)
     write_report(args.out, device, rate, args.blocks, results)
+    where = results_io.results_dir(args.results, args.dry_run)
+    if where:
+        notes = (f"{'cpu' if device.type == 'cpu' else torch.cuda.get_device_name()}, "
+                 f"{next(model.parameters()).dtype}; matmul rate {rate / 1e12:.2f} TFLOP/s; layers on {args.blocks} "
+                 f"blocks; {args.steps} steps" + ("; interleaved: medians and minima" if args.interleave else ""))
+        path = results_io.write_results(where, results_io.make_results(
+            "whole_step", results_rows(results), results_io.command_line(__file__, argv), notes))
+        print(f"results: {path}")
+
+
+def results_rows(results) -> list[dict]:
+    """The table's rows for the results file (seconds, × naive from the medians / minima)."""
+    sig = results_io.sig
+    naive = next((r for r in results if r["mode"] == "naive" and "error" not in r), None)
+    rows = []
+    for r in results:
+        if "error" in r:
+            rows.append({"mode": r["mode"], "error": r["error"]})
+            continue
+        row = {"mode": r["mode"], "s_per_step": sig(r["s_per_step"]),
+               "x_naive": sig(naive["s_per_step"] / r["s_per_step"], 3) if naive else None}
+        if "s_min" in r:
+            row.update(s_min=sig(r["s_min"]), x_naive_min=sig(naive["s_min"] / r["s_min"], 3) if naive else None)
+        row.update(tokens_per_s=round(r["tokens_per_s"]), mfu_pct=round(100 * r["mfu"], 1),
+                   peak_gib=sig(r.get("peak_gib"), 3))
+        if "first_loss_rel_diff" in r:
+            row.update(first_loss=sig(r["first_loss"], 6), first_loss_rel_diff=sig(r["first_loss_rel_diff"], 2))
+        rows.append(row)
+    return rows
 
 
 def write_report(path, device, rate, blocks, results) -> None:

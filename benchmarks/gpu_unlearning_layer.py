@@ -30,6 +30,8 @@ import statistics
 import sys
 import time
 
+import results_io
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -39,6 +41,7 @@ def parse_args():
     p.add_argument("--dry-run", action="store_true",
                    help="tiny shapes on the CPU (set TRITON_INTERPRET=1): checks the script, not the GPU")
     p.add_argument("--reps", type=int, default=20, help="timed repetitions per case (median reported)")
+    results_io.add_argument(p)
     return p.parse_args()
 
 
@@ -71,7 +74,7 @@ def import_package():
 
 
 import_package()
-from unlearn_fast.atomic import write_json  # noqa: E402
+from unlearn_fast.io.atomic import write_json  # noqa: E402
 from unlearn_fast.kernels import unlearning_layer as kernels  # noqa: E402
 from unlearn_fast.ops import unlearning_layer, unlearning_layer_reference  # noqa: E402
 
@@ -333,7 +336,24 @@ def main():
         print("correctness failed: no timings")
     save()
     print(f"wrote {ARGS.out} ({result['seconds']:.0f} s)")
+    where = results_io.results_dir(ARGS.results, ARGS.dry_run)
+    if where:
+        print(f"results: {results_io.write_results(where, results_file(result, ok))}")
     return 0 if ok else 1
+
+
+def results_file(result, ok) -> dict:
+    """The timing table as a results file; correctness and the card's ceilings in its notes."""
+    sig = results_io.sig
+    keys = ("N", "d", "r", "K", "default_path", "eager_ms", "triton_ms", "floor_ms", "speedup_vs_eager",
+            "triton_over_floor", "target_met", "error")
+    rows = [{k: sig(r[k]) if isinstance(r.get(k), float) else r.get(k) for k in keys if k in r}
+            for r in result.get("timings", [])]
+    ceil = result.get("ceilings") or {}
+    notes = f"{result['device']}; correctness vs float64: {'met' if ok else 'FAILED, no timings'}"
+    if ceil:
+        notes += f"; matmul {ceil['matmul_tflops']:.4g} TFLOP/s, copy {ceil['copy_gbps']:.4g} GB/s"
+    return results_io.make_results("unlearning_layer_gpu", rows, results_io.command_line(__file__), notes)
 
 
 if __name__ == "__main__":

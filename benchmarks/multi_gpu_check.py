@@ -37,6 +37,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+import results_io
+
 ROOT = Path(__file__).resolve().parents[1]
 SHAPES = {  # hidden, blocks, intermediate, heads, kv heads, vocab
     "tiny": (64, 4, 128, 4, 2, 128),
@@ -137,6 +139,7 @@ def main() -> int:
     p.add_argument("--modes", default="reference,ddp,fsdp")
     p.add_argument("--work", help="working directory (default: a temporary one, removed)")
     p.add_argument("--json", help="write the results here")
+    results_io.add_argument(p)  # by default a results file for runs on GPUs only
     args = p.parse_args()
     if args.worker is not None:
         return worker(args.worker)
@@ -192,6 +195,18 @@ def main() -> int:
             Path(args.json).write_text(json.dumps({"shape": args.shape, "dtype": args.dtype, "device": device,
                                                    "nproc": nproc, "batch": batch, "steps": args.steps,
                                                    "results": results}, indent=2))
+        where = results_io.results_dir(args.results, dry_run=device != "cuda")
+        if where:
+            rows = [{"mode": mode, "processes": r["world"], "update_time_s": results_io.sig(r["update_time_s"]),
+                     "tokens_per_s": round(r["tokens_per_s"]), "tokens_per_s_per_gpu": round(r["tokens_per_s_per_gpu"]),
+                     "allreduce_mb_per_gpu": results_io.sig(r["allreduce_bytes_per_gpu"] / 1e6),
+                     "allgather_mb_per_gpu": results_io.sig(r.get("allgather_bytes_per_gpu", 0) / 1e6),
+                     "layers_rel": results_io.sig(r.get("layers_rel"), 2), "grams_rel": results_io.sig(r.get("grams_rel"), 2)}
+                    for mode, r in results.items()]
+            notes = f"{args.shape} Llama, {args.dtype}, {device}, global batch {batch}+{batch} rows, {args.steps} steps"
+            path = results_io.write_results(where, results_io.make_results("multi_gpu", rows,
+                                                                           results_io.command_line(__file__), notes))
+            print(f"results: {path}")
         return 0 if ok or args.dtype != "float32" else 1
     finally:
         if not args.work:

@@ -6,7 +6,7 @@
 For each scenario: its forget and retain rows encoded as the trainer encodes them, its batch size and
 epochs, the batches ``trainer.batches`` yields (mixed schedule: a retain group plus a forget group per
 step), and the share of the padded token slots that are padding (``trainer.padding_fraction``).
-Prints a table; ``--json`` writes it.
+Prints a table; ``--json`` writes it, ``--results`` a results file (see results_io.py).
 """
 
 from __future__ import annotations
@@ -20,9 +20,12 @@ import sys
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, "unlearning"))
+if HERE not in sys.path:
+    sys.path.append(HERE)  # results_io
 
-from unlearn_fast.encoding import encode  # noqa: E402
-from unlearn_fast.trainer import TrainConfig, batches, padding_fraction  # noqa: E402
+from unlearn_fast.train.encoding import encode  # noqa: E402
+from unlearn_fast.train.trainer import TrainConfig, batches, padding_fraction  # noqa: E402
+import results_io  # noqa: E402
 
 
 def fractions(forget, retain, config: TrainConfig) -> dict:
@@ -64,7 +67,7 @@ def real_capitals() -> tuple:
     import real_capitals as rc
 
     from unlearn_fast.demo import build_sets
-    from unlearn_fast.hub import load_model
+    from unlearn_fast.io.base_model import load_model
 
     model, tokenizer, _ = load_model("smollm2", device="cpu")
     sets = build_sets(model, tokenizer, log=lambda *a: None)
@@ -77,6 +80,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--capitals", action="store_true", help="include scenario 2 (loads SmolLM2, ~1 min)")
     ap.add_argument("--json", default=None, help="write the table here")
+    results_io.add_argument(ap)
     args = ap.parse_args(argv)
     builders = [fictitious_facts, movie_sentiment] + ([real_capitals] if args.capitals else [])
     rows = []
@@ -96,6 +100,14 @@ def main(argv=None) -> int:
     if args.json:
         with open(args.json, "w") as fh:
             json.dump(rows, fh, indent=2)
+    where = results_io.results_dir(args.results)
+    if where and rows:
+        table = [{"scenario": r["scenario"], "forget": r["forget"], "retain": r["retain"], "batch_size": r["batch_size"],
+                  "epochs": r["epochs"], "padding_plain_pct": round(100 * r["plain"], 1),
+                  "padding_bucketed_pct": round(100 * r["bucketed"], 1)} for r in rows]
+        path = results_io.write_results(where, results_io.make_results(
+            "padding", table, results_io.command_line(__file__, argv)))
+        print(f"results: {path}")
     return 0
 
 

@@ -29,7 +29,7 @@ Needs about 7 GB of memory. On shared 2-core machines the numbers are noisy.
 import pytest
 import torch
 
-from unlearn_fast.fusion import fuse_tensors, solve_ridge, with_cross_terms
+from unlearn_fast.fusion.closed_form import fuse_tensors, solve_ridge, with_cross_terms
 
 REQUESTS, SITES, D, R, TOKENS = 10, 16, 2048, 128, 4096
 

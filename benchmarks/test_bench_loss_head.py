@@ -89,7 +89,7 @@ def test_naive(benchmark, inputs):
 
 def _force(backend, monkeypatch):
     if backend == "cpp":
-        from unlearn_fast._ext import C
+        from unlearn_fast.ops.extension import C
 
         if C is None:
             pytest.skip("C++ extension not built")
@@ -155,7 +155,7 @@ def test_peak_memory(benchmark):
     if not os.path.exists("/proc/self/clear_refs"):
         pytest.skip("needs Linux /proc/self/clear_refs")
     peaks = {"naive": peak_in_subprocess("naive"), "reference": peak_in_subprocess("chunked", "reference")}
-    from unlearn_fast._ext import C
+    from unlearn_fast.ops.extension import C
 
     if C is not None:
         peaks["cpp"] = peak_in_subprocess("chunked", "cpp")

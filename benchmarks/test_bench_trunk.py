@@ -16,7 +16,7 @@ TOKENS, HIDDEN, MLP = 1024, 576, 1536
 
 
 def _cpp_or_skip():
-    from unlearn_fast._ext import C
+    from unlearn_fast.ops.extension import C
 
     if C is None:
         pytest.skip("C++ extension not built")

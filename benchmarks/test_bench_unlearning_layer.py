@@ -79,7 +79,7 @@ def test_forward_backward(benchmark, case, provider, monkeypatch):
         fn = lambda m, x: m(x)  # noqa: E731
     else:
         if provider == "cpp":
-            from unlearn_fast._ext import C
+            from unlearn_fast.ops.extension import C
 
             if C is None or not hasattr(C, "unlearning_layer_forward"):
                 pytest.skip("C++ extension not built")
@@ -97,7 +97,7 @@ def test_ratio_interleaved(benchmark, case, monkeypatch):
     import statistics
     import time
 
-    from unlearn_fast._ext import C
+    from unlearn_fast.ops.extension import C
 
     if C is None or not hasattr(C, "unlearning_layer_forward"):
         pytest.skip("C++ extension not built")

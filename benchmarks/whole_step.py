@@ -4,10 +4,10 @@
   student forward, both to full-vocabulary logits, the KL / CE terms on them, backward, AdamW;
 - ``reference``: this package's objective on the pure-PyTorch ops (chunked loss head);
 - ``fused``: the same on the fused ops (C++ on CPU, Triton on GPU), the frozen trunk's RMSNorms
-  and SwiGLU products included (:func:`unlearn_fast.fused_trunk.fused_trunk`, as the trainer runs);
+  and SwiGLU products included (:func:`unlearn_fast.model.fused_trunk.fused_trunk`, as the trainer runs);
 - ``fused+cache``: fused, with the step cache warm (teacher states and frozen trunk stored);
 - ``fused+cache+compile`` (optional, not in ``MODES``): fused+cache with each transformer block
-  run through ``torch.compile`` (:func:`unlearn_fast.trainer.compiled_blocks`; the warm-up step
+  run through ``torch.compile`` (:func:`unlearn_fast.train.trainer.compiled_blocks`; the warm-up step
   pays the compilation).
 
 All modes compute the same loss (``naive`` on materialised logits). One step = 8 rows × ``length``
@@ -22,13 +22,13 @@ from dataclasses import dataclass, field
 
 import torch
 
-from unlearn_fast.encoding import Row, collate
-from unlearn_fast.fused_trunk import fused_trunk
-from unlearn_fast.layers import LayerConfig, attach, layers_disabled, unlearning_parameters
-from unlearn_fast.objective import EULObjective, ObjectiveConfig, coefficients
+from unlearn_fast.train.encoding import Row, collate
+from unlearn_fast.model.fused_trunk import fused_trunk
+from unlearn_fast.model.layers import LayerConfig, attach, layers_disabled, unlearning_parameters
+from unlearn_fast.train.objective import EULObjective, ObjectiveConfig, coefficients
 from unlearn_fast.ops.loss_head import IGNORE_INDEX, reused_logit_buffers, row_losses
-from unlearn_fast.step_cache import StepCache
-from unlearn_fast.trainer import compiled_blocks, forced_backend
+from unlearn_fast.train.step_cache import StepCache
+from unlearn_fast.train.trainer import compiled_blocks, forced_backend
 
 MODES = ("naive", "reference", "fused", "fused+cache")
 ALL_MODES = MODES + ("fused+cache+compile",)

@@ -4,10 +4,12 @@ tokenizer built in code (no model hub is contacted)."""
 from __future__ import annotations
 
 import string
+from pathlib import Path
 
 import pytest
 import torch
 
+REPO_ROOT = Path(__file__).resolve().parents[1]  # tests import paths from here, wherever they sit
 VOCAB_SIZE = 128
 SPECIALS = ["<pad>", "<s>", "</s>", "<unk>", "<extra_id_0>", "[CLS]", "[SEP]", "[MASK]"]
 PAD, BOS, EOS, UNK, SENTINEL, CLS, SEP, MASK = range(len(SPECIALS))
@@ -96,7 +98,7 @@ def make_model(arch: str, seed: int = 0):
 
 def perturb(model, seed=1, scale=0.5):
     """Give every unlearning layer a non-zero up-projection (so student != teacher)."""
-    from unlearn_fast.layers import sites
+    from unlearn_fast.model.layers import sites
 
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
@@ -157,7 +159,7 @@ def benchmark_module(name: str):
     import sys
     from pathlib import Path
 
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "unlearning" / f"{name}.py"
+    path = REPO_ROOT / "benchmarks" / "unlearning" / f"{name}.py"
     spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
     sys.modules[name] = module  # dataclasses look their module up

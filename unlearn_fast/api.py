@@ -17,21 +17,21 @@ from typing import Any, Optional, Sequence, Union
 import torch
 from torch import nn
 
-from . import __version__
-from . import distributed
-from .artifacts import check_writable, model_fingerprint, write_artifact
-from .checkpoint import data_fingerprint
-from .data import Columns, Example, check_overlap, fingerprint, load_examples, resolve_labels
-from .encoding import encode, pad_token_id
 from .errors import DataError, UnlearnFastError
-from .evaluation import evaluate_sets
-from .grams import collect_grams
-from .layers import LayerConfig, attach, describe, layer_state, layers_disabled
-from .models import detect_task
-from .objective import EULObjective, ObjectiveConfig
-from .selection import select_subject_tokens
-from .step_cache import StepCache
-from .trainer import TrainConfig, TrainResult, train
+from .eval.evaluation import evaluate_sets
+from .fusion.grams import collect_grams
+from .io.artifacts import check_writable, model_fingerprint, write_artifact
+from .model.family import detect_task
+from .model.layers import LayerConfig, attach, describe, layer_state, layers_disabled
+from .train import distributed
+from .train.checkpoint import data_fingerprint
+from .train.data import Columns, Example, check_overlap, fingerprint, load_examples, resolve_labels
+from .train.encoding import encode, pad_token_id
+from .train.objective import EULObjective, ObjectiveConfig
+from .train.selection import select_subject_tokens
+from .train.step_cache import StepCache
+from .train.trainer import TrainConfig, TrainResult, train
+from .version import __version__
 
 
 @dataclass
@@ -46,7 +46,7 @@ class UnlearnResult:
     grams: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
 
 
-def _labels(model, task, examples: Sequence[Example], name: str, required: bool) -> Optional[list[int]]:
+def example_labels(model, task, examples: Sequence[Example], name: str, required: bool) -> Optional[list[int]]:
     if task != "classification":
         return None
     if not required and all(e.label is None for e in examples):
@@ -82,7 +82,7 @@ def unlearn(
     atomically there. Returns the model with its layers attached (active) and the figures.
 
     Forgotten prompt/response examples with ``generic_prompts`` are forgotten only where the subject
-    matters: see :mod:`unlearn_fast.selection` and ``ObjectiveConfig.subject_margin``.
+    matters: see :mod:`unlearn_fast.train.selection` and ``ObjectiveConfig.subject_margin``.
     """
     layers = layers or LayerConfig()
     objective = objective or ObjectiveConfig()
@@ -100,8 +100,8 @@ def unlearn(
         log(f"dropped {dropped} retained example(s) that are also in the forget set")
     if not retain_set:
         raise DataError("retain set: empty after dropping the examples it shares with the forget set")
-    forget_labels = _labels(model, task, forget_set, "forget set", required=False)
-    retain_labels = _labels(model, task, retain_set, "retain set", required=objective.lam != 0)
+    forget_labels = example_labels(model, task, forget_set, "forget set", required=False)
+    retain_labels = example_labels(model, task, retain_set, "retain set", required=objective.lam != 0)
     enc = dict(model_config=model.config, max_length=max_length)
     forget_rows = encode(forget_set, tokenizer, task, forget=True, name="forget set", labels=forget_labels, **enc)
     retain_rows = encode(retain_set, tokenizer, task, forget=False, name="retain set", labels=retain_labels, **enc)
@@ -119,7 +119,7 @@ def unlearn(
     base_fingerprint = model_fingerprint(model)
     sets = {"forget": forget_set, "retain": retain_set}
     eval_labels = {"forget": forget_labels, "retain": retain_labels}
-    world = distributed.world_size()  # > 1 under torchrun: data parallel (see unlearn_fast.distributed)
+    world = distributed.world_size()  # > 1 under torchrun: data parallel (see unlearn_fast.train.distributed)
     if world > 1:
         distributed.check_same(base_fingerprint + data_fingerprint(train_forget_rows, retain_rows), "base model and data")
     if training.shard_base:
@@ -139,11 +139,9 @@ def unlearn(
     loss = EULObjective(model, task, objective, cache)
     pad = pad_token_id(tokenizer)
     result = train(model, loss, train_forget_rows, retain_rows, training, pad)
-    if world > 1:  # each rank takes a share of the batches; the Gram matrices are summed
-        grams, gram_tokens = distributed.collect_grams(model, task, forget_rows, pad, training.batch_size,
-                                                       lockstep=training.shard_base)
-    else:
-        grams, gram_tokens = collect_grams(model, task, forget_rows, pad, training.batch_size)
+    # with several ranks each takes a share of the batches and the Gram matrices are summed
+    grams, gram_tokens = collect_grams(model, task, forget_rows, pad, training.batch_size,
+                                       lockstep=training.shard_base)
     after = evaluate_sets(model, tokenizer, task, sets, eval_labels, general_text, max_length) if evaluate else {}
     times = distributed.all_gather_floats(result.update_time_s - result.earlier_time_s)
 

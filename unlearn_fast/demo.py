@@ -15,8 +15,15 @@ import random
 import time
 from typing import Optional
 
-from .data import Example
+from .api import unlearn
 from .errors import UnlearnFastError
+from .eval.evaluation import answer_hits, completions, evaluate_sets
+from .io.artifacts import check_writable
+from .io.base_model import load_model
+from .model.layers import LayerConfig
+from .train.data import Example
+from .train.objective import ObjectiveConfig
+from .train.trainer import TrainConfig
 
 FORGET_COUNTRIES = ("France", "Japan", "Italy", "Germany", "Spain")
 
@@ -63,7 +70,6 @@ def capital_example(country: str, capital: str) -> Example:
 
 def build_sets(model, tokenizer, seed: int = 0, log=print) -> dict[str, list[Example]]:
     """forget / retain / held-out sets of capital facts the model knows before unlearning."""
-    from .evaluation import answer_hits
 
     examples = [capital_example(c, k) for c, k in capital_facts()]
     hits = answer_hits(model, tokenizer, examples)
@@ -82,13 +88,6 @@ def build_sets(model, tokenizer, seed: int = 0, log=print) -> dict[str, list[Exa
 def run_demo(out: str = "unlearn_fast_demo", overwrite: bool = False, device: Optional[str] = None,
              log=print, **overrides) -> dict:
     """Run the embedded default end to end; return the figures (also written in the manifest)."""
-    from .api import unlearn
-    from .artifacts import check_writable
-    from .evaluation import completions, evaluate_sets
-    from .hub import load_model
-    from .layers import LayerConfig
-    from .objective import ObjectiveConfig
-    from .trainer import TrainConfig
 
     started = time.perf_counter()
     check_writable(out, overwrite)

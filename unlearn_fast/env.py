@@ -9,6 +9,10 @@ import importlib
 import os
 import platform
 
+import torch
+
+from .ops.extension import C_ERROR, C, has_cuda_ops
+
 BACKEND_VAR = "UNLEARN_FAST_BACKEND"
 
 
@@ -22,8 +26,6 @@ def _version(module: str) -> str:
 def backend_report() -> dict:
     """Versions and backends as a dict: ``versions``, ``live`` (list), ``not_live`` (name -> why),
     ``forced`` (the value of UNLEARN_FAST_BACKEND, or None)."""
-    import torch
-
     versions = {
         "python": platform.python_version(),
         "torch": torch.__version__,
@@ -36,8 +38,6 @@ def backend_report() -> dict:
     gpu = torch.cuda.is_available()
     if gpu:
         versions["GPU"] = torch.cuda.get_device_name(0)
-
-    from unlearn_fast._ext import C, C_ERROR, has_cuda_ops
 
     live, not_live = ["reference"], {}
     if C is not None:

@@ -16,9 +16,9 @@
    (1 %, 5 %, 10 % of the people) a *retrained* model is trained the same way (same recipe, same seed)
    on all but the forget people: the gold standard.
 4. Every method unlearns the forget people from a copy of the original: EUL (unlearning layers) and the
-   baselines of :mod:`unlearn_fast.baselines` (finetune, ga, graddiff, npo; full-parameter, as in the
+   baselines of :mod:`unlearn_fast.eval.baselines` (finetune, ga, graddiff, npo; full-parameter, as in the
    paper), all through the same trainer.
-5. Each model is evaluated by :func:`unlearn_fast.evaluation.evaluate_model`: forget / retain sets (the
+5. Each model is evaluated by :func:`unlearn_fast.eval.evaluation.evaluate_model`: forget / retain sets (the
    people's four facts), *test* = the rule facts of the held-out people (the model can only answer them by
    generalising), membership inference = forget set against the held-out people's facts; forget quality
    and gaps against the retrained model. One report per fraction (JSON, Table-2 Markdown, PNG) under
@@ -45,15 +45,18 @@ import torch
 ROOT = Path(__file__).resolve().parents[2]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
+if str(ROOT / "benchmarks") not in sys.path:
+    sys.path.append(str(ROOT / "benchmarks"))  # results_io
 
-from unlearn_fast.baselines import BaselineConfig, CrossEntropyObjective, encode_for_baseline, run_baseline  # noqa: E402
-from unlearn_fast.data import Example  # noqa: E402
-from unlearn_fast.encoding import pad_token_id  # noqa: E402
-from unlearn_fast.evaluation import evaluate_model  # noqa: E402
-from unlearn_fast.layers import LayerConfig  # noqa: E402
-from unlearn_fast.objective import ObjectiveConfig  # noqa: E402
-from unlearn_fast.report import build_report, describe_methods, markdown, write_report  # noqa: E402
-from unlearn_fast.trainer import TrainConfig, train  # noqa: E402
+from unlearn_fast.eval.baselines import BaselineConfig, CrossEntropyObjective, encode_for_baseline, run_baseline  # noqa: E402
+from unlearn_fast.train.data import Example  # noqa: E402
+from unlearn_fast.train.encoding import pad_token_id  # noqa: E402
+from unlearn_fast.eval.evaluation import evaluate_model  # noqa: E402
+from unlearn_fast.model.layers import LayerConfig  # noqa: E402
+from unlearn_fast.train.objective import ObjectiveConfig  # noqa: E402
+from unlearn_fast.eval.report import build_report, describe_methods, markdown, write_report  # noqa: E402
+from unlearn_fast.train.trainer import TrainConfig, train  # noqa: E402
+import results_io  # noqa: E402
 
 SYLLABLES = ["ka", "ve", "mo", "tar", "lin", "dro", "sel", "qua", "ni", "bor", "ith", "zen", "pal", "rue", "mak",
              "ost", "fen", "lu", "gar", "shi", "ton", "wex", "yal", "cor"]
@@ -219,7 +222,7 @@ def method_settings(quick: bool) -> dict:
         "eul": {"layers": LayerConfig(rank=16), "objective": ObjectiveConfig(gamma=1.0, lam=2.0),
                 "training": t(20, 1e-2)},
         # the forget facts carry generic prompts (three names nobody has): only subject-specific tokens
-        # are forgotten (unlearn_fast.selection), so the rule fact is left alone and a stronger push
+        # are forgotten (unlearn_fast.train.selection), so the rule fact is left alone and a stronger push
         # (γ = 2, lr 2e-2, 40 epochs; chosen on the 10 % split) does not cost the retained facts
         "eul-subject": {"layers": LayerConfig(rank=16), "objective": ObjectiveConfig(gamma=2.0, lam=2.0),
                         "training": t(EUL_SUBJECT_EPOCHS, 2e-2)},
@@ -233,7 +236,7 @@ def method_settings(quick: bool) -> dict:
 def add_kind_accuracies(figures: dict, model, tokenizer, forget: list[Example]) -> None:
     """Forget accuracy split by kind of fact: the memorised ones (city, colour, pet: a retrained
     model is at chance there) and the rule one (workplace: a retrained model still answers it)."""
-    from unlearn_fast.evaluation import answer_hits
+    from unlearn_fast.eval.evaluation import answer_hits
 
     hits = answer_hits(model, tokenizer, forget, max_new_tokens=3)
     rule = [h for i, h in enumerate(hits) if KINDS[i % len(KINDS)] == "workplace"]
@@ -271,6 +274,52 @@ def summary_rows(fraction: float, report: dict) -> list[str]:
     return rows
 
 
+def results_rows(fraction: float, report: dict) -> list[dict]:
+    """The summary table's rows as results-file rows (accuracies in %, mean ± sd rows as {"mean", "sd"})."""
+    import statistics
+
+    gold = report["methods"]["retrain"]["figures"]["forget_accuracy"]
+    sig = results_io.sig
+
+    rows = []
+    for name, m in report["methods"].items():
+        f, vs = m["figures"], m.get("vs_retrained") or {}
+        rows.append({"split": f"{fraction:.0%}", "method": name, "test_acc_pct": round(100 * f["test_accuracy"], 1),
+                     "retain_acc_pct": round(100 * f["retain_accuracy"], 1),
+                     "forget_acc_pct": round(100 * f["forget_accuracy"], 1),
+                     "forget_delta_pts": round(100 * (f["forget_accuracy"] - gold), 1),
+                     "forget_memorised_pct": round(100 * f["forget_accuracy_memorised"], 1),
+                     "forget_rule_pct": round(100 * f["forget_accuracy_rule"], 1),
+                     "forget_lm_loss": round(f["forget_lm_loss"], 3), "forget_truth_ratio": sig(f.get("forget_truth_ratio"), 3),
+                     "mia_auc_loss": round(f["mia"]["mia_loss"], 3),
+                     "mia_auc_min_k_pp": round(f["mia"]["mia_min_k_plus_plus"], 3),
+                     "forget_quality_tr": sig(vs.get("forget_quality_truth_ratio"), 3),
+                     "forget_quality_loss": sig(vs.get("forget_quality_loss"), 3),
+                     "time_s": None if m.get("time_s") is None else round(m["time_s"], 1)})
+    for method in EUL_METHODS:
+        seeds = [m["figures"] for n, m in report["methods"].items() if n == method or n.startswith(method + "[")]
+        if len(seeds) < 2:
+            continue
+
+        def ms(get, scale=1.0, digits=3):
+            values = [scale * get(f) for f in seeds]
+            return {"mean": round(statistics.mean(values), digits), "sd": round(statistics.stdev(values), digits)}
+
+        forget = statistics.mean(f["forget_accuracy"] for f in seeds)
+        rows.append({"split": f"{fraction:.0%}", "method": f"{method}, mean ± sd of {len(seeds)} seeds",
+                     "test_acc_pct": ms(lambda f: f["test_accuracy"], 100, 1),
+                     "retain_acc_pct": ms(lambda f: f["retain_accuracy"], 100, 1),
+                     "forget_acc_pct": ms(lambda f: f["forget_accuracy"], 100, 1),
+                     "forget_delta_pts": round(100 * (forget - gold), 1),
+                     "forget_memorised_pct": ms(lambda f: f["forget_accuracy_memorised"], 100, 1),
+                     "forget_rule_pct": ms(lambda f: f["forget_accuracy_rule"], 100, 1),
+                     "forget_lm_loss": ms(lambda f: f["forget_lm_loss"]),
+                     "forget_truth_ratio": ms(lambda f: f.get("forget_truth_ratio", float("nan"))),
+                     "mia_auc_loss": ms(lambda f: f["mia"]["mia_loss"]),
+                     "mia_auc_min_k_pp": ms(lambda f: f["mia"]["mia_min_k_plus_plus"])})
+    return rows
+
+
 def _seed_mean_row(fraction: float, report: dict, method: str, gold: float) -> list[str]:
     """A mean ± sd row over the seeds ``method`` ran with (none if it ran with one)."""
     seeds = [m["figures"] for n, m in report["methods"].items() if n == method or n.startswith(method + "[")]
@@ -300,6 +349,7 @@ def main(argv=None) -> int:
                     help="initialisation / shuffling seeds for EUL (rows eul, eul[s1], ...): its spread across seeds")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (default 1: the model is tiny, a thread pool only adds contention)")
     ap.add_argument("--quick", action="store_true", help="a smoke run: few people, few epochs (numbers meaningless)")
+    results_io.add_argument(ap)
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     started = time.perf_counter()
@@ -321,6 +371,7 @@ def main(argv=None) -> int:
     out = Path(args.out)
     order = random.Random(args.seed + 1).sample(range(args.people), args.people)
     table = [SUMMARY_COLUMNS, "|---|---|" + "---:|" * (SUMMARY_COLUMNS.count("|") - 3)]
+    result_rows = []
     summary = {"machine_note": "2-core CPU", "people": args.people, "holdout_people": args.holdout_people,
                "fractions": {}}
     for fraction in args.fractions:
@@ -363,6 +414,7 @@ def main(argv=None) -> int:
         write_report(report, out / f"forget_{round(100 * fraction)}pct")
         print(markdown(report), flush=True)
         table += summary_rows(fraction, report)
+        result_rows += results_rows(fraction, report)
         summary["fractions"][f"{fraction:g}"] = {n: {"figures": {k_: v for k_, v in m["figures"].items()},
                                                      "time_s": m.get("time_s"),
                                                      "vs_retrained": {k_: v for k_, v in (m.get("vs_retrained") or {}).items()
@@ -374,6 +426,13 @@ def main(argv=None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     (out / "summary.md").write_text(text)
     (out / "summary.json").write_text(json.dumps(summary, indent=2, default=lambda v: None))
+    where = results_io.results_dir(args.results, dry_run=args.quick)
+    if where:
+        notes = (f"whole run {total:.0f} s wall; EUL seeds {' '.join(map(str, args.eul_seeds))}, the rest seed "
+                 f"{args.seed}; {args.threads} thread(s)")
+        path = results_io.write_results(where, results_io.make_results(
+            "fictitious_facts", result_rows, results_io.command_line(__file__, argv), notes))
+        print(f"results: {path}")
     return 0
 
 

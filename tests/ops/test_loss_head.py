@@ -68,7 +68,7 @@ CASES = [
 @pytest.mark.parametrize("backend", ["reference", "cpp"])
 def test_matches_float64_oracle(case, backend, monkeypatch):
     if backend == "cpp":
-        from unlearn_fast._ext import C
+        from unlearn_fast.ops.extension import C
 
         if C is None:
             pytest.skip("C++ extension not built")
@@ -179,7 +179,7 @@ def test_reused_logit_buffer_is_per_thread():
 
 
 def _cpp_built():
-    from unlearn_fast._ext import C
+    from unlearn_fast.ops.extension import C
 
     return C is not None
 
@@ -226,7 +226,7 @@ def backend(request, monkeypatch):
     """Force one backend (skipped where it cannot run here)."""
     name = request.param
     if name == "cpp":
-        from unlearn_fast._ext import C
+        from unlearn_fast.ops.extension import C
 
         if C is None:
             pytest.skip("C++ extension not built")
@@ -446,6 +446,6 @@ def test_backend_choice(monkeypatch):
         with pytest.raises(UnlearnFastError, match="Triton"):
             pick_backend(torch.device("cpu"), available)
     monkeypatch.setenv("UNLEARN_FAST_BACKEND", "auto")
-    from unlearn_fast._ext import C
+    from unlearn_fast.ops.extension import C
 
     assert pick_backend(torch.device("cpu"), available) == ("cpp" if C is not None else "reference")

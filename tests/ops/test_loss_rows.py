@@ -12,7 +12,7 @@ import math
 import pytest
 import torch
 
-from unlearn_fast._ext import C, C_ERROR
+from unlearn_fast.ops.extension import C, C_ERROR
 
 if C is None:
     pytest.skip(f"unlearn_fast._C is not live: {C_ERROR}", allow_module_level=True)
@@ -297,7 +297,7 @@ def test_bad_inputs_raise(args, match):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_cuda_matches_cpu():  # pragma: no cover - runs on the GPU machine only
-    from unlearn_fast._ext import has_cuda_ops
+    from unlearn_fast.ops.extension import has_cuda_ops
 
     if not has_cuda_ops():
         pytest.skip("_C built without CUDA kernels")

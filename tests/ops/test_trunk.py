@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from conftest import run_triton_cases_under_interpreter, triton_can_run
-from unlearn_fast._ext import C
+from unlearn_fast.ops.extension import C
 from unlearn_fast.ops import rms_norm, rms_norm_reference, swiglu, swiglu_reference
 
 needs_cpp = pytest.mark.skipif(C is None, reason="the C++ extension is not built")

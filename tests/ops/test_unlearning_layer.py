@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from conftest import run_triton_cases_under_interpreter, triton_can_run
-from unlearn_fast._ext import C
+from unlearn_fast.ops.extension import C
 from unlearn_fast.ops import unlearning_layer, unlearning_layer_reference
 
 
@@ -161,7 +161,7 @@ CPP_BLOCK_SHAPES = {
 
 def use_cpu_gemm(kernel, monkeypatch):
     """Ask the C++ op for one block GEMM kernel; skip where this CPU does not have it."""
-    from unlearn_fast._ext import C
+    from unlearn_fast.ops.extension import C
 
     monkeypatch.setenv("UNLEARN_FAST_CPU_GEMM", kernel)
     if C.cpu_gemm_kernel() != kernel:
@@ -351,7 +351,7 @@ def test_triton_under_interpreter():
 def test_llama_with_two_layers_per_block(monkeypatch):
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from unlearn_fast.layers import LayerConfig, attach, sites, unlearning_parameters
+    from unlearn_fast.model.layers import LayerConfig, attach, sites, unlearning_parameters
 
     ops_module = importlib.import_module("unlearn_fast.ops.unlearning_layer")  # the module, not the function
 

@@ -9,11 +9,13 @@ set before triton is imported (the tests use that).
 
 from __future__ import annotations
 
+import importlib.util
 import os
 
 import torch
 
 from ..errors import UnlearnFastError
+from .extension import C_ERROR, C, has_cuda_ops
 
 BACKENDS = ("auto", "reference", "cpp", "cuda", "triton")
 ENV_VAR = "UNLEARN_FAST_BACKEND"
@@ -28,7 +30,6 @@ def forced_backend() -> str:
 
 def cpp_ops():
     """The compiled extension module, or None when it was not built."""
-    from .._ext import C
 
     return C
 
@@ -36,8 +37,6 @@ def cpp_ops():
 def triton_error() -> str:
     """Why Triton kernels cannot run here ('' when they can): triton missing, or no GPU and no
     interpreter."""
-    import importlib.util
-
     if importlib.util.find_spec("triton") is None:
         return "triton is not installed (pip install triton)"
     if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
@@ -59,11 +58,9 @@ def pick_backend(device: torch.device, available: tuple[str, ...]) -> str:
         if forced not in available:
             raise UnlearnFastError(f"{ENV_VAR}={forced} but this op has no {forced} backend")
         if forced == "cpp" and cpp_ops() is None:
-            from .._ext import C_ERROR
 
             raise UnlearnFastError(f"{ENV_VAR}=cpp but the C++ extension is not live: {C_ERROR}")
         if forced == "cuda":
-            from .._ext import has_cuda_ops
 
             if not has_cuda_ops():
                 raise UnlearnFastError(f"{ENV_VAR}=cuda but unlearn_fast._C was built without CUDA kernels")
@@ -73,7 +70,6 @@ def pick_backend(device: torch.device, available: tuple[str, ...]) -> str:
             raise UnlearnFastError(f"{ENV_VAR}=triton but Triton cannot run: {triton_error()}")
         return forced
     if device.type == "cuda":
-        from .._ext import has_cuda_ops
 
         if "triton" in available and not triton_error():
             return "triton"

@@ -12,7 +12,7 @@ and stops pushing once a row has moved ``bound`` nats away. The objective sets t
 (α and −1 for KL on retained / forgotten rows, λ and −γ for CE) already divided by its
 normalisers, so the op only sums.
 
-Sharpening guard (``sharpening_guard=True``; see :mod:`unlearn_fast.objective` for why): a row
+Sharpening guard (``sharpening_guard=True``; see :mod:`unlearn_fast.train.objective` for why): a row
 with a maximised KL term (kl_coef < 0), a teacher and a target drops its KL term while the
 student is more confident in the target than the teacher,
 log softmax(s_i/T)[target_i] > log softmax(t_i/T)[target_i]. The row kernels decide this from

@@ -1,0 +1,43 @@
+"""Command line: ``unlearn-fast {unlearn,eval,demo,fuse,ledger} --help``, one module per verb.
+
+User mistakes (bad files, wrong model, existing output) print ``error: ...`` and exit with
+status 2, without a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Optional, Sequence
+
+from ..errors import UnlearnFastError
+from . import demo, eval, fuse, ledger, unlearn
+
+VERBS = {"unlearn": unlearn, "eval": eval, "demo": demo, "fuse": fuse, "ledger": ledger}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="unlearn-fast",
+        description="Remove chosen data from a trained language model with EUL unlearning layers "
+                    "(small adapters trained on a frozen base with a selective teacher-student objective).")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for verb in VERBS.values():
+        verb.add_parser(sub)
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not args.command:
+        parser.print_help()
+        return 2
+    try:
+        return VERBS[args.command].run(args)
+    except UnlearnFastError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted; nothing was written", file=sys.stderr)
+        return 130

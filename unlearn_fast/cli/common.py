@@ -1,0 +1,71 @@
+"""What the verbs share: the model and data options, reading them back, loading the base model."""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+from ..io.base_model import load_model
+from ..train.data import Columns
+
+
+def block_spec(value: str):
+    """'all', 'top:K' (or a bare K) or a comma list of block indices."""
+    value = value.strip().lower()
+    if value == "all":
+        return "all"
+    if value.startswith("top:"):
+        return int(value[4:])
+    if "," in value:
+        return [int(v) for v in value.split(",") if v.strip()]
+    return int(value)
+
+
+def add_data_args(p: argparse.ArgumentParser, required: bool) -> None:
+    g = p.add_argument_group("data (CSV, JSONL or JSON files)")
+    g.add_argument("--forget", "--forgot_data", dest="forget", required=required, metavar="FILE",
+                   help="examples to forget")
+    g.add_argument("--retain", "--retained_data", dest="retain", required=required, metavar="FILE",
+                   help="examples to keep")
+    g.add_argument("--text-column", help="column with plain text (default: 'text')")
+    g.add_argument("--prompt-column", help="column with prompts (default: 'prompt', with --response-column)")
+    g.add_argument("--response-column", help="column with responses (default: 'response')")
+    g.add_argument("--label-column", help="column with class labels (default: 'label' if present)")
+    g.add_argument("--perturbed-column",
+                   help="with prompt/response data: column of wrong answers for the truth ratio, a list of strings "
+                        "(a JSON list in a CSV cell, e.g. [\"Rome\", \"Oslo\"]; default: 'perturbed_answer' if present)")
+    g.add_argument("--paraphrased-column",
+                   help="with prompt/response data: column of paraphrased right answers for the truth ratio "
+                        "(default: 'paraphrased_answer' if present, else the response)")
+    g.add_argument("--generic-prompts-column",
+                   help="with prompt/response data: column of generic prompts, the prompt with the forgotten "
+                        "subject replaced by others (one string, or a list; a JSON list in a CSV cell; default: "
+                        "'generic_prompts' if present). EUL then forgets only the subject-specific answer tokens "
+                        "(see --subject-margin)")
+    g.add_argument("--max-length", type=int, default=256, help="tokens kept per example (default 256)")
+
+
+def add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True,
+                   help="local transformers model directory, or 'smollm2' for the embedded default")
+    p.add_argument("--device", help="cpu or cuda (default: cuda if available)")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
+                   help="base model dtype (default: float32 on CPU, bfloat16 on GPU)")
+
+
+def data_columns(args, name: str):
+    """The data columns the options name, for the set ``name`` (None: pick automatically)."""
+    given = {"text": args.text_column, "prompt": args.prompt_column, "response": args.response_column,
+             "label": args.label_column, "perturbed": args.perturbed_column,
+             "paraphrased": args.paraphrased_column, "generic_prompts": args.generic_prompts_column}
+    return Columns(**given).for_set(name) if any(given.values()) else None
+
+
+def load_base(args):
+    dtype = getattr(torch, args.dtype) if args.dtype else None
+    return load_model(args.model, dtype=dtype, device=args.device)
+
+
+RHO_HELP = ("ridge ρ, relative to the inputs' mean per-feature spread (the mean diagonal of the centred summed "
+             "Gram matrix); default 0.03; the bias is not penalised; 0 = exact solve, fails on a singular Gram")

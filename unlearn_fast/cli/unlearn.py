@@ -1,0 +1,164 @@
+"""``unlearn-fast unlearn``: train unlearning layers for one deletion request (or run a baseline method)."""
+
+from __future__ import annotations
+
+from ..api import example_labels, unlearn
+from ..errors import UnlearnFastError
+from ..eval.baselines import BaselineConfig, run_baseline, save_baseline
+from ..io.artifacts import check_writable, model_fingerprint
+from ..model.family import detect_task
+from ..model.layers import LayerConfig
+from ..train import distributed
+from ..train.data import check_overlap, load_examples
+from ..train.objective import ObjectiveConfig
+from ..train.trainer import TrainConfig
+from .common import add_data_args, add_model_args, block_spec, data_columns, load_base
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("unlearn", help="train unlearning layers for one deletion request",
+                       description="Train unlearning layers so the model forgets --forget and keeps --retain; "
+                                   "write the layers, Gram matrices and a manifest to --out.")
+    add_model_args(p)
+    add_data_args(p, required=True)
+    p.add_argument("--out", "--output_dir", dest="out", required=True, help="artifact directory to create")
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    p.add_argument("--drop-overlap", action="store_true",
+                   help="drop retained examples that also appear in the forget set (default: error)")
+    g = p.add_argument_group("unlearning layers")
+    g.add_argument("--rank", type=int, help="bottleneck width r (default: hidden size / reduction factor)")
+    g.add_argument("--reduction-factor", type=int, default=16, help="d / r when --rank is not given (default 16)")
+    g.add_argument("--activation", default="relu", choices=["relu", "gelu", "silu"])
+    g.add_argument("--blocks", type=block_spec, default="all",
+                   help="'all' (default), 'top:K' for the top K blocks, or indices like 0,5,11")
+    g = p.add_argument_group("objective: L = α·KL_retain − KL_forget + λ·task_retain − γ·LM_forget")
+    g.add_argument("--alpha", type=float, default=0.8, help="retained-data KL weight (default 0.8)")
+    g.add_argument("--lam", "--lambda", dest="lam", type=float, default=1.0, help="retained task-loss weight (default 1.0)")
+    g.add_argument("--gamma", type=float, default=None,
+                   help="forget LM-loss weight (default 0.2); for classification models the weight of the "
+                        "negated task loss on the forgotten labels (default 0)")
+    g.add_argument("--forget-kl-weight", type=float, default=1.0, help="forget KL weight (default 1; 0 turns it off)")
+    g.add_argument("--forget-kl-bound", type=float, default=5.0, help="per-token cap on the maximised forget KL (nats)")
+    g.add_argument("--forget-lm-bound", type=float, default=5.0, help="per-token cap on the maximised forget LM loss (nats)")
+    g.add_argument("--subject-margin", type=float, default=1.0, metavar="NATS",
+                   help="forgotten examples with generic prompts (--generic-prompts-column): forget only the "
+                        "response tokens the real subject makes this many nats likelier than the generic "
+                        "subjects do (default 1); what the model would answer about anyone is kept")
+    g.add_argument("--temperature", type=float, default=1.0, help="KL softmax temperature")
+    g = p.add_argument_group("training")
+    g.add_argument("--schedule", choices=["mixed", "alternate"], default="mixed",
+                   help="'alternate': the paper's retain epoch / forget epoch; 'mixed': both in every batch")
+    g.add_argument("--epochs", type=int, default=3)
+    g.add_argument("--batch-size", type=int, default=8)
+    g.add_argument("--lr", type=float, default=1e-3)
+    g.add_argument("--max-steps", type=int)
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--no-progress", action="store_true", help="no progress bar")
+    g.add_argument("--no-eval", action="store_true", help="skip the before/after evaluation")
+    g = p.add_argument_group("several processes and checkpoints",
+                             "under torchrun (torchrun --nproc_per_node N -m unlearn_fast.cli unlearn ...) every "
+                             "rank trains on its share of each global batch (the batch of one process), the "
+                             "layers' gradients and Gram matrices are summed, and rank 0 writes the artifact")
+    g.add_argument("--compile", action="store_true",
+                   help="torch.compile each transformer block while training (faster steps after a "
+                        "compilation of minutes on a CPU; worth it for long runs)")
+    g.add_argument("--shard-base", action="store_true",
+                   help="shard the frozen base over the ranks with FSDP2 (models too big for one device); "
+                        "the unlearning layers stay replicated")
+    g.add_argument("--checkpoint-dir", metavar="DIR", help="save training checkpoints here")
+    g.add_argument("--checkpoint-every", type=int, default=50, metavar="STEPS",
+                   help="steps between checkpoints (default 50; one is also saved after the last step)")
+    g.add_argument("--resume", action="store_true",
+                   help="continue from the newest checkpoint in --checkpoint-dir (start afresh if none)")
+    g = p.add_argument_group("method (baselines to compare EUL with; see unlearn_fast.eval.baselines)")
+    g.add_argument("--method", choices=["eul", "retrain", "finetune", "ga", "graddiff", "npo"], default="eul",
+                   help="eul (default): unlearning layers; retrain: fresh model trained on --retain only (gold "
+                        "standard, small models); finetune: train on --retain only; ga: gradient ascent on "
+                        "--forget; graddiff: ga + retain loss; npo: negative preference optimisation + retain loss")
+    g.add_argument("--train-params", choices=["full", "layers"], default="full",
+                   help="baselines: train every weight (full, default; --out becomes a model directory) or "
+                        "unlearning layers only (layers; --out is an artifact)")
+    g.add_argument("--beta", type=float, default=0.1, help="NPO inverse temperature β (default 0.1)")
+    g.add_argument("--retain-weight", type=float, default=1.0, help="graddiff / npo: retain loss weight (default 1)")
+    g.add_argument("--forget-weight", type=float, default=1.0, help="ga / graddiff / npo: forget term weight (default 1)")
+
+
+def run(args) -> int:
+    if args.method != "eul":
+        if distributed.launched_world_size() > 1 or args.shard_base or args.checkpoint_dir:
+            raise UnlearnFastError("the baselines run in one process, without checkpoints: launch without "
+                                   "torchrun, and without --shard-base / --checkpoint-dir")
+        return _cmd_baseline(args)
+    check_writable(args.out, args.overwrite)
+    layers = LayerConfig(rank=args.rank, reduction_factor=args.reduction_factor, activation=args.activation,
+                         blocks=args.blocks)
+    objective = ObjectiveConfig(alpha=args.alpha, lam=args.lam, gamma=args.gamma,
+                                forget_kl_weight=args.forget_kl_weight, forget_kl_bound=args.forget_kl_bound,
+                                forget_lm_bound=args.forget_lm_bound, temperature=args.temperature,
+                                subject_margin=args.subject_margin)
+    training = TrainConfig(epochs=args.epochs, schedule=args.schedule, batch_size=args.batch_size, lr=args.lr,
+                           max_steps=args.max_steps, seed=args.seed, progress=not args.no_progress,
+                           checkpoint_dir=args.checkpoint_dir, checkpoint_every=args.checkpoint_every,
+                           resume=args.resume, shard_base=args.shard_base, compile_blocks=args.compile)
+
+    # the user's data is checked before a model is loaded (which can take a while)
+    forget = load_examples(args.forget, data_columns(args, "forget set"), name="forget set")
+    retain = load_examples(args.retain, data_columns(args, "retain set"), name="retain set")
+    check_overlap(forget, retain, drop=args.drop_overlap)
+    # under torchrun: join the process group; this rank's device is cuda:LOCAL_RANK or the CPU
+    device = distributed.init_from_env(args.device, force=args.shard_base)
+    try:
+        if device is not None:
+            args.device = device
+        if args.shard_base and distributed.is_distributed():
+            # load on the host; fully_shard moves each rank's shard to its device
+            if args.dtype is None and device and device.startswith("cuda"):
+                args.dtype = "bfloat16"
+            args.device = "cpu"
+        model, tokenizer, name = load_base(args)
+        result = unlearn(model, tokenizer, forget, retain, out=args.out, overwrite=args.overwrite,
+                         model_name=name, columns=data_columns(args, "forget set"), drop_overlap=args.drop_overlap, layers=layers,
+                         objective=objective, training=training, max_length=args.max_length,
+                         evaluate=not args.no_eval)
+        if distributed.is_main():
+            _print_figures(result.metrics)
+            print(f"artifact written to {result.out}")
+    finally:
+        distributed.shutdown()
+    return 0
+
+
+def _cmd_baseline(args) -> int:
+    check_writable(args.out, args.overwrite)
+    config = BaselineConfig(method=args.method, params=args.train_params, alpha=args.retain_weight,
+                            gamma=args.forget_weight, beta=args.beta,
+                            layers=LayerConfig(rank=args.rank, reduction_factor=args.reduction_factor,
+                                               activation=args.activation, blocks=args.blocks))
+    training = TrainConfig(epochs=args.epochs, schedule=args.schedule, batch_size=args.batch_size, lr=args.lr,
+                           max_steps=args.max_steps, seed=args.seed, progress=not args.no_progress,
+                           compile_blocks=args.compile)
+    forget = load_examples(args.forget, data_columns(args, "forget set"), name="forget set")
+    retain = load_examples(args.retain, data_columns(args, "retain set"), name="retain set")
+    retain, _ = check_overlap(forget, retain, drop=args.drop_overlap)
+    model, tokenizer, name = load_base(args)
+    task = detect_task(model)
+    fingerprint = model_fingerprint(model)
+    result = run_baseline(model, tokenizer, forget, retain, config, training, max_length=args.max_length,
+                          forget_labels=example_labels(model, task, forget, "forget set", required=False),
+                          retain_labels=example_labels(model, task, retain, "retain set", required=False))
+    out = save_baseline(args.out, result, tokenizer, base_fingerprint=fingerprint, model_name=name,
+                        overwrite=args.overwrite)
+    print(f"{config.label}: {result.training.steps} steps in {result.training.update_time_s:.1f} s; written to {out}")
+    return 0
+
+
+def _print_figures(metrics: dict) -> None:
+    before, after = metrics.get("before", {}), metrics.get("after", {})
+    keys = sorted(set(before) | set(after))
+    if keys:
+        print(f"{'':24}{'before':>12}{'after':>12}")
+        for k in keys:
+            b, a = before.get(k), after.get(k)
+            print(f"{k:24}{'' if b is None else f'{b:.4f}':>12}{'' if a is None else f'{a:.4f}':>12}")
+    if "update_time_s" in metrics:
+        print(f"update time: {metrics['update_time_s']:.1f} s over {metrics['steps']} steps")

@@ -1,0 +1,218 @@
+"""EUL's selective teacher-student objective.
+
+    L = α·KL_retain − KL_forget + λ·task_retain − γ·LM_forget
+
+Each term is a mean over its own token positions in the batch (so a batch with few forgotten
+tokens still weighs the forget terms fully). The two maximised terms are unbounded, so each is
+capped per token: a forgotten token stops contributing once its KL(teacher‖student) exceeds
+``forget_kl_bound`` nats, or its LM loss exceeds ``forget_lm_bound`` nats (a hinge: at the cap its
+gradient is zero, so the student moves far enough from the teacher on the forget set and no
+further). Defaults: α=0.8, λ=1.0, γ=0.2 (the paper's), both bounds 5 nats (the teacher gives
+a token it knew probability ≤ e⁻⁵ ≈ 0.7 % once its LM loss reaches the cap).
+
+The sharpening guard. At the start the student equals the teacher, so the forget KL has zero
+gradient, and once the student moves, maximising the KL amplifies whatever direction it moved
+in — including *more* confidence in the forgotten answer (which the retained data's task loss
+tends to cause first, as answering retained facts sharpens answering in general). Measured on
+SmolLM2: with the paper's settings the forget-set loss fell instead of rising. So, by default, a
+forgotten position with a target counts in the forget KL only while the student's probability
+of that target (at the KL's temperature) is at most the teacher's; where the student has become
+more confident than the teacher, only the LM term acts, pushing the answer down until the KL can
+take over. ``sharpening_guard=False`` gives the paper's objective exactly. The loss head's row
+kernels decide this per position from statistics they compute anyway (no extra pass; see
+:mod:`unlearn_fast.ops.loss_head`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Optional, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from ..errors import ModelError
+from ..model.family import Head, output_head, output_states
+from ..model.layers import layers_disabled
+from ..ops import eul_loss_head
+from ..ops.loss_head import IGNORE_INDEX
+from .encoding import collate
+from .step_cache import StepCache
+
+TERMS = ("retain_kl", "forget_kl", "task_loss", "forget_lm_loss")
+
+
+@dataclass
+class ObjectiveConfig:
+    """Weights of the EUL loss terms; a weight of 0 (or ``use_*=False``) switches a term off.
+
+    ``gamma=None`` means the paper's 0.2 where the model has an LM head and 0 where it has not.
+    """
+
+    alpha: float = 0.8
+    lam: float = 1.0
+    gamma: Optional[float] = None
+    forget_kl_weight: float = 1.0
+    forget_kl_bound: float = 5.0
+    forget_lm_bound: float = 5.0
+    temperature: float = 1.0
+    sharpening_guard: bool = True
+    # forgotten examples with generic prompts: only response tokens that the subject makes this many
+    # nats likelier than generic subjects do are forgotten (see unlearn_fast.train.selection)
+    subject_margin: float = 1.0
+
+    def resolved_gamma(self, task: str) -> float:
+        """The weight γ of the maximised forget term for ``task``.
+
+        Causal / seq2seq models: the negated LM loss of the forgotten text (default 0.2, the paper's).
+        Sequence classifiers have no LM head, so there the term is the negated *task* loss on the
+        forgotten rows' own labels (forgotten rows keep their label; see :mod:`unlearn_fast.train.encoding`):
+        ``−γ·mean CE(label)`` over the forget rows, each row's CE capped at ``forget_lm_bound`` like an
+        LM token's. It defaults to 0 (the paper's classification objective: the KL terms and the
+        retained task loss only), but from a converged classifier that objective barely moves — the
+        forget KL has zero gradient where the student equals the teacher — so an explicit γ > 0 is
+        allowed. For two classes, a bound of at most ln 2 ≈ 0.69 nats lets this term lower the
+        confidence in a forgotten label down to chance but not past it (the forget KL, capped by
+        ``forget_kl_bound``, can still move it further). A negative γ would train a classifier on the
+        forgotten labels, so it is refused there.
+        """
+        if self.gamma is None:
+            return 0.2 if task != "classification" else 0.0
+        if self.gamma < 0 and task == "classification":
+            raise ModelError(f"gamma is the weight of the negated task loss on the forgotten labels of a "
+                             f"sequence classifier: it must be >= 0 (got {self.gamma}; --gamma)")
+        return self.gamma
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def coefficients(batch: dict, config: ObjectiveConfig, gamma: float) -> tuple[Tensor, Tensor]:
+    """Per-position KL and CE coefficients [B, T_out], each term normalised by its token count.
+
+    The counts are the batch's own, or ``batch["term_counts"]`` when given (under data
+    parallelism: the counts of the global batch, in the order retain KL, forget KL, task loss,
+    forget LM loss; see :mod:`unlearn_fast.train.distributed`), so each rank's loss is its part of
+    the one-process loss.
+    """
+    forget = batch["forget"].unsqueeze(1).expand_as(batch["kl_mask"])
+    kl_mask = batch["kl_mask"]
+    has_target = batch["targets"] != IGNORE_INDEX
+    totals = batch.get("term_counts")
+    totals = None if totals is None else [int(n) for n in totals.tolist()]
+
+    def weighted(mask: Tensor, weight: float, term: int) -> Tensor:
+        n = int(mask.sum()) if totals is None else totals[term]
+        return mask.float() * (weight / n) if (n and weight) else torch.zeros(mask.shape)
+
+    kl = weighted(kl_mask & ~forget, config.alpha, 0) - weighted(kl_mask & forget, config.forget_kl_weight, 1)
+    ce = weighted(has_target & ~forget, config.lam, 2) - weighted(has_target & forget, gamma, 3)
+    return kl, ce
+
+
+def term_means(batch: dict, kl: Tensor, ce: Tensor) -> dict[str, float]:
+    """Unweighted means of each term over its positions (for logging); NaN where absent."""
+    forget = batch["forget"].unsqueeze(1).expand_as(batch["kl_mask"])
+    has_target = batch["targets"] != IGNORE_INDEX
+    out = {}
+    for name, values, mask in (("retain_kl", kl, batch["kl_mask"] & ~forget),
+                               ("forget_kl", kl, batch["kl_mask"] & forget),
+                               ("task_loss", ce, has_target & ~forget),
+                               ("forget_lm_loss", ce, has_target & forget)):
+        out[name] = float(values[mask].double().mean()) if mask.any() else float("nan")
+    return out
+
+
+def _output_lengths(task: str, batch: dict) -> list[int]:
+    if task == "classification":
+        return [1] * batch["input_ids"].shape[0]
+    key = "decoder_attention_mask" if task == "seq2seq" else "attention_mask"
+    return batch[key].sum(1).tolist()
+
+
+class EULObjective:
+    """Computes the EUL loss of a batch for a model with unlearning layers attached.
+
+    With a :class:`~unlearn_fast.train.step_cache.StepCache` and the batch's rows, the teacher's
+    states are computed once per row and the frozen trunk below the lowest unlearning layer is
+    shared between teacher and student (and replayed in later epochs).
+    """
+
+    # its terms are normalised by ``batch["term_counts"]`` when given: data-parallel ranks sum
+    # their losses' gradients (see :mod:`unlearn_fast.train.distributed`)
+    global_normalisers = True
+
+    def __init__(self, model: nn.Module, task: str, config: ObjectiveConfig, cache: Optional[StepCache] = None):
+        self.model = model
+        self.task = task
+        self.config = config
+        self.gamma = config.resolved_gamma(task)
+        self.head: Head = output_head(model, task)
+        self.cache = cache
+
+    def teacher_states(self, batch: dict) -> Tensor:
+        with torch.no_grad(), layers_disabled(self.model):
+            return output_states(self.model, self.task, batch)
+
+    def _teacher(self, batch: dict, rows, cache: Optional[StepCache]) -> Tensor:
+        if cache is None:
+            return self.teacher_states(batch)
+        lengths = batch["attention_mask"].sum(1).tolist()
+        if not cache.use_teacher:  # still share the trunk with the student within this step
+            with cache.recording_trunk(rows, lengths):
+                return self.teacher_states(batch)
+        missing = [r for r in rows if not cache.has_teacher(r)]
+        if missing:  # run the teacher on the rows it has not seen yet, and only on them
+            device = batch["input_ids"].device
+            sub = batch if len(missing) == len(rows) else \
+                {k: v.to(device) for k, v in collate(missing, pad_id=0).items()}
+            with cache.recording_trunk(missing, sub["attention_mask"].sum(1).tolist()):
+                states = self.teacher_states(sub)
+            cache.store_teacher(missing, states, _output_lengths(self.task, sub))
+        return cache.cached_teacher(rows, batch["targets"].shape[1], batch["input_ids"].device)
+
+    def _student(self, batch: dict, rows, cache: Optional[StepCache]) -> Tensor:
+        if cache is None:
+            return output_states(self.model, self.task, batch)
+        width = batch["input_ids"].shape[1]
+        with cache.recording_trunk(rows, batch["attention_mask"].sum(1).tolist()), \
+                cache.replaying_trunk(rows, width, batch["input_ids"].device):
+            return output_states(self.model, self.task, batch)
+
+    def __call__(self, batch: dict, rows: Optional[Sequence] = None) -> tuple[Tensor, dict[str, float]]:
+        """The scalar loss (differentiable w.r.t. the unlearning layers) and each term's mean.
+
+        ``rows`` (the encoded rows of the batch, in order) lets the step cache work; without it
+        every pass is computed.
+        """
+        kl_coef, ce_coef = coefficients(batch, self.config, self.gamma)
+        rows_used = (kl_coef != 0) | (ce_coef != 0)
+        kl_off, ce_off = kl_coef == 0, ce_coef == 0  # switched off by the config (not by the guard)
+        cache = self.cache if rows is not None else None
+        teacher = self._teacher(batch, rows, cache) if bool((kl_coef != 0).any()) else None
+        student = self._student(batch, rows, cache)
+        device = student.device
+        sel = rows_used.to(device)
+        out = eul_loss_head(
+            student[sel],
+            None if teacher is None else teacher[sel],
+            self.head.weight,
+            batch["targets"].to(device)[sel],
+            kl_coef.to(device)[sel],
+            ce_coef.to(device)[sel],
+            bias=self.head.bias,
+            kl_bound=self.config.forget_kl_bound,
+            ce_bound=self.config.forget_lm_bound,
+            temperature=self.config.temperature,
+            logit_scale=self.head.logit_scale,
+            logit_softcap=self.head.logit_softcap,
+            sharpening_guard=self.config.sharpening_guard,
+        )
+        full_kl = torch.zeros(rows_used.shape, dtype=torch.float32)
+        full_ce = torch.zeros(rows_used.shape, dtype=torch.float32)
+        full_kl[rows_used] = out.kl.cpu()
+        full_ce[rows_used] = out.ce.cpu()
+        full_kl[kl_off] = float("nan")  # a switched-off term is not computed: report it absent,
+        full_ce[ce_off] = float("nan")  # not as 0
+
+        return out.loss, term_means(batch, full_kl, full_ce)

@@ -1,0 +1,304 @@
+"""The thin trainer: AdamW over the unlearning layers only, warmup + linear decay, clipping.
+
+Two schedules: ``alternate`` (the paper's: each epoch is one pass over the retained rows, then
+one pass over the forgotten rows) and ``mixed`` (every batch holds up to ``batch_size`` retained
+rows and ``batch_size`` forgotten rows, the smaller set cycled; an epoch is one pass over the
+larger set).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import math
+import os
+import random
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Iterator, Optional, Sequence
+
+import torch
+from torch import nn
+
+from ..errors import TrainingError, UnlearnFastError
+from ..model.fused_trunk import fused_trunk
+from ..model.layers import block_lists, unlearning_parameters
+from ..ops.backend import BACKENDS, ENV_VAR
+from ..ops.loss_head import reused_logit_buffers
+from . import checkpoint
+from .distributed import DataParallel, all_gather_floats, term_counts
+from .encoding import Row, collate, token_count
+from .objective import TERMS, EULObjective
+
+SCHEDULES = ("alternate", "mixed")
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation settings. ``max_steps`` (if set) stops training early."""
+
+    epochs: int = 3
+    schedule: str = "mixed"
+    batch_size: int = 8
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    warmup_ratio: float = 0.1
+    max_grad_norm: float = 1.0
+    seed: int = 0
+    max_steps: Optional[int] = None
+    progress: bool = True
+    teacher_cache: bool = True
+    shared_trunk: bool = True
+    bucket_by_length: bool = True
+    backend: str = "auto"
+    # checkpoints (see unlearn_fast.train.checkpoint): every ``checkpoint_every`` steps (0: only after
+    # the last step) into ``checkpoint_dir``; ``resume`` continues from the newest one there
+    checkpoint_dir: Optional[str] = None
+    checkpoint_every: int = 0
+    resume: bool = False
+    # FSDP2-shard the frozen base over the ranks (see unlearn_fast.train.distributed)
+    shard_base: bool = False
+    # torch.compile each transformer block's forward while training (see compiled_blocks)
+    compile_blocks: bool = False
+    # run the frozen trunk's RMSNorms and SwiGLU products through the fused ops (see fused_trunk)
+    fused_trunk: bool = True
+
+    def __post_init__(self):
+        if self.schedule not in SCHEDULES:
+            raise UnlearnFastError(f"schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}")
+        if self.epochs < 1 or self.batch_size < 1:
+            raise UnlearnFastError("epochs and batch size must be ≥ 1")
+        if not self.lr > 0:
+            raise UnlearnFastError(f"learning rate must be > 0, got {self.lr}")
+        if self.backend not in BACKENDS:
+            raise UnlearnFastError(f"backend must be one of {', '.join(BACKENDS)}, got {self.backend!r}")
+        if self.checkpoint_dir is not None:
+            self.checkpoint_dir = str(self.checkpoint_dir)
+        if self.checkpoint_every < 0:
+            raise UnlearnFastError(f"checkpoint interval must be ≥ 0 steps, got {self.checkpoint_every}")
+        if self.resume and not self.checkpoint_dir:
+            raise UnlearnFastError("resume needs a checkpoint directory (--checkpoint-dir)")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class TrainResult:
+    steps: int
+    update_time_s: float
+    tokens: int
+    history: list[dict] = field(default_factory=list)
+    resumed_from: int = 0  # steps loaded from a checkpoint
+    earlier_time_s: float = 0.0  # update time of the interrupted run(s), included in update_time_s
+    earlier_rank_time_s: float = 0.0  # the same summed over their ranks
+
+
+def _length(row: Row) -> int:
+    return len(row.input_ids) + len(row.decoder_input_ids or ())
+
+
+def _longest(group: Sequence[Row]) -> int:
+    return max(_length(r) for r in group)
+
+
+def _chunks(rows: Sequence[Row], size: int, rng: random.Random, bucket: bool = False) -> list[list[Row]]:
+    """Shuffled batches; with ``bucket``, rows of similar length share a batch (less padding):
+    rows are sorted by length inside shuffled windows of 16 batches, and the batches shuffled."""
+    order = list(rows)
+    rng.shuffle(order)
+    if not bucket:
+        return [order[i:i + size] for i in range(0, len(order), size)]
+    window = 16 * size
+    groups = []
+    for w in range(0, len(order), window):
+        part = sorted(order[w:w + window], key=_length)
+        groups += [part[i:i + size] for i in range(0, len(part), size)]
+    rng.shuffle(groups)
+    return groups
+
+
+def padding_fraction(groups: Sequence[Sequence[Row]]) -> float:
+    """Share of the token slots in padded batches that are padding."""
+    real = sum(_length(r) for g in groups for r in g)
+    slots = sum(len(g) * max(len(r.input_ids) for r in g) + len(g) * max(len(r.decoder_input_ids or ()) for r in g)
+                for g in groups)
+    return 1.0 - real / slots if slots else 0.0
+
+
+def batches(forget: Sequence[Row], retain: Sequence[Row], config: TrainConfig) -> Iterator[list[Row]]:
+    """Row groups in training order, for every epoch."""
+    rng = random.Random(config.seed)
+    for _ in range(config.epochs):
+        if config.schedule == "alternate":
+            yield from _chunks(retain, config.batch_size, rng, config.bucket_by_length)
+            yield from _chunks(forget, config.batch_size, rng, config.bucket_by_length)
+        else:
+            big, small = (retain, forget) if len(retain) >= len(forget) else (forget, retain)
+            small_groups = _chunks(small, config.batch_size, rng, config.bucket_by_length) if small else []
+            big_groups = _chunks(big, config.batch_size, rng, config.bucket_by_length)
+            if not small_groups:
+                yield from big_groups
+                continue
+            # each group of the larger set goes with the next group of the smaller one, cycling
+            partners = list(itertools.islice(itertools.cycle(small_groups), len(big_groups)))
+            if config.bucket_by_length:
+                # pair long with long and short with short, so the combined batch pads little
+                pairs = list(zip(sorted(big_groups, key=_longest), sorted(partners, key=_longest)))
+                rng.shuffle(pairs)
+            else:
+                pairs = list(zip(big_groups, partners))
+            for group, partner in pairs:
+                yield group + partner
+
+
+def count_steps(forget: Sequence[Row], retain: Sequence[Row], config: TrainConfig) -> int:
+    n = sum(1 for _ in batches(forget, retain, config))
+    return min(n, config.max_steps) if config.max_steps else n
+
+
+def _schedule(step: int, total: int, warmup: int) -> float:
+    if step < warmup:
+        return (step + 1) / warmup
+    return max(0.0, (total - step) / max(1, total - warmup))
+
+
+@contextlib.contextmanager
+def compiled_blocks(model: nn.Module, enabled: bool = True):
+    """Run each transformer block's forward through ``torch.compile`` inside the block (fuses the
+    frozen trunk's norms, rotary embeddings and activations around the unlearning-layer ops).
+    The first steps pay the compilation (minutes on a CPU); the blocks are restored on exit."""
+    if not enabled:
+        yield
+        return
+    blocks = [block for _, stack in block_lists(model) for block in stack]
+    for block in blocks:
+        block.forward = torch.compile(block.forward)
+    try:
+        yield
+    finally:
+        for block in blocks:
+            del block.forward  # the instance attribute; the class's forward is back
+
+
+def train(model: nn.Module, objective: EULObjective, forget: Sequence[Row], retain: Sequence[Row],
+          config: TrainConfig, pad_id: int, params: Optional[Sequence[nn.Parameter]] = None) -> TrainResult:
+    """Train the model's unlearning layers on the EUL objective; the base stays frozen.
+
+    ``objective`` is any callable batch → (loss, terms dict) (the baselines of
+    :mod:`unlearn_fast.eval.baselines` pass theirs). ``params`` (default: the unlearning layers'
+    parameters) are what the optimiser updates; the caller makes them require grad.
+    Under ``torch.distributed`` (world size > 1) each rank trains on its share of every global
+    batch and the gradients are all-reduced (see :mod:`unlearn_fast.train.distributed`); with
+    ``config.checkpoint_dir`` checkpoints are saved, and ``config.resume`` continues from the
+    newest (see :mod:`unlearn_fast.train.checkpoint`).
+    With ``config.compile_blocks`` the blocks run compiled (see :func:`compiled_blocks`); with
+    ``config.fused_trunk`` (the default) Llama-family norms and MLP products run the fused trunk
+    ops (see :mod:`unlearn_fast.model.fused_trunk`).
+    Raises TrainingError (before anything is written) if the loss becomes NaN or infinite.
+    """
+    with compiled_blocks(model, config.compile_blocks), fused_trunk(model, config.fused_trunk), \
+            reused_logit_buffers():
+        return _train(model, objective, forget, retain, config, pad_id, params)
+
+
+def _train(model, objective, forget, retain, config: TrainConfig, pad_id: int, params) -> TrainResult:
+    torch.manual_seed(config.seed)
+    params = unlearning_parameters(model) if params is None else list(params)
+    if not params:
+        raise UnlearnFastError("the model has no unlearning layers to train")
+    device = params[0].device
+    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+    total = count_steps(forget, retain, config)
+    warmup = int(math.ceil(config.warmup_ratio * total))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: _schedule(s, total, warmup))
+    history, tokens = [], 0
+    dp = DataParallel.current(params, retain, forget, objective)  # None in one process
+    if dp is not None:
+        dp.broadcast_parameters()
+    first, earlier, earlier_ranks, key = 0, 0.0, 0.0, None
+    if config.checkpoint_dir:
+        key = checkpoint.run_key(config, total, params, forget, retain)
+        found = checkpoint.latest(config.checkpoint_dir) if config.resume else None
+        if found is not None:
+            saved = checkpoint.restore(found, params, optimizer, scheduler, key)
+            first, history, tokens = saved["step"], saved["progress"]["history"], saved["progress"]["tokens"]
+            earlier, earlier_ranks = saved["progress"]["update_time_s"], saved["progress"]["rank_time_s"]
+    progress = _progress(total, config.progress and (dp is None or dp.rank == 0))
+    progress.update(first)
+    resumed_tokens = tokens
+    model.train(False)  # dropout off: teacher and student must see the same function
+    start = time.perf_counter()
+    for step, group in enumerate(batches(forget, retain, config)):
+        if step >= total:
+            break
+        if step < first:  # finished before the checkpoint we resumed from
+            continue
+        rows, counted = (group, True) if dp is None else dp.share(group)
+        batch = {k: v.to(device) for k, v in collate(rows, pad_id).items()}
+        if dp is not None:  # normalise each term by its positions in the global batch
+            batch["term_counts"] = global_counts = term_counts(group)
+        with forced_backend(config.backend):
+            loss, terms = objective(batch, rows)
+        if dp is None and not torch.isfinite(loss):
+            progress.close()
+            _not_finite(loss.item(), step, terms)
+        optimizer.zero_grad(set_to_none=True)
+        (loss if counted else loss * 0).backward()
+        if dp is None:
+            value, step_tokens = loss.item(), token_count(batch)
+        else:  # gradients, loss and term sums of all ranks, in one all-reduce
+            value, terms, step_tokens = dp.reduce(loss, terms, rows, group, counted, global_counts)
+            if not math.isfinite(value):
+                progress.close()
+                _not_finite(value, step, terms)
+        torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
+        optimizer.step()
+        scheduler.step()
+        tokens += step_tokens
+        elapsed = time.perf_counter() - start
+        record = {"step": step + 1, "loss": value, **terms}
+        history.append(record)
+        if config.checkpoint_dir and (step + 1 == total or
+                                      (config.checkpoint_every and (step + 1) % config.checkpoint_every == 0)):
+            rank_time = earlier_ranks + (sum(all_gather_floats(elapsed)) if dp is not None else elapsed)
+            if dp is None or dp.rank == 0:
+                checkpoint.save(config.checkpoint_dir, step + 1, params, optimizer, scheduler, key,
+                                {"history": history, "tokens": tokens, "update_time_s": earlier + elapsed,
+                                 "rank_time_s": rank_time, "world_size": 1 if dp is None else dp.world})
+        progress.update(1)
+        progress.set_postfix({"loss": f"{record['loss']:.3f}",
+                              **{k: f"{terms[k]:.3f}" for k in TERMS if not math.isnan(terms[k])},
+                              "tok/s": f"{(tokens - resumed_tokens) / elapsed:.0f}"})
+    progress.close()
+    return TrainResult(len(history), earlier + time.perf_counter() - start, tokens, history,
+                       resumed_from=first, earlier_time_s=earlier, earlier_rank_time_s=earlier_ranks)
+
+
+def _not_finite(value: float, step: int, terms: dict):
+    shown = ", ".join(f"{k}={v:.4g}" for k, v in terms.items())
+    raise TrainingError(f"the loss became {value} at step {step + 1} ({shown}); "
+                        "nothing was written. Try a lower learning rate (--lr).")
+
+
+@contextlib.contextmanager
+def forced_backend(name: str):
+    """Run with ``UNLEARN_FAST_BACKEND=name`` (``auto`` leaves the environment as it is)."""
+    if name == "auto":
+        yield
+        return
+    previous = os.environ.get(ENV_VAR)
+    os.environ[ENV_VAR] = name
+    try:
+        yield
+    finally:
+        if previous is None:
+            del os.environ[ENV_VAR]
+        else:
+            os.environ[ENV_VAR] = previous
+
+
+def _progress(total: int, enabled: bool):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc="unlearning", unit="step", disable=not enabled, dynamic_ncols=True)
