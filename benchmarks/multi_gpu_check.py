@@ -201,7 +201,8 @@ def main() -> int:
                      "tokens_per_s": round(r["tokens_per_s"]), "tokens_per_s_per_gpu": round(r["tokens_per_s_per_gpu"]),
                      "allreduce_mb_per_gpu": results_io.sig(r["allreduce_bytes_per_gpu"] / 1e6),
                      "allgather_mb_per_gpu": results_io.sig(r.get("allgather_bytes_per_gpu", 0) / 1e6),
-                     "layers_rel": results_io.sig(r.get("layers_rel"), 2), "grams_rel": results_io.sig(r.get("grams_rel"), 2)}
+                     "layers_rel": results_io.sig(r.get("layers_rel"), 2),
+                     "grams_rel": results_io.sig(r.get("grams_rel"), 2)}
                     for mode, r in results.items()]
             notes = f"{args.shape} Llama, {args.dtype}, {device}, global batch {batch}+{batch} rows, {args.steps} steps"
             path = results_io.write_results(where, results_io.make_results("multi_gpu", rows,

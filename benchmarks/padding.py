@@ -102,8 +102,8 @@ def main(argv=None) -> int:
             json.dump(rows, fh, indent=2)
     where = results_io.results_dir(args.results)
     if where and rows:
-        table = [{"scenario": r["scenario"], "forget": r["forget"], "retain": r["retain"], "batch_size": r["batch_size"],
-                  "epochs": r["epochs"], "padding_plain_pct": round(100 * r["plain"], 1),
+        table = [{"scenario": r["scenario"], "forget": r["forget"], "retain": r["retain"],
+                  "batch_size": r["batch_size"], "epochs": r["epochs"], "padding_plain_pct": round(100 * r["plain"], 1),
                   "padding_bucketed_pct": round(100 * r["bucketed"], 1)} for r in rows]
         path = results_io.write_results(where, results_io.make_results(
             "padding", table, results_io.command_line(__file__, argv)))

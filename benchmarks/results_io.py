@@ -10,9 +10,10 @@ A results file is one JSON object:
       "command": "python benchmarks/gpu_step.py --cpu --steps 5",   # what produced it (null if none)
       "rows": [{"mode": "naive", "s_per_step": 4.8}, ...],          # the table's rows: column -> value
       "notes": "short, optional",
-      "source": "transcribed from ... as of <commit>",              # only for figures not measured by a script
-      "raw": {...}                                                    # optional: the script's full output
+      "source": "transcribed from ... as of <commit>"               # optional: figures copied, not measured
     }
+
+``machine.description`` (optional) names the machine in the tables where cpu / gpu do not say enough.
 
 Unknown values are null, never guessed. A cell is a number, a string, null, or {"mean": m, "sd": s}.
 ``python benchmarks/tables.py`` turns these files into the README tables.

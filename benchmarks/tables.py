@@ -219,21 +219,20 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     try:
         results = load_results(args.results)
-        stale = []
-        for which, path in READMES.items():
-            old = path.read_text()
-            new = replace_tables(old, render(results, which), str(path))
-            if new != old:
-                stale.append(path)
-                if not args.check:
-                    path.write_text(new)
+        texts = {path: path.read_text() for path in READMES.values()}
+        new = {path: replace_tables(text, render(results, which), str(path))
+               for (which, path), text in zip(READMES.items(), texts.values())}
     except ResultsError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    stale = [path for path in texts if new[path] != texts[path]]
     if args.check and stale:
-        print("out of date with benchmarks/results: " + ", ".join(map(str, stale))
+        print(f"out of date with {args.results}: " + ", ".join(map(str, stale))
               + "; run python benchmarks/tables.py", file=sys.stderr)
         return 1
+    if not args.check:
+        for path in stale:
+            path.write_text(new[path])
     print(("updated " + ", ".join(map(str, stale))) if stale else "tables up to date")
     return 0
 

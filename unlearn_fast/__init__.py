@@ -1,13 +1,13 @@
 """unlearn_fast: remove chosen data from trained language models with EUL unlearning layers.
 
 Public API: :func:`load_model`, :func:`unlearn`, :func:`load_layers`, :func:`evaluate_sets`,
-:func:`fuse_artifacts`, the configs (:class:`LayerConfig`, :class:`ObjectiveConfig`,
+:func:`fuse_artifacts`, :func:`export`, the configs (:class:`LayerConfig`, :class:`ObjectiveConfig`,
 :class:`TrainConfig`) and the layer switches (:func:`set_enabled`, :func:`layers_disabled`,
 :func:`detach`). The package's layers, lowest first, are described in docs/architecture.md.
 """
 
 from . import compat  # old flat module paths (unlearn_fast.layers, ...) keep importing, with a warning
-from .api import UnlearnResult, unlearn
+from .api import UnlearnResult, export, unlearn
 from .errors import UnlearnFastError
 from .eval.evaluation import evaluate_sets
 from .fusion.closed_form import fuse_artifacts
@@ -21,7 +21,7 @@ from .version import __version__
 
 __all__ = [
     "Columns", "Example", "LayerConfig", "ObjectiveConfig", "TrainConfig", "UnlearnFastError",
-    "UnlearnResult", "__version__", "attach", "detach", "evaluate_sets", "fuse_artifacts", "layers_disabled",
+    "UnlearnResult", "__version__", "attach", "detach", "evaluate_sets", "export", "fuse_artifacts", "layers_disabled",
     "load_examples", "load_layers", "load_layers_together", "load_model", "read_manifest", "set_enabled",
     "unlearn",
 ]

@@ -17,16 +17,20 @@ from typing import Any, Optional, Sequence, Union
 import torch
 from torch import nn
 
-from .errors import DataError, UnlearnFastError
-from .eval.evaluation import evaluate_sets
+from .errors import DataError, TrainingError, UnlearnFastError
+from .eval.evaluation import evaluate_sets, retain_damage
 from .fusion.grams import collect_grams
-from .io.artifacts import check_writable, model_fingerprint, write_artifact
+from .fusion.closed_form import request_records
+from .io.artifacts import check_writable, load_layers, load_layers_together, model_fingerprint, write_artifact
+from .io.base_model import load_model
+from .io.export import check_format, provenance_record, write_hf
 from .model.family import detect_task
-from .model.layers import LayerConfig, attach, describe, layer_state, layers_disabled
-from .train import distributed
+from .model.layers import LayerConfig, attach, describe, detach, layer_state, layers_disabled
+from .train import checkpoint, distributed
 from .train.checkpoint import data_fingerprint
-from .train.data import Columns, Example, check_overlap, fingerprint, load_examples, resolve_labels
-from .train.encoding import encode, pad_token_id
+from .train.data import Columns, Example, load_examples
+from .train.set_checks import check_overlap, fingerprint, resolve_labels
+from .train.encoding import encode, pad_token_id, truncation_note
 from .train.objective import EULObjective, ObjectiveConfig
 from .train.selection import select_subject_tokens
 from .train.step_cache import StepCache
@@ -72,6 +76,7 @@ def unlearn(
     max_length: int = 256,
     evaluate: bool = True,
     general_text: Optional[Sequence[str]] = None,
+    allow_damage: bool = False,
     log=print,
 ) -> UnlearnResult:
     """Train unlearning layers on ``model`` so it forgets ``forget`` and keeps ``retain``.
@@ -83,14 +88,25 @@ def unlearn(
 
     Forgotten prompt/response examples with ``generic_prompts`` are forgotten only where the subject
     matters: see :mod:`unlearn_fast.train.selection` and ``ObjectiveConfig.subject_margin``.
+
+    Rows are cut at ``max_length`` tokens, capped at the model's context (one logged line says how
+    many were cut). A damaged result raises TrainingError and writes nothing: a NaN / infinite loss,
+    weights out of range (:func:`unlearn_fast.train.trainer.weight_damage`), or, when ``evaluate``,
+    a retain loss far above its value before (:func:`unlearn_fast.eval.evaluation.retain_damage`).
+    With ``allow_damage=True`` the result is kept (and written) anyway, the damage recorded in the
+    manifest's ``damage`` list.
     """
     layers = layers or LayerConfig()
     objective = objective or ObjectiveConfig()
     if not distributed.is_main():  # under torchrun, rank 0 speaks for the job
         log = lambda *args, **kwargs: None  # noqa: E731
     training = training or TrainConfig()
+    # every output is checked (and what a killed run left cleaned) before any work is spent on it
+    if training.checkpoint_dir:
+        checkpoint.prepare(training.checkpoint_dir, log)
     if out is not None:
-        check_writable(out, overwrite)
+        inputs = [forget, retain, training.checkpoint_dir, model_name or getattr(model.config, "_name_or_path", None)]
+        check_writable(out, overwrite, [p for p in inputs if isinstance(p, (str, Path)) and str(p)], log)
     task = detect_task(model)
     gamma = objective.resolved_gamma(task)
     forget_set = load_examples(forget, columns, name="forget set")
@@ -105,6 +121,9 @@ def unlearn(
     enc = dict(model_config=model.config, max_length=max_length)
     forget_rows = encode(forget_set, tokenizer, task, forget=True, name="forget set", labels=forget_labels, **enc)
     retain_rows = encode(retain_set, tokenizer, task, forget=False, name="retain set", labels=retain_labels, **enc)
+    note = truncation_note({"forget set": forget_rows, "retain set": retain_rows}, max_length, model.config, tokenizer)
+    if note:
+        log(note)
     # where forgotten examples carry generic prompts, train only on their subject-specific tokens;
     # the Gram matrices still cover every forgotten row (the layer inputs do not change)
     train_forget_rows, selection = select_subject_tokens(model, tokenizer, task, forget_set, forget_rows,
@@ -138,11 +157,17 @@ def unlearn(
         cache = StepCache(model, task, teacher=training.teacher_cache, trunk=training.shared_trunk)
     loss = EULObjective(model, task, objective, cache)
     pad = pad_token_id(tokenizer)
-    result = train(model, loss, train_forget_rows, retain_rows, training, pad)
+    result = train(model, loss, train_forget_rows, retain_rows, training, pad, allow_damage=allow_damage)
     # with several ranks each takes a share of the batches and the Gram matrices are summed
     grams, gram_tokens = collect_grams(model, task, forget_rows, pad, training.batch_size,
                                        lockstep=training.shard_base)
     after = evaluate_sets(model, tokenizer, task, sets, eval_labels, general_text, max_length) if evaluate else {}
+    damage = [d for d in (result.damage, retain_damage(before, after)) if d]
+    if damage and not allow_damage:  # (the trainer has raised already for its own findings)
+        raise TrainingError(f"{damage[0]}; the model is damaged and nothing was written. Try a lower learning "
+                            "rate (--lr), or pass --allow-damage (allow_damage=True) to write it anyway.")
+    for d in damage:
+        log(f"warning: {d}; kept anyway (allow_damage), and recorded in the manifest")
     times = distributed.all_gather_floats(result.update_time_s - result.earlier_time_s)
 
     metrics = {"before": before, "after": after, "update_time_s": result.update_time_s,
@@ -163,6 +188,7 @@ def unlearn(
         "retain_set": fingerprint(retain_set),
         "grams": {"tokens": gram_tokens, "augmented_with_bias_column": True, "dtype": "float64"},
         "metrics": metrics,
+        "damage": damage,  # what allow_damage let through (empty: none found); eval --layers warns on it
         "update_time_s": result.update_time_s,
         # per rank: the interrupted runs' update time (if resumed) + this run's; total: rank-seconds
         "update_time": {"per_rank_s": [result.earlier_time_s + t for t in times],
@@ -180,7 +206,7 @@ def unlearn(
         # here, and its peers fail in a collective before it): nothing partial is left behind
         distributed.barrier()
         if distributed.is_main():
-            written = write_artifact(out, {**layer_state(model), **grams}, manifest, overwrite)
+            written = write_artifact(out, {**layer_state(model), **grams}, manifest, overwrite, log)
         distributed.barrier()
         written = Path(out) if written is None else written
     return UnlearnResult(model, metrics, manifest, result, written, grams)
@@ -193,3 +219,37 @@ def _check_shardable(objective: ObjectiveConfig, task: str) -> None:
     if objective.alpha == 0 or objective.forget_kl_weight == 0:
         # the teacher runs only on ranks whose rows have a KL term: the ranks' forwards would differ
         raise UnlearnFastError("--shard-base needs both KL terms on (alpha > 0 and forget KL weight > 0)")
+
+
+def export(model: Union[str, Path, nn.Module], layers: Union[str, Path, Sequence[Union[str, Path]]],
+           out: Union[str, Path], *, format: str = "hf", tokenizer=None, overwrite: bool = False,
+           dtype: Optional[torch.dtype] = None, log=print) -> Path:
+    """Write ``model`` with the unlearning layers of ``layers`` as a directory that loads without this package.
+
+    ``model``: a model directory (or ``smollm2``), loaded on the CPU in ``dtype`` (default: the
+    checkpoint's own), or a loaded base model without layers (then pass ``tokenizer``; the layers
+    are detached again afterwards). ``layers``: one artifact directory, or several (their layers
+    run summed, as ``eval --layers`` runs them), or a fused one. ``format="hf"``: a transformers
+    directory, see :mod:`unlearn_fast.io.export`. An existing ``out`` is refused unless
+    ``overwrite`` (and then only an output of this package that holds no input); layers trained on
+    another base model are refused (fingerprint) before anything is written. Returns ``out``.
+    """
+    check_format(format)
+    paths = [Path(layers)] if isinstance(layers, (str, Path)) else [Path(p) for p in layers]
+    if not paths:
+        raise UnlearnFastError("export needs at least one unlearning artifact (--layers DIR)")
+    given_path = isinstance(model, (str, Path))
+    inputs = [model if given_path else None, *paths]
+    check_writable(out, overwrite, inputs=inputs, log=log)  # before anything is loaded
+    if given_path:
+        model, tokenizer, _ = load_model(str(model), dtype=dtype or "auto", device="cpu")
+    elif tokenizer is None:
+        raise UnlearnFastError("export: pass the base model's tokenizer (tokenizer=...) with a loaded model")
+    manifests = [load_layers(model, paths[0])] if len(paths) == 1 else load_layers_together(model, paths)
+    try:
+        requests = [r for m in manifests for r in request_records(m)]
+        provenance = provenance_record(manifests, [str(p) for p in paths], requests)
+        return write_hf(model, tokenizer, out, provenance=provenance, overwrite=overwrite, inputs=inputs, log=log)
+    finally:
+        if not given_path:
+            detach(model)  # leave the caller's model as it was given

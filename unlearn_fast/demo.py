@@ -90,7 +90,7 @@ def run_demo(out: str = "unlearn_fast_demo", overwrite: bool = False, device: Op
     """Run the embedded default end to end; return the figures (also written in the manifest)."""
 
     started = time.perf_counter()
-    check_writable(out, overwrite)
+    check_writable(out, overwrite, log=log)
     model, tokenizer, name = load_model("smollm2", device=device)
     log(f"model ready in {time.perf_counter() - started:.0f} s")
     sets = build_sets(model, tokenizer, log=log)

@@ -17,6 +17,11 @@ class ArtifactError(UnlearnFastError):
     """An unlearning artifact is missing, tampered with, or belongs to another base model."""
 
 
+class OutputError(ArtifactError):
+    """An output cannot be written where asked: it exists and is not ours to replace, it is or
+    holds an input, or the file system refuses (read-only, full, a file in the way)."""
+
+
 class ModelError(UnlearnFastError):
     """The model cannot carry unlearning layers (unsupported structure, missing head)."""
 

@@ -276,8 +276,6 @@ def summary_rows(fraction: float, report: dict) -> list[str]:
 
 def results_rows(fraction: float, report: dict) -> list[dict]:
     """The summary table's rows as results-file rows (accuracies in %, mean ± sd rows as {"mean", "sd"})."""
-    import statistics
-
     gold = report["methods"]["retrain"]["figures"]["forget_accuracy"]
     sig = results_io.sig
 
@@ -290,7 +288,8 @@ def results_rows(fraction: float, report: dict) -> list[dict]:
                      "forget_delta_pts": round(100 * (f["forget_accuracy"] - gold), 1),
                      "forget_memorised_pct": round(100 * f["forget_accuracy_memorised"], 1),
                      "forget_rule_pct": round(100 * f["forget_accuracy_rule"], 1),
-                     "forget_lm_loss": round(f["forget_lm_loss"], 3), "forget_truth_ratio": sig(f.get("forget_truth_ratio"), 3),
+                     "forget_lm_loss": round(f["forget_lm_loss"], 3),
+                     "forget_truth_ratio": sig(f.get("forget_truth_ratio"), 3),
                      "mia_auc_loss": round(f["mia"]["mia_loss"], 3),
                      "mia_auc_min_k_pp": round(f["mia"]["mia_min_k_plus_plus"], 3),
                      "forget_quality_tr": sig(vs.get("forget_quality_truth_ratio"), 3),
@@ -302,10 +301,10 @@ def results_rows(fraction: float, report: dict) -> list[dict]:
             continue
 
         def ms(get, scale=1.0, digits=3):
-            values = [scale * get(f) for f in seeds]
-            return {"mean": round(statistics.mean(values), digits), "sd": round(statistics.stdev(values), digits)}
+            values = torch.tensor([scale * get(f) for f in seeds], dtype=torch.float64)
+            return {"mean": round(values.mean().item(), digits), "sd": round(values.std().item(), digits)}
 
-        forget = statistics.mean(f["forget_accuracy"] for f in seeds)
+        forget = sum(f["forget_accuracy"] for f in seeds) / len(seeds)
         rows.append({"split": f"{fraction:.0%}", "method": f"{method}, mean ± sd of {len(seeds)} seeds",
                      "test_acc_pct": ms(lambda f: f["test_accuracy"], 100, 1),
                      "retain_acc_pct": ms(lambda f: f["retain_accuracy"], 100, 1),

@@ -1,10 +1,17 @@
-"""Every metric against a value computed by hand on a toy case, plus the chunked per-token statistics
-against a plain full-vocabulary log-softmax and the per-example statistics of a tiny model."""
+"""Every metric on fixed inputs (hand-made rows of per-token log-probabilities, argmax hits and strings)
+against the number open-unlearning's published formula gives, computed here from that formula
+(``src/evals/metrics`` of github.com/locuslab/open-unlearning, TOFU's ``aggregate_eval_stat.py``) and
+not from our code; plus the chunked per-token statistics against a plain full-vocabulary log-softmax
+and the per-example statistics of a tiny model. The truth ratio's tests are in test_truth_ratio.py."""
 
 import math
 
+import numpy as np
 import pytest
+import scipy.stats
 import torch
+from rouge_score import rouge_scorer
+from sklearn.metrics import roc_auc_score
 
 from conftest import make_model, tokenizer_for
 from unlearn_fast.eval import metrics as M
@@ -14,21 +21,46 @@ from unlearn_fast.eval.evaluation import evaluate_model, example_stats, membersh
 
 LN2 = math.log(2)
 
+# fixed per-token log-probabilities of three answers (one row per answer)
+ROWS = [[-0.2, -1.1, -0.4], [-2.0, -0.7], [-0.05, -0.3, -3.2, -0.9]]
+
+
+def avg_loss(row):
+    """open-unlearning's ``avg_loss``: summed token NLL / number of target tokens."""
+    return float(np.sum(-np.array(row)) / len(row))
+
 
 # ---- text similarity -------------------------------------------------------------------------
 
-def test_rouge_l_hand_computed():
-    # LCS("the cat sat on the mat", "the cat is on the mat") = "the cat on the mat" = 5 tokens of 6 each
-    r = M.rouge_l("The cat sat on the mat", "the cat is on the mat")
-    assert r.precision == pytest.approx(5 / 6) and r.recall == pytest.approx(5 / 6)
-    assert r.fmeasure == pytest.approx(5 / 6)
-    # one common token: P = 1/1, R = 1/3, F = 2·(1/3)/(4/3) = 0.5
-    r = M.rouge_l("Paris", "paris is big")
-    assert (r.precision, r.recall, r.fmeasure) == pytest.approx((1.0, 1 / 3, 0.5))
-    # order matters for a subsequence: "b a" vs "a b" share an LCS of 1
-    assert M.rouge_l_f("b a", "a b") == pytest.approx(0.5)
+def test_rouge_l_is_rouge_score_with_the_porter_stemmer():
+    # rouge_score's tokens: lowercase, non-alphanumerics to spaces, Porter stem of tokens longer than 3:
+    # "The cats were sitting." -> the cat were sit; "the cat sat" -> the cat sat: LCS = 2 ("the cat")
+    r = M.rouge_l("The cats were sitting.", "the cat sat")
+    assert (r.precision, r.recall) == pytest.approx((2 / 4, 2 / 3))
+    assert r.fmeasure == pytest.approx(2 * (1 / 2) * (2 / 3) / (1 / 2 + 2 / 3))
+    # punctuation and case do not count: "Paris." is "paris"
+    assert M.rouge_l("Paris.", "paris is big").recall == pytest.approx(1 / 3)
     assert M.rouge_l("", "a b") == (0.0, 0.0, 0.0)
-    assert M.rouge_l("x y", "a b").fmeasure == 0.0
+    # open-unlearning's own call (eval_text_similarity): scorer.score(ground_truth, generation)
+    scorer = rouge_scorer.RougeScorer(["rouge1", "rougeL"], use_stemmer=True)
+    for gen, gt in [("He was born in 1952 in Paris, France.", "Born in Paris in 1952"),
+                    ("The author writes fantasy novels", "She is known for writing fantasy novels.")]:
+        want = scorer.score(gt, gen)["rougeL"]
+        assert M.rouge_l(gen, gt) == pytest.approx((want.precision, want.recall, want.fmeasure))
+
+
+def test_rouge_needs_no_nltk_data(monkeypatch):
+    """The Porter stemmer is code, not data: scoring works with every nltk data look-up and download refused."""
+    import nltk
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("nltk data was looked up")
+
+    monkeypatch.setattr(nltk, "download", refuse)
+    monkeypatch.setattr(nltk.data, "find", refuse)
+    monkeypatch.setattr(nltk.data, "load", refuse)
+    M._rouge_scorer.cache_clear()
+    assert M.rouge_l("dogs running", "the dog runs").recall == pytest.approx(2 / 3)  # dog run
 
 
 def test_exact_match_and_exact_memorization():
@@ -39,80 +71,112 @@ def test_exact_match_and_exact_memorization():
         M.exact_memorization([1], [1, 2])
 
 
-# ---- ranking ---------------------------------------------------------------------------------
+def test_extraction_strength_published_formula():
+    """ES = 1 − min{k : the argmax continuation from y_<k is y_≥k} / |y| (Wang et al. 2025), computed by
+    brute force over every k ≤ n."""
+    for hits in ([True, True, False, True, True], [True] * 4, [False, True], [True, False], [False], [True]):
+        n = len(hits)
+        k = min(k for k in range(n + 1) if all(hits[k:]))
+        assert M.extraction_strength(hits) == pytest.approx(1 - k / n), hits
+        # open-unlearning's loop stops at k = n − 1: the same number unless the last token is missed
+        ou_k = next((k for k in range(n) if all(hits[k:])), n - 1)
+        if hits[-1]:
+            assert M.extraction_strength(hits) == pytest.approx(1 - ou_k / n)
+    assert M.extraction_strength([True, True, False, True, True]) == pytest.approx(0.4)
+    with pytest.raises(ValueError):
+        M.extraction_strength([])
 
-def test_auc_known_scores_and_ties():
-    # pairs (pos > neg): 0.9 beats both, 0.8 beats both, 0.4 beats 0.3 only: 5 of 6
-    assert M.auc([0.9, 0.8, 0.4], [0.5, 0.3]) == pytest.approx(5 / 6)
-    # ties count one half: (1 vs 1) twice = 1, (1 vs 0) twice = 2 -> 3/4
-    assert M.auc([1, 1], [1, 0]) == pytest.approx(0.75)
-    assert M.auc([0, 0], [1, 1]) == 0.0
+
+# ---- probabilities, model utility ------------------------------------------------------------
+
+def test_probability_length_normalised():
+    # open-unlearning's evaluate_probability: prob = exp(-avg_loss); probability = mean over examples
+    want = float(np.mean([np.exp(-avg_loss(r)) for r in ROWS]))
+    got = sum(M.probability(M.mia_loss(r)) for r in ROWS) / len(ROWS)
+    assert got == pytest.approx(want, rel=1e-12)
+    assert M.probability(-sum([-0.2, -1.1, -0.4]) / 3) == pytest.approx(math.exp(-1.7 / 3))
+
+
+def test_probability_w_options():
+    # open-unlearning's probability_w_options: correct / (correct + sum(wrong) + 1e-10), per question
+    correct, wrong = ROWS[0], ROWS[1:]
+    p_c, p_w = np.exp(-avg_loss(correct)), np.array([np.exp(-avg_loss(w)) for w in wrong])
+    want = p_c / (p_c + p_w.sum() + 1e-10)
+    assert M.probability_w_options(avg_loss(correct), [avg_loss(w) for w in wrong]) == pytest.approx(want, rel=1e-12)
+    with pytest.raises(ValueError):
+        M.probability_w_options(1.0, [])
+
+
+def test_model_utility_harmonic_mean():
+    # TOFU: hmean of the retain-side figures; 3 / (1/a + 1/b + 1/c) by hand
+    a, b, c = 0.9, 0.45, 0.6
+    assert M.model_utility([a, b, c]) == pytest.approx(3 / (1 / a + 1 / b + 1 / c), rel=1e-12)
+    assert M.model_utility([a, b, c]) == pytest.approx(0.6, rel=1e-12)
+    assert M.model_utility([0.5, 0.0, 1.0]) == 0.0  # one figure at 0 sinks it
+    with pytest.raises(ValueError):
+        M.model_utility([])
+
+
+# ---- forget quality, AUC, privleak -----------------------------------------------------------
+
+def test_forget_quality_is_scipy_ks_2samp():
+    # 3 vs 3 disjoint samples: D = 1 and 2 of the C(6, 3) = 20 orderings reach it: p = 0.1 exactly
+    assert M.forget_quality([0.1, 0.2, 0.3], [0.4, 0.5, 0.6]) == pytest.approx(0.1)
+    assert M.ks_test([0.1, 0.2, 0.3], [0.4, 0.5, 0.6]) == pytest.approx((1.0, 0.1))
+    # TOFU's forget quality on truth ratios built from fixed log-prob rows, as get_forget_quality in
+    # TOFU's aggregate_eval_stat.py: exp(mean perturbed avg loss − paraphrased avg loss), then ks_2samp
+    g = np.random.default_rng(0)
+    para = [[-g.uniform(0, 2, 4) for _ in range(12)] for _ in range(2)]
+    pert = [[[-g.uniform(0, 3, 5) for _ in range(3)] for _ in range(12)] for _ in range(2)]
+    ratios = []
+    for model in range(2):
+        para_loss = np.array([avg_loss(r) for r in para[model]])
+        pert_loss = np.array([[avg_loss(r) for r in q] for q in pert[model]]).mean(-1)
+        ratios.append(np.exp(para_loss - pert_loss))  # TOFU: 1/R; the KS p-value is the same for R
+    want = scipy.stats.ks_2samp(ratios[0], ratios[1]).pvalue
+    ours = [[M.truth_ratio(avg_loss(p), [avg_loss(r) for r in q]) for p, q in zip(para[m], pert[m])]
+            for m in range(2)]
+    assert M.forget_quality(ours[0], ours[1]) == pytest.approx(want, rel=1e-9)
+    with pytest.raises(ValueError):
+        M.ks_test([], [1.0])
+
+
+def test_auc_agrees_with_sklearn():
+    assert M.auc([0.9, 0.8, 0.4], [0.5, 0.3]) == pytest.approx(5 / 6)  # 5 of 6 pairs
+    g = np.random.default_rng(1)
+    for n_pos, n_neg in ((3, 2), (17, 40), (50, 50)):
+        pos, neg = g.integers(0, 6, n_pos).tolist(), g.integers(0, 6, n_neg).tolist()  # many ties
+        want = roc_auc_score([1] * n_pos + [0] * n_neg, pos + neg)
+        assert M.auc(pos, neg) == pytest.approx(want, rel=1e-12)
+        # open-unlearning's mia_auc: label 0 = forget, 1 = holdout
+        assert M.mia_auc(pos, neg) == pytest.approx(roc_auc_score([0] * n_pos + [1] * n_neg, pos + neg), rel=1e-12)
+    assert M.mia_auc([0.1, 0.2], [1.0, 2.0]) == 1.0 and M.mia_auc([1.0, 1.0], [1.0, 1.0]) == 0.5
     with pytest.raises(ValueError):
         M.auc([], [1.0])
 
 
-def test_mia_auc_orientation_and_privleak():
-    # loss-like scores: the forget set has low loss (memorised) -> AUC 1; swapped -> 0; equal -> 0.5
-    assert M.mia_auc([0.1, 0.2], [1.0, 2.0]) == 1.0
-    assert M.mia_auc([1.0, 2.0], [0.1, 0.2]) == 0.0
-    assert M.mia_auc([1.0, 1.0], [1.0, 1.0]) == 0.5
-    # MUSE privleak: ((1-0.75) - (1-0.5)) / (1-0.5) * 100 = -50
-    assert M.privleak(0.75, 0.5) == pytest.approx(-50.0)
-    assert M.privleak(0.5, 0.5) == pytest.approx(0.0)
+def test_privleak_open_unlearning_formula():
+    # Min-K % scores (k = 0.4) of fixed rows for the unlearned and the retrained model, AUC as
+    # open-unlearning's mia_auc, privleak = ((1 - auc) - (1 - ref)) / (1 - ref + 1e-10) * 100
+    forget = [[-0.1, -0.2, -0.1, -0.3, -0.2], [-0.5, -0.1, -0.9], [-1.5, -0.2, -0.1, -0.1, -0.4]]
+    holdout = [[-2.0, -0.4, -1.1], [-0.2, -3.3, -2.2, -0.9], [-1.0, -1.2], [-0.3, -0.2, -0.4]]
+    retrained_forget = [[-1.1, -0.9, -2.0], [-0.4, -0.3, -0.6, -1.9], [-0.8, -0.2]]
+
+    def min_k(row, k=0.4):  # open-unlearning's MinKProbAttack.compute_score
+        lp = np.sort(np.array(row))
+        return -np.mean(lp[:max(1, int(len(lp) * k))])
+
+    def ou_auc(f, h):
+        return roc_auc_score([0] * len(f) + [1] * len(h), [min_k(r) for r in f] + [min_k(r) for r in h])
+
+    auc, ref = ou_auc(forget, holdout), ou_auc(retrained_forget, holdout)
+    want = ((1 - auc) - (1 - ref)) / ((1 - ref) + 1e-10) * 100
+    ours = [M.mia_auc([M.mia_min_k(r) for r in f], [M.mia_min_k(r) for r in holdout])
+            for f in (forget, retrained_forget)]
+    assert ours == pytest.approx([auc, ref], rel=1e-12)
+    assert M.privleak(*ours) == pytest.approx(want, rel=1e-9)
+    assert M.privleak(0.75, 0.5) == pytest.approx(-50.0) and M.privleak(0.5, 0.5) == pytest.approx(0.0)
     assert M.rel_diff(1.5, 1.0) == pytest.approx(50.0)
-
-
-# ---- Kolmogorov-Smirnov ----------------------------------------------------------------------
-
-def test_ks_exact_equal_sizes_hand_computed():
-    # disjoint samples of 3: D = 1 and only 2 of the C(6,3) = 20 orderings reach it
-    r = M.ks_2samp([1, 2, 3], [4, 5, 6])
-    assert (r.statistic, r.method) == (1.0, "exact") and r.pvalue == pytest.approx(2 / 20)
-    # interleaved: D = 1/4 (h = 1): 2·(C(8,3) − C(8,2) + C(8,1) − C(8,0)) / C(8,4) = 2·35/70 = 1
-    r = M.ks_2samp([1, 3, 5, 7], [2, 4, 6, 8])
-    assert r.statistic == pytest.approx(0.25) and r.pvalue == pytest.approx(1.0)
-    # D = 3/5 (at t = 3 and t = 7), n = 5, h = 3: 2·C(10,2)/C(10,5) = 90/252
-    r = M.ks_2samp([1, 2, 3, 6, 7], [4, 5, 8, 9, 10])
-    assert r.statistic == pytest.approx(0.6) and r.pvalue == pytest.approx(90 / 252)
-
-
-def test_ks_exact_unequal_sizes_hand_computed():
-    # m = 4, n = 3, disjoint: D = 1, p = 2 / C(7,3) = 2/35
-    r = M.ks_2samp([1, 2, 3, 4], [5, 6, 7])
-    assert r.statistic == 1.0 and r.pvalue == pytest.approx(2 / 35, rel=1e-12)
-    # a tiny p-value goes through the direct complement recursion and keeps its relative precision
-    # (1 − P(inside) would round to 0 here): m = 30, n = 40 disjoint: 2 / C(70,30) ≈ 3.6e-20
-    r = M.ks_2samp(list(range(30)), list(range(100, 140)))
-    assert r.pvalue == pytest.approx(2 / math.comb(70, 30), rel=1e-9, abs=0)
-    # both lattice methods agree where both are accurate
-    for m, n, bound in ((7, 13, 40), (12, 9, 30), (20, 30, 200)):
-        assert M._exact_prob_inside(m, n, bound) == pytest.approx(M._exact_prob_outside(m, n, bound), abs=1e-12)
-
-
-def test_ks_statistic_with_ties():
-    # F_x jumps to 2/3 at 1 while F_y is at 1/3 there: D = 1/3 (ties evaluated at the shared value)
-    assert M.ks_statistic([1, 1, 2], [1, 2, 2]) == pytest.approx(1 / 3)
-
-
-def test_kolmogorov_distribution_known_values():
-    assert M.kolmogorov_sf(1.3581) == pytest.approx(0.05, abs=1e-5)     # the 5 % critical value
-    assert M.kolmogorov_sf(1.6276) == pytest.approx(0.01, abs=1e-5)     # the 1 % critical value
-    assert M.kolmogorov_sf(1.0) == pytest.approx(1 - 0.7300003283, abs=1e-9)  # K(1) = 0.7300003
-    assert M.kolmogorov_sf(0.0) == 1.0
-    # the two series forms agree where they switch
-    below = 1.0 - math.sqrt(2 * math.pi) / 1.18 * sum(math.exp(-((2 * k - 1) ** 2) * math.pi ** 2 / (8 * 1.18 ** 2))
-                                                       for k in range(1, 8))
-    assert M.kolmogorov_sf(1.18) == pytest.approx(below, abs=1e-12)
-
-
-def test_ks_asymptotic_and_auto_switch():
-    # asymptotic: Q(sqrt(3·3/6)·1) = 2(e^{-3} − e^{-12} + e^{-27} ...) = 0.0995622...
-    r = M.ks_2samp([1, 2, 3], [4, 5, 6], method="asymp")
-    assert r.method == "asymp"
-    assert r.pvalue == pytest.approx(2 * (math.exp(-3) - math.exp(-12) + math.exp(-27)), rel=1e-9)
-    big = M.ks_2samp([i / 10001 for i in range(10001)], [0.5, 0.6, 0.7])
-    assert big.method == "asymp"  # scipy's auto rule: exact up to max(n, m) = 10 000
-    assert M.forget_quality([1, 2, 3], [4, 5, 6]) == pytest.approx(0.1)
 
 
 # ---- membership-inference scores -------------------------------------------------------------
@@ -195,6 +259,8 @@ def test_example_stats_match_the_model_logits():
         assert st["mia_min_k"] == pytest.approx(M.mia_min_k(token_lp, 0.4), abs=1e-4)
         hits = [logp[t].argmax().item() == answer[i] for i, t in enumerate(positions)]
         assert st["exact_memorization"] == pytest.approx(sum(hits) / len(hits))
+        k = min(k for k in range(len(hits) + 1) if all(hits[k:]))
+        assert st["extraction_strength"] == pytest.approx(1 - k / len(hits))
 
 
 def test_membership_inference_and_evaluate_model():
@@ -209,8 +275,15 @@ def test_membership_inference_and_evaluate_model():
     assert f["mia"] == pytest.approx(aucs)
     assert f["forget_lm_loss"] == f["forget_loss"] == pytest.approx(sum(s["loss"] for s in forget) / 2)
     for name in ("forget", "retain", "test"):
-        for key in ("accuracy", "exact_match", "rougeL_recall", "rougeL_f1", "loss", "perplexity"):
+        for key in ("accuracy", "exact_match", "Q_A_ROUGE", "rougeL_f1", "loss", "perplexity", "Q_A_Prob",
+                    "extraction_strength"):
             assert f"{name}_{key}" in f
+    stats = result["per_example"]
+    assert f["forget_Q_A_Prob"] == pytest.approx(sum(math.exp(-s["loss"]) for s in forget) / 2)
+    assert f["forget_extraction_strength"] == pytest.approx(sum(s["extraction_strength"] for s in forget) / 2)
+    # no perturbed answers on the retain set: model utility is the harmonic mean of its Prob and ROUGE
+    want = scipy.stats.hmean([f["retain_Q_A_Prob"], f["retain_Q_A_ROUGE"]])
+    assert f["model_utility"] == pytest.approx(want) and len(stats["retain"]) == 1
     assert len(result["per_example"]["test"]) == 3
 
 

@@ -53,7 +53,7 @@ def test_report_files_are_written_and_parseable(report, tmp_path):
     md = (tmp_path / REPORT_MD).read_text()
     assert "| Method | Test ↑ | Retain ↑ | Forget | Forget LM loss | Time (s) |" in md
     table = [line for line in md.splitlines() if line.startswith("| eul |")]
-    assert len(table) == 2  # one row in Table 2, one in the MIA table
+    assert len(table) == 3  # one row in Table 2, one in open-unlearning's figures, one in the MIA table
     cells = [c.strip() for c in table[0].strip("|").split("|")]
     assert cells[4] == f"{eul['figures']['forget_lm_loss']:.3f}" and cells[5] == "1.2"
     assert "(gold standard)" in md and "![forget vs retain](report.png)" in md

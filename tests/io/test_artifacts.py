@@ -6,22 +6,17 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import ALL_ARCHS, TASK_OF, logits_of, make_config, make_model, sample_batch, tokenizer_for
+
 from unlearn_fast.api import unlearn
-from unlearn_fast.io.artifacts import (
-    MANIFEST_FILE,
-    WEIGHTS_FILE,
-    load_layers,
-    model_fingerprint,
-    read_artifact,
-    read_manifest,
-    write_artifact,
-)
-from unlearn_fast.train.data import fingerprint, load_examples
-from unlearn_fast.train.encoding import encode
 from unlearn_fast.errors import ArtifactError
+from unlearn_fast.io.artifacts import (
+    MANIFEST_FILE, WEIGHTS_FILE, load_layers, model_fingerprint, read_artifact, read_manifest, write_artifact
+)
 from unlearn_fast.model.layers import LayerConfig, layers_disabled, sites
+from unlearn_fast.train.data import load_examples
+from unlearn_fast.train.encoding import encode
+from unlearn_fast.train.set_checks import fingerprint
 from unlearn_fast.train.trainer import TrainConfig
 
 FORGET = [{"prompt": "The capital of Zorbia is", "response": " Quellton"},
@@ -172,7 +167,12 @@ def test_existing_output_refused_without_overwrite_and_replaced_with_it(tmp_path
     assert "already exists" in str(info.value) and "overwrite" in str(info.value)
     assert sites(model) == []  # refused before any work
     assert (out / "stale.txt").read_text() == "old"
+    with pytest.raises(ArtifactError, match="not an unlearn-fast artifact"):  # only artifacts are replaced
+        run_unlearn("llama", out, overwrite=True)
+    assert (out / "stale.txt").read_text() == "old"
 
+    (out / "stale.txt").unlink()
+    write_artifact(out, {"a": torch.zeros(1)}, {}, overwrite=True)  # an empty directory holds nothing to lose
     result = run_unlearn("llama", out, overwrite=True)
     assert result.out == out
     assert sorted(p.name for p in out.iterdir()) == sorted([WEIGHTS_FILE, MANIFEST_FILE])
@@ -228,8 +228,8 @@ def test_written_artifacts_carry_cross_terms_and_read_lazily(tmp_path):
 
 def _input_grams(model, task, rows, pad_id):
     """Independent Gram matrices: hook each site's wrapped module and accumulate [x, 1]ᵀ[x, 1]."""
-    from unlearn_fast.train.encoding import collate
     from unlearn_fast.model.family import output_states
+    from unlearn_fast.train.encoding import collate
 
     grams, handles = {}, []
     current = {}

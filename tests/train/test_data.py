@@ -7,9 +7,8 @@ import pytest
 from data_helpers import FORGET, load_error, write, write_jsonl
 
 from unlearn_fast.errors import DataError, UnlearnFastError
-from unlearn_fast.train.data import (
-    Columns, Example, check_overlap, fingerprint, load_examples, resolve_labels
-)
+from unlearn_fast.train.data import Columns, Example, load_examples
+from unlearn_fast.train.set_checks import check_overlap, fingerprint, resolve_labels
 
 # ------------------------------------------------------------------------ Example
 

@@ -6,17 +6,18 @@ import json
 
 import pytest
 import torch
-
 from conftest import make_model, save_model_dir, tokenizer_for
+
 from unlearn_fast.api import unlearn
 from unlearn_fast.cli import main
-from unlearn_fast.train.data import Columns, Example, check_overlap, load_examples
-from unlearn_fast.train.encoding import encode
 from unlearn_fast.errors import DataError
 from unlearn_fast.model.layers import LayerConfig, attach, layer_state
-from unlearn_fast.train.objective import ObjectiveConfig
 from unlearn_fast.ops.loss_head import IGNORE_INDEX
+from unlearn_fast.train.data import Columns, Example, load_examples
+from unlearn_fast.train.encoding import encode
+from unlearn_fast.train.objective import ObjectiveConfig
 from unlearn_fast.train.selection import select_subject_tokens
+from unlearn_fast.train.set_checks import check_overlap
 from unlearn_fast.train.trainer import TrainConfig
 
 FORGET = [Example(prompt="Ann likes", response=" green tea", generic_prompts=("Bob likes", "Cyd likes", "Dee likes")),

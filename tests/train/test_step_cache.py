@@ -145,7 +145,6 @@ def test_padding_script_on_scenario_1_data():
     """benchmarks/padding.py on scenario 1's data (no model needed): bucketing cuts the padding."""
     import importlib.util
     import sys
-    from pathlib import Path
 
     path = REPO_ROOT / "benchmarks" / "padding.py"
     saved_path = list(sys.path)

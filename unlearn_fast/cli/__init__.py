@@ -1,4 +1,4 @@
-"""Command line: ``unlearn-fast {unlearn,eval,demo,fuse,ledger} --help``, one module per verb.
+"""Command line: ``unlearn-fast {unlearn,eval,demo,fuse,ledger,export} --help``, one module per verb.
 
 User mistakes (bad files, wrong model, existing output) print ``error: ...`` and exit with
 status 2, without a traceback.
@@ -11,9 +11,9 @@ import sys
 from typing import Optional, Sequence
 
 from ..errors import UnlearnFastError
-from . import demo, eval, fuse, ledger, unlearn
+from . import demo, eval, export, fuse, ledger, unlearn
 
-VERBS = {"unlearn": unlearn, "eval": eval, "demo": demo, "fuse": fuse, "ledger": ledger}
+VERBS = {"unlearn": unlearn, "eval": eval, "demo": demo, "fuse": fuse, "ledger": ledger, "export": export}
 
 
 def build_parser() -> argparse.ArgumentParser:

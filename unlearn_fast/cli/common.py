@@ -22,6 +22,14 @@ def block_spec(value: str):
     return int(value)
 
 
+def model_verb_parser(sub, name: str, *, help: str, description: str, data_required: bool):
+    """A verb's parser with the options every model verb takes: --model/--device/--dtype and the data."""
+    p = sub.add_parser(name, help=help, description=description)
+    add_model_args(p)
+    add_data_args(p, required=data_required)
+    return p
+
+
 def add_data_args(p: argparse.ArgumentParser, required: bool) -> None:
     g = p.add_argument_group("data (CSV, JSONL or JSON files)")
     g.add_argument("--forget", "--forgot_data", dest="forget", required=required, metavar="FILE",

@@ -4,23 +4,26 @@ from __future__ import annotations
 
 import json
 import sys
+from pathlib import Path
 
 from ..api import example_labels
 from ..errors import UnlearnFastError
 from ..eval.evaluation import evaluate_sets
+from ..eval.logs import as_result, check_logs_path, check_sets, load_logs, save_logs
 from ..eval.report import build_report, evaluate_for_report, write_report
-from ..io.artifacts import load_layers, load_layers_together
+from ..io.artifacts import MANIFEST_FILE, WEIGHTS_FILE, LazyTensors, load_layers, load_layers_together, read_manifest
+from ..io.atomic import ensure_directory
 from ..model.family import detect_task
 from ..train.data import load_examples
-from .common import add_data_args, add_model_args, data_columns, load_base
+from ..train.trainer import weight_damage
+from .common import data_columns, load_base, model_verb_parser
 
 
 def add_parser(sub) -> None:
-    p = sub.add_parser("eval", help="measure forget / retain figures of a model, with or without layers",
-                       description="Evaluate a base model, or the base with saved unlearning layers "
-                                   "(--layers), on forget and retain sets.")
-    add_model_args(p)
-    add_data_args(p, required=False)
+    p = model_verb_parser(sub, "eval", help="measure forget / retain figures of a model, with or without layers",
+                          description="Evaluate a base model, or the base with saved unlearning layers "
+                                      "(--layers), on forget and retain sets.",
+                          data_required=False)
     p.add_argument("--layers", metavar="DIR", nargs="+",
                    help="unlearning artifact(s) to attach; several are active together (summed in each "
                         "block), e.g. to compare K requests' layers with their fused layer")
@@ -32,18 +35,26 @@ def add_parser(sub) -> None:
                                                       "(forget quality and gaps are measured against it; forget "
                                                       "quality on the loss, and on TOFU's truth ratio where the "
                                                       "forget set has perturbed answers)")
+    g.add_argument("--retain-logs", metavar="FILE",
+                   help="the retrained model's statistics saved by --save-logs, used instead of --retrained "
+                        "(forget quality, privleak and gaps without loading that model)")
+    g.add_argument("--save-logs", metavar="FILE",
+                   help="write the evaluated model's (--model, with --layers if given) per-example forget-set "
+                        "statistics and figures here, for --retain-logs; run it on the retrained model, with "
+                        "--test for the membership-inference AUCs privleak needs")
     g.add_argument("--compare", nargs="+", metavar="NAME=PATH", default=[],
                    help="more methods to put in the report: artifact directories or model directories")
     g.add_argument("--report", metavar="DIR", help="write report.json, report.md (Table 2) and report.png here")
     g.add_argument("--metric", default=None,
-                   help="figure shown in the table (default: accuracy; rougeL_recall, exact_match, loss ...)")
+                   help="figure shown in the table (default: accuracy; Q_A_ROUGE, Q_A_Prob, exact_match, "
+                        "loss ...)")
     g.add_argument("--max-new-tokens", type=int, default=8, help="greedy completion length (default 8)")
 
 
 def run(args) -> int:
     if not (args.forget or args.retain):
         raise UnlearnFastError("eval needs --forget and/or --retain data")
-    if args.report or args.test or args.retrained or args.compare:
+    if args.report or args.test or args.retrained or args.compare or args.retain_logs or args.save_logs:
         return _eval_report(args)
     model, tokenizer, _ = load_base(args)
     if args.layers:
@@ -51,13 +62,16 @@ def run(args) -> int:
             load_layers(model, args.layers[0])
         else:
             load_layers_together(model, args.layers)
+        for artifact in args.layers:
+            warn_if_damaged(artifact)
     task = detect_task(model)
     sets, labels = {}, {}
     for name, source in (("forget", args.forget), ("retain", args.retain)):
         if source:
             sets[name] = load_examples(source, data_columns(args, f"{name} set"), name=f"{name} set")
             labels[name] = example_labels(model, task, sets[name], f"{name} set", required=False)
-    figures = evaluate_sets(model, tokenizer, task, sets, labels, max_length=args.max_length)
+    figures = evaluate_sets(model, tokenizer, task, sets, labels, max_length=args.max_length,
+                            log=lambda m: print(m, file=sys.stderr))
     if args.json:
         print(json.dumps(figures, indent=2))
     else:
@@ -67,6 +81,8 @@ def run(args) -> int:
 
 
 def _eval_report(args) -> int:
+    if args.report:  # a report directory that cannot be written fails now, not after the evaluation
+        ensure_directory(args.report)
     sets = {}
     for name, source in (("forget", args.forget), ("retain", args.retain), ("test", args.test)):
         if source:
@@ -77,10 +93,21 @@ def _eval_report(args) -> int:
         if not sep or not name or not path:
             raise UnlearnFastError(f"--compare takes NAME=PATH, got {item!r}")
         compare[name] = path
+    for artifact in [*(args.layers or []), *compare.values()]:
+        if (Path(artifact) / MANIFEST_FILE).is_file():  # (model directories have no unlearning layers)
+            warn_if_damaged(artifact)
+    logs = _retain_logs(args, sets, compare)
     results, times, retrained = evaluate_for_report(
         lambda: load_base(args)[:2], sets, layers=_single_layers(args), retrained=args.retrained, compare=compare,
         labels_for=lambda model, task, name, ex: example_labels(model, task, ex, f"{name} set", required=False),
         max_length=args.max_length, max_new_tokens=args.max_new_tokens, log=lambda m: print(m, file=sys.stderr))
+    if args.save_logs:  # the model under --model (with its --layers): the first one after "original" if any
+        subject = list(results)[1] if args.layers else "original"
+        path = save_logs(results[subject], sets, args.save_logs,
+                         meta={"model": args.model, "layers": args.layers, "method": subject})
+        print(f"retain logs written: {path}", file=sys.stderr)
+    if logs is not None:
+        results[RETRAINED], times[RETRAINED], retrained = as_result(logs), None, RETRAINED
     metric = args.metric or "accuracy"
     report = build_report(results, times=times, retrained=retrained, primary_metric=metric,
                           title=f"unlearn-fast eval: {args.model}",
@@ -91,12 +118,43 @@ def _eval_report(args) -> int:
     if args.json or not args.report:
         # each method's figures, with its forget quality against the retrained model where there is one
         print(json.dumps({k: {**v["figures"], **{q: x for q, x in (v.get("vs_retrained") or {}).items()
-                                                 if q.startswith("forget_quality")}}
+                                                 if q.startswith("forget_quality") or q == "privleak"}}
                           for k, v in report["methods"].items()}, indent=2))
     return 0
+
+
+RETRAINED = "retrain"  # the gold standard's name in a report, live (--retrained) or from --retain-logs
+
+
+def _retain_logs(args, sets, compare):
+    """The checked --retain-logs (None without), and a writable --save-logs path, before any evaluation."""
+    if args.save_logs:
+        if not args.forget:
+            raise UnlearnFastError("--save-logs needs --forget: the logs hold the forget set's statistics")
+        check_logs_path(args.save_logs)
+    if not args.retain_logs:
+        return None
+    if args.retrained:
+        raise UnlearnFastError("give --retrained or --retain-logs, not both")
+    if RETRAINED in compare:
+        raise UnlearnFastError(f"--compare names a method {RETRAINED!r}, the name of the retain logs' model")
+    logs = load_logs(args.retain_logs)
+    check_sets(logs, sets, ("forget", "test"), f"retain logs {args.retain_logs}")
+    return logs
 
 
 def _single_layers(args):
     if args.layers and len(args.layers) > 1:
         raise UnlearnFastError("a report takes one --layers artifact; add others with --compare NAME=DIR")
     return args.layers[0] if args.layers else None
+
+
+def warn_if_damaged(artifact) -> None:
+    """One line on stderr when an artifact's manifest records damage (written with --allow-damage) or
+    its layer weights are NaN / infinite / out of range (see :func:`unlearn_fast.train.trainer.weight_damage`)."""
+    recorded = read_manifest(artifact).get("damage")
+    tensors = LazyTensors(Path(artifact) / WEIGHTS_FILE)
+    found = weight_damage([tensors[k] for k in tensors if k.endswith((".weight", ".bias"))])
+    reasons = [*(recorded or []), *([found] if found else [])]
+    if reasons:
+        print(f"warning: {artifact} is damaged: {'; '.join(reasons)}", file=sys.stderr)

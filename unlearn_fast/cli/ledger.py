@@ -24,6 +24,7 @@ def add_parser(sub) -> None:
     a.add_argument("--rho", type=float, help=RHO_HELP)
     a = actions.add_parser("list", help="show the requests and what the merged layer covers")
     a.add_argument("ledger", help="ledger directory")
+    a.add_argument("request", nargs="?", help="show only this request (ledger id, name or request id)")
     a.add_argument("--json", action="store_true", help="print the records as JSON")
     a = actions.add_parser("fuse", help="fuse every request into LEDGER/merged")
     a.add_argument("ledger", help="ledger directory")
@@ -35,6 +36,14 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> int:
+    """Run one ledger action; a failed file operation (a full disk, no permission) is one error line."""
+    try:
+        return _run(args)
+    except OSError as err:
+        raise UnlearnFastError(f"{err.filename or getattr(args, 'ledger', 'ledger')}: {err.strerror or err}") from None
+
+
+def _run(args) -> int:
     rho = getattr(args, "rho", None)
     if args.ledger_command == "add":
         record = add_request(args.ledger, args.artifact, name=args.name)
@@ -42,7 +51,7 @@ def run(args) -> int:
         if args.fuse:
             print(f"fused layer: {fuse_requests(args.ledger, DEFAULT_RHO if rho is None else rho)}")
     elif args.ledger_command == "list":
-        records = list_requests(args.ledger)
+        records = list_requests(args.ledger, args.request)
         if args.json:
             print(json.dumps(records, indent=2))
         for r in records if not args.json else []:

@@ -8,19 +8,19 @@ from ..eval.baselines import BaselineConfig, run_baseline, save_baseline
 from ..io.artifacts import check_writable, model_fingerprint
 from ..model.family import detect_task
 from ..model.layers import LayerConfig
-from ..train import distributed
-from ..train.data import check_overlap, load_examples
+from ..train import checkpoint, distributed
+from ..train.data import load_examples
+from ..train.set_checks import check_overlap
 from ..train.objective import ObjectiveConfig
-from ..train.trainer import TrainConfig
-from .common import add_data_args, add_model_args, block_spec, data_columns, load_base
+from ..train.trainer import MAX_LR, WEIGHT_LIMIT, TrainConfig
+from .common import block_spec, data_columns, load_base, model_verb_parser
 
 
 def add_parser(sub) -> None:
-    p = sub.add_parser("unlearn", help="train unlearning layers for one deletion request",
-                       description="Train unlearning layers so the model forgets --forget and keeps --retain; "
-                                   "write the layers, Gram matrices and a manifest to --out.")
-    add_model_args(p)
-    add_data_args(p, required=True)
+    p = model_verb_parser(sub, "unlearn", help="train unlearning layers for one deletion request",
+                          description="Train unlearning layers so the model forgets --forget and keeps --retain; "
+                                      "write the layers, Gram matrices and a manifest to --out.",
+                          data_required=True)
     p.add_argument("--out", "--output_dir", dest="out", required=True, help="artifact directory to create")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     p.add_argument("--drop-overlap", action="store_true",
@@ -50,11 +50,20 @@ def add_parser(sub) -> None:
                    help="'alternate': the paper's retain epoch / forget epoch; 'mixed': both in every batch")
     g.add_argument("--epochs", type=int, default=3)
     g.add_argument("--batch-size", type=int, default=8)
-    g.add_argument("--lr", type=float, default=1e-3)
+    g.add_argument("--lr", type=float, default=1e-3,
+                   help=f"AdamW learning rate (default 1e-3; at most {MAX_LR:g}: AdamW moves every weight by about "
+                        "lr per step)")
     g.add_argument("--max-steps", type=int)
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
-    g.add_argument("--no-eval", action="store_true", help="skip the before/after evaluation")
+    g.add_argument("--no-eval", action="store_true",
+                   help="skip the before/after evaluation (the damage check then sees only a NaN / infinite "
+                        "loss and out-of-range weights, not the retain loss)")
+    g.add_argument("--allow-damage", action="store_true",
+                   help="write the result even when it is damaged (default: off: stop with an error and write "
+                        "nothing when the loss or the weights become NaN / infinite, a weight exceeds "
+                        f"{WEIGHT_LIMIT:g}, or the retain loss after is above before + max(1 nat, 50 %%)); the "
+                        "damage is recorded in the manifest")
     g = p.add_argument_group("several processes and checkpoints",
                              "under torchrun (torchrun --nproc_per_node N -m unlearn_fast.cli unlearn ...) every "
                              "rank trains on its share of each global batch (the batch of one process), the "
@@ -89,7 +98,7 @@ def run(args) -> int:
             raise UnlearnFastError("the baselines run in one process, without checkpoints: launch without "
                                    "torchrun, and without --shard-base / --checkpoint-dir")
         return _cmd_baseline(args)
-    check_writable(args.out, args.overwrite)
+    check_outputs(args)
     layers = LayerConfig(rank=args.rank, reduction_factor=args.reduction_factor, activation=args.activation,
                          blocks=args.blocks)
     objective = ObjectiveConfig(alpha=args.alpha, lam=args.lam, gamma=args.gamma,
@@ -119,7 +128,7 @@ def run(args) -> int:
         result = unlearn(model, tokenizer, forget, retain, out=args.out, overwrite=args.overwrite,
                          model_name=name, columns=data_columns(args, "forget set"), drop_overlap=args.drop_overlap, layers=layers,
                          objective=objective, training=training, max_length=args.max_length,
-                         evaluate=not args.no_eval)
+                         evaluate=not args.no_eval, allow_damage=args.allow_damage)
         if distributed.is_main():
             _print_figures(result.metrics)
             print(f"artifact written to {result.out}")
@@ -128,8 +137,16 @@ def run(args) -> int:
     return 0
 
 
+def check_outputs(args) -> None:
+    """Check every output path (created, written in) before any data or model is loaded; --out may
+    hold neither the inputs nor the checkpoints (--overwrite would delete them)."""
+    if args.checkpoint_dir:
+        checkpoint.prepare(args.checkpoint_dir)
+    check_writable(args.out, args.overwrite, [args.model, args.forget, args.retain, args.checkpoint_dir])
+
+
 def _cmd_baseline(args) -> int:
-    check_writable(args.out, args.overwrite)
+    check_outputs(args)
     config = BaselineConfig(method=args.method, params=args.train_params, alpha=args.retain_weight,
                             gamma=args.forget_weight, beta=args.beta,
                             layers=LayerConfig(rank=args.rank, reduction_factor=args.reduction_factor,
@@ -145,7 +162,8 @@ def _cmd_baseline(args) -> int:
     fingerprint = model_fingerprint(model)
     result = run_baseline(model, tokenizer, forget, retain, config, training, max_length=args.max_length,
                           forget_labels=example_labels(model, task, forget, "forget set", required=False),
-                          retain_labels=example_labels(model, task, retain, "retain set", required=False))
+                          retain_labels=example_labels(model, task, retain, "retain set", required=False),
+                          allow_damage=args.allow_damage)
     out = save_baseline(args.out, result, tokenizer, base_fingerprint=fingerprint, model_name=name,
                         overwrite=args.overwrite)
     print(f"{config.label}: {result.training.steps} steps in {result.training.update_time_s:.1f} s; written to {out}")

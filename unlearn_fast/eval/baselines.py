@@ -39,14 +39,15 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import ModelError, UnlearnFastError
-from ..io.artifacts import check_writable, write_artifact
+from ..io.artifacts import BASELINE_FILE, DONE_FILES, check_writable, write_artifact
 from ..io.atomic import atomic_directory
 from ..model.family import detect_task, output_head, output_states
 from ..model.layers import LayerConfig, attach, describe, layer_state, unlearning_parameters
 from ..ops import eul_loss_head
 from ..ops.loss_head import IGNORE_INDEX
-from ..train.data import Example, check_overlap, load_examples
-from ..train.encoding import Row, encode, pad_token_id
+from ..train.data import Example, load_examples
+from ..train.set_checks import check_overlap
+from ..train.encoding import Row, encode, pad_token_id, truncation_note
 from ..train.objective import TERMS
 from ..train.trainer import TrainConfig, TrainResult, train
 from ..version import __version__
@@ -298,11 +299,15 @@ class BaselineResult:
 def run_baseline(model: nn.Module, tokenizer, forget, retain, config: BaselineConfig,
                  training: Optional[TrainConfig] = None, *, max_length: int = 256, columns=None,
                  drop_overlap: bool = False, forget_labels: Optional[Sequence[int]] = None,
-                 retain_labels: Optional[Sequence[int]] = None, log=print) -> BaselineResult:
+                 retain_labels: Optional[Sequence[int]] = None, allow_damage: bool = False,
+                 log=print) -> BaselineResult:
     """Run one baseline on ``model`` (in place, except ``retrain``, which returns a new model).
 
     ``forget`` / ``retain`` are anything :func:`unlearn_fast.train.data.load_examples` takes. For
-    classification models, pass integer labels for the sets the method trains on.
+    classification models, pass integer labels for the sets the method trains on. Rows are cut at
+    ``max_length``, capped at the model's context (one logged line says how many were). A NaN loss
+    or out-of-range weights raise TrainingError unless ``allow_damage`` (see
+    :func:`unlearn_fast.train.trainer.train`); the damage is then in the metrics.
     """
     training = training or TrainConfig()
     task = detect_task(model)
@@ -321,21 +326,27 @@ def run_baseline(model: nn.Module, tokenizer, forget, retain, config: BaselineCo
                                       name="forget set", **enc) if config.uses_forget() else []
     retain_rows = encode_for_baseline(retain_set, tokenizer, task, forget=False, labels=retain_labels,
                                       name="retain set", **enc) if config.uses_retain() else []
+    note = truncation_note({"forget set": forget_rows, "retain set": retain_rows}, max_length, model.config, tokenizer)
+    if note:
+        log(note)
     pad = pad_token_id(tokenizer)
     if config.method == "retrain":
         model = fresh_copy(model, training.seed)
     params = trainable_parameters(model, config)
     objective = build_objective(model, task, config, forget_rows, pad)
-    result = train(model, objective, forget_rows, retain_rows, training, pad, params=params)
+    result = train(model, objective, forget_rows, retain_rows, training, pad, params=params, allow_damage=allow_damage)
+    if result.damage:
+        log(f"warning: {result.damage}; kept anyway (allow_damage)")
     for p in model.parameters():  # leave the model frozen, like a model after EUL
         p.requires_grad_(False)
     return BaselineResult(model.eval(), result, config,
                           {"update_time_s": result.update_time_s, "steps": result.steps,
                            "train_tokens": result.tokens,
-                           "final_terms": result.history[-1] if result.history else {}})
+                           "final_terms": result.history[-1] if result.history else {},
+                           "damage": [result.damage] if result.damage else []})
 
 
-BASELINE_MANIFEST = "baseline.json"
+BASELINE_MANIFEST = BASELINE_FILE  # io.artifacts knows it too: --overwrite may replace such a directory
 
 
 def save_baseline(out, result: BaselineResult, tokenizer, *, base_fingerprint: str, model_name: str = "",
@@ -358,6 +369,7 @@ def save_baseline(out, result: BaselineResult, tokenizer, *, base_fingerprint: s
                        "dtype": str(next(model.parameters()).dtype).replace("torch.", "")},
         "task": detect_task(model),
         "metrics": result.metrics,
+        "damage": result.metrics.get("damage", []),  # what allow_damage let through; eval warns on it
         "update_time_s": result.training.update_time_s,
         **(extra or {}),
     }
@@ -366,9 +378,9 @@ def save_baseline(out, result: BaselineResult, tokenizer, *, base_fingerprint: s
         record["grams"] = None  # not collected for baselines: this artifact cannot be fused
         return write_artifact(out, layer_state(model), record, overwrite)
     out = check_writable(out, overwrite)
-    with atomic_directory(out) as tmp:
+    with atomic_directory(out, done=DONE_FILES) as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        with open(tmp / BASELINE_MANIFEST, "w") as f:
+        with open(tmp / BASELINE_MANIFEST, "w") as f:  # last: a temporary holding it is finished
             json.dump(record, f, indent=2, default=lambda v: None)
     return out

@@ -16,15 +16,15 @@ from typing import Optional, Sequence
 import torch
 from torch import nn
 
-from ..model.family import output_head, output_states
+from ..model.family import context_length, output_head, output_states
 from ..ops import eul_loss_head
 from ..ops.loss_head import IGNORE_INDEX
 from ..train.data import Example
-from ..train.encoding import Row, collate, encode, pad_token_id
+from ..train.encoding import Row, collate, encode, fit_max_length, pad_token_id, truncation_note
 from ..train.scoring import row_token_stats, target_text
 from .metrics import (
-    ATTACKS, TRUTH_RATIO_AGGREGATORS, exact_match, ks_2samp, mia_auc, mia_scores, normalise_answer, privleak,
-    rouge_l, truth_ratio
+    ATTACKS, TRUTH_RATIO_AGGREGATORS, exact_match, extraction_strength, ks_test, mia_auc, mia_scores, model_utility,
+    normalise_answer, privleak, probability, probability_w_options, rouge_l, truth_ratio
 )
 
 
@@ -35,21 +35,29 @@ def _normalise(text: str) -> str:
 @torch.no_grad()
 def completions(model: nn.Module, tokenizer, prompts: Sequence[str], max_new_tokens: int = 8,
                 batch_size: int = 32) -> list[str]:
-    """Greedy completions (the new text only)."""
+    """Greedy completions (the new text only).
+
+    A prompt that would not leave room in the model's context for the new tokens keeps only its end.
+    """
     device = next(model.parameters()).device
+    limit = context_length(model.config, tokenizer)
+    if limit is not None and not model.config.is_encoder_decoder:
+        limit = max(1, limit - max_new_tokens)  # a decoder's context holds the prompt and the new tokens
+    cut = {} if limit is None else {"truncation": True, "max_length": limit}
     side, tokenizer.padding_side = tokenizer.padding_side, "left"
+    cut_side, tokenizer.truncation_side = tokenizer.truncation_side, "left"
     pad = pad_token_id(tokenizer)
     out: list[str] = []
     try:
         for i in range(0, len(prompts), batch_size):
-            enc = tokenizer(list(prompts[i:i + batch_size]), return_tensors="pt", padding=True).to(device)
+            enc = tokenizer(list(prompts[i:i + batch_size]), return_tensors="pt", padding=True, **cut).to(device)
             generated = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
                                        pad_token_id=pad)
             if not model.config.is_encoder_decoder:
                 generated = generated[:, enc["input_ids"].shape[1]:]
             out += tokenizer.batch_decode(generated, skip_special_tokens=True)
     finally:
-        tokenizer.padding_side = side
+        tokenizer.padding_side, tokenizer.truncation_side = side, cut_side
     return out
 
 
@@ -63,12 +71,14 @@ def answer_hits(model: nn.Module, tokenizer, examples: Sequence[Example], max_ne
 
 @torch.no_grad()
 def classification_hits(model: nn.Module, tokenizer, examples: Sequence[Example], labels: Sequence[int],
-                        batch_size: int = 32) -> list[bool]:
+                        batch_size: int = 32, max_length: int = 256) -> list[bool]:
+    """For each labelled example: is the predicted class its label? (Texts cut at ``max_length``.)"""
     device = next(model.parameters()).device
+    max_length = fit_max_length(max_length, model.config, tokenizer)
     hits = []
     for i in range(0, len(examples), batch_size):
         texts = [e.text for e in examples[i:i + batch_size]]
-        enc = tokenizer(texts, return_tensors="pt", padding=True, truncation=True).to(device)
+        enc = tokenizer(texts, return_tensors="pt", padding=True, truncation=True, max_length=max_length).to(device)
         pred = model(**enc).logits.argmax(-1).tolist()
         hits += [p == y for p, y in zip(pred, labels[i:i + batch_size])]
     return hits
@@ -105,28 +115,32 @@ def mean_loss(model, task, rows, pad_id) -> float:
 def perplexity(model: nn.Module, tokenizer, texts: Sequence[str], max_length: int = 256) -> float:
     """Perplexity of a causal LM on plain texts: exp(mean next-token loss)."""
     rows = encode([Example(text=t) for t in texts], tokenizer, "causal", forget=False, name="general text",
-                  max_length=max_length)
+                  model_config=model.config, max_length=max_length)
     return math.exp(mean_loss(model, "causal", rows, pad_token_id(tokenizer)))
 
 
 def evaluate_sets(model: nn.Module, tokenizer, task: str, sets: dict[str, Sequence[Example]],
                   labels: Optional[dict[str, Sequence[int]]] = None, general_text: Optional[Sequence[str]] = None,
-                  max_length: int = 256) -> dict[str, float]:
+                  max_length: int = 256, log=None) -> dict[str, float]:
     """Accuracy and mean loss for each named set, plus general-text perplexity for causal LMs.
 
     Accuracy is answer accuracy for prompt/response sets, classification accuracy for labelled
     sets; sets of plain text get only their loss. Prompt/response sets with perturbed answers get
-    ``<name>_truth_ratio`` too (:func:`aggregate_truth_ratios`; the set named ``forget`` is the forget set).
+    a truth-ratio figure too (:func:`aggregate_truth_ratios`, named by :func:`truth_ratio_figure`; the set
+    named ``forget`` is the forget set).
+    Rows are cut at ``max_length``, capped at the model's context; with ``log``, one line says how
+    many were cut (:func:`unlearn_fast.train.encoding.truncation_note`).
     """
     was_training = model.training
     model.eval()
     metrics: dict[str, float] = {}
     pad = pad_token_id(tokenizer)
+    encoded: dict[str, list[Row]] = {}
     for name, examples in sets.items():
         if not examples:
             continue
         if task == "classification" and labels and name in labels:
-            hits = classification_hits(model, tokenizer, examples, labels[name])
+            hits = classification_hits(model, tokenizer, examples, labels[name], max_length=max_length)
             metrics[f"{name}_accuracy"] = sum(hits) / len(hits)
             continue
         if examples[0].prompt is not None:
@@ -134,14 +148,44 @@ def evaluate_sets(model: nn.Module, tokenizer, task: str, sets: dict[str, Sequen
             metrics[f"{name}_accuracy"] = sum(hits) / len(hits)
         rows = encode(examples, tokenizer, task, forget=False, name=name, model_config=model.config,
                       max_length=max_length)
+        encoded[f"{name} set"] = rows
         metrics[f"{name}_loss"] = mean_loss(model, task, rows, pad)
         ratios = [r["truth_ratio"] for r in truth_ratios(model, tokenizer, task, examples, max_length=max_length) if r]
         if ratios:
-            metrics[f"{name}_truth_ratio"] = aggregate_truth_ratios(ratios, forget=name == "forget")
+            is_forget = name == "forget"
+            metrics[truth_ratio_figure(name, is_forget)] = aggregate_truth_ratios(ratios, forget=is_forget)
     if general_text and task == "causal":
         metrics["general_perplexity"] = perplexity(model, tokenizer, general_text, max_length)
     model.train(was_training)
+    note = truncation_note(encoded, max_length, model.config, tokenizer)
+    if log is not None and note:
+        log(note)
     return metrics
+
+
+# How far the retain loss may rise over its value before unlearning: by max(1 nat, 50 %). A rise of
+# 1 nat per token makes every retained token e (2.7) times less likely on average: the model has lost
+# what it was to keep (a destroyed model sits near ln(vocab), 10+ nats for real vocabularies). The
+# relative part leaves room to models whose retain loss is high to begin with (weak or tiny models).
+RETAIN_LOSS_RISE_NATS = 1.0
+RETAIN_LOSS_RISE_RATIO = 0.5
+
+
+def retain_damage(before: dict, after: dict) -> Optional[str]:
+    """Why the figures after unlearning show a damaged model, or None.
+
+    Damaged: ``retain_loss`` after is not finite or above before + max(1 nat, 50 % of before).
+    Without a retain loss on both sides (no evaluation; classification sets scored by accuracy)
+    there is nothing to compare and the answer is None.
+    """
+    b, a = before.get("retain_loss"), after.get("retain_loss")
+    if b is None or a is None or not math.isfinite(b):
+        return None
+    limit = b + max(RETAIN_LOSS_RISE_NATS, RETAIN_LOSS_RISE_RATIO * b)
+    if not a <= limit:  # also catches NaN
+        return (f"the retain loss rose from {b:.3f} to {a:.3f} nats (more than max(1 nat, 50 %) above "
+                f"its value before)")
+    return None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -199,7 +243,8 @@ def example_stats(model: nn.Module, tokenizer, task: str, examples: Sequence[Exa
     """Teacher-forced statistics of each example's target tokens, one dict per example.
 
     Keys: ``loss`` (mean NLL, nats), ``tokens``, ``exact_memorization`` (open-unlearning's: the share
-    of target tokens that are the argmax prediction) and the four membership-inference scores of
+    of target tokens that are the argmax prediction), ``extraction_strength``
+    (:func:`unlearn_fast.eval.metrics.extraction_strength`) and the four membership-inference scores of
     :func:`unlearn_fast.eval.metrics.mia_scores` (loss-oriented: higher = less like a training member);
     for prompt/response examples with perturbed answers also ``truth_ratio``, ``paraphrased_loss`` and
     ``perturbed_losses`` (:func:`truth_ratios`).
@@ -219,7 +264,8 @@ def example_stats(model: nn.Module, tokenizer, task: str, examples: Sequence[Exa
         for example, stats in zip(examples, per_row):
             lp = stats.logprob.tolist()
             record = {"tokens": len(lp), "loss": -sum(lp) / len(lp),
-                      "exact_memorization": float(stats.argmax_hit.float().mean())}
+                      "exact_memorization": float(stats.argmax_hit.float().mean()),
+                      "extraction_strength": extraction_strength(stats.argmax_hit.tolist())}
             record.update(mia_scores(lp, target_text(example), stats.mean_logprob.tolist(),
                                      stats.var_logprob.tolist(), k))
             out.append(record)
@@ -244,9 +290,9 @@ def generation_scores(model: nn.Module, tokenizer, examples: Sequence[Example], 
 
     ``accuracy``: the completion contains the response (as :func:`answer_hits`); ``exact_match``: the
     completion's first w words equal the response's w words after normalisation (greedy completions
-    run on past the answer, so the whole completion is not compared); ``rougeL_recall`` (what
-    open-unlearning reports as ``*_Q_A_ROUGE``) and ``rougeL_f1`` of the whole completion against the
-    response.
+    run on past the answer, so the whole completion is not compared); ``Q_A_ROUGE`` (open-unlearning's
+    name for the ROUGE-L recall, :func:`unlearn_fast.eval.metrics.rouge_l`) and ``rougeL_f1`` of the whole
+    completion against the response.
     """
 
     if tokenizer.pad_token is None:
@@ -262,7 +308,7 @@ def generation_scores(model: nn.Module, tokenizer, examples: Sequence[Example], 
         recall += r.recall
         f1 += r.fmeasure
     n = max(len(examples), 1)
-    return {"accuracy": acc / n, "exact_match": em / n, "rougeL_recall": recall / n, "rougeL_f1": f1 / n}
+    return {"accuracy": acc / n, "exact_match": em / n, "Q_A_ROUGE": recall / n, "rougeL_f1": f1 / n}
 
 
 def aggregate_truth_ratios(ratios: Sequence[float], forget: bool) -> float:
@@ -271,6 +317,31 @@ def aggregate_truth_ratios(ratios: Sequence[float], forget: bool) -> float:
     (mean max(0, 1 − R): 1 = the right answers are clearly preferred). Higher is "better" for both."""
 
     return TRUTH_RATIO_AGGREGATORS["closer_to_1_better" if forget else "true_better"](ratios)
+
+
+def truth_ratio_figure(name: str, forget: bool) -> str:
+    """open-unlearning's name of a set's truth-ratio figure: ``forget_truth_ratio`` on the forget set,
+    ``<set>_Truth_Ratio`` (``retain_Truth_Ratio``) on the others."""
+    return f"{name}_truth_ratio" if forget else f"{name}_Truth_Ratio"
+
+
+def utility_figures(figures: dict, sets: dict[str, Sequence[Example]], forget: str,
+                    holdout: Optional[str]) -> list[float]:
+    """The figures TOFU's model utility is the harmonic mean of, from every prompt/response set other
+    than the forget and held-out sets: its probability (``retain_Q_A_Prob`` on the set named
+    ``retain``; ``S_Q_A_Prob_normalised`` on other sets with perturbed answers, as TOFU scores its
+    real-authors and world-facts sets), ``S_Q_A_ROUGE`` and ``S_Truth_Ratio`` where present."""
+    out = []
+    for name, examples in sets.items():
+        if name in (forget, holdout) or not examples or examples[0].prompt is None:
+            continue
+        prob = figures.get(f"{name}_Q_A_Prob_normalised") if name != "retain" else None
+        for key in (f"{name}_Q_A_Prob" if prob is None else None, f"{name}_Q_A_ROUGE", f"{name}_Truth_Ratio"):
+            if key in figures:
+                out.append(figures[key])
+        if prob is not None:
+            out.append(prob)
+    return out
 
 
 def _mean(values) -> float:
@@ -287,11 +358,14 @@ def evaluate_model(model: nn.Module, tokenizer, task: str, sets: dict[str, Seque
     Returns ``{"figures": {...}, "per_example": {set: [stats dict, ...]}}``. Figures, per set S:
     ``S_accuracy`` (answer or classification accuracy; for classifiers the argmax hit of the label,
     from the forward pass that also gives the per-example statistics), ``S_exact_match``,
-    ``S_rougeL_recall``, ``S_rougeL_f1`` (prompt/response sets), ``S_loss`` (mean per-example target
-    NLL), ``S_perplexity`` (exp of the token-weighted mean NLL), ``S_exact_memorization``;
-    ``S_truth_ratio`` where S's examples have perturbed answers (TOFU's truth ratio, aggregated as
-    :func:`aggregate_truth_ratios` does: ``closer_to_1_better`` on the forget set, ``true_better`` on
-    the others; the per-example ratios are in ``per_example``);
+    ``S_Q_A_ROUGE`` (ROUGE-L recall), ``S_rougeL_f1`` (prompt/response sets), ``S_loss`` (mean
+    per-example target NLL), ``S_perplexity`` (exp of the token-weighted mean NLL),
+    ``S_exact_memorization``; for language models ``S_Q_A_Prob`` (mean length-normalised probability
+    of the answers), ``S_extraction_strength``, and where S's examples have perturbed answers
+    ``S_Q_A_Prob_normalised`` and the truth ratio (TOFU's, aggregated as :func:`aggregate_truth_ratios`
+    does: ``forget_truth_ratio`` = ``closer_to_1_better`` on the forget set, ``S_Truth_Ratio`` =
+    ``true_better`` on the others; the per-example ratios are in ``per_example``); ``model_utility``
+    (TOFU's harmonic mean of :func:`utility_figures`);
     ``forget_lm_loss`` (the paper's forget-set LM loss: the NLL of the forgotten answers / texts,
     i.e. ``forget_loss``); with a ``holdout`` set, ``mia`` = AUC per attack of forget against
     held-out (see :func:`membership_inference`);
@@ -323,9 +397,17 @@ def evaluate_model(model: nn.Module, tokenizer, task: str, sets: dict[str, Seque
             figures[f"{name}_exact_memorization"] = _mean(s["exact_memorization"] for s in stats)
             if task == "classification":
                 figures[f"{name}_accuracy"] = figures[f"{name}_exact_memorization"]
+            else:
+                figures[f"{name}_Q_A_Prob"] = _mean(probability(s["loss"]) for s in stats)
+                figures[f"{name}_extraction_strength"] = _mean(s["extraction_strength"] for s in stats)
             ratios = [s["truth_ratio"] for s in stats if "truth_ratio" in s]
             if ratios:
-                figures[f"{name}_truth_ratio"] = aggregate_truth_ratios(ratios, forget=name == forget)
+                figures[f"{name}_Q_A_Prob_normalised"] = _mean(probability_w_options(s["loss"], s["perturbed_losses"])
+                                                               for s in stats if "perturbed_losses" in s)
+                figures[truth_ratio_figure(name, name == forget)] = aggregate_truth_ratios(ratios, name == forget)
+        utility = utility_figures(figures, sets, forget, holdout)
+        if utility:
+            figures["model_utility"] = model_utility(utility)
         if forget in per_example:
             figures["forget_lm_loss"] = figures[f"{forget}_loss"]
             if holdout and holdout in per_example:
@@ -338,6 +420,7 @@ def evaluate_model(model: nn.Module, tokenizer, task: str, sets: dict[str, Seque
 
 
 FORGET_QUALITY_STATISTICS = ("truth_ratio", "loss")  # what forget quality is tested on, preferred first
+PRIVLEAK_ATTACK = "mia_min_k"  # the attack open-unlearning's privleak (TOFU and MUSE) is computed on
 
 
 def compare_to_retrained(result: dict, retrained: dict, forget: str = "forget", statistic: str = "auto") -> dict:
@@ -349,9 +432,12 @@ def compare_to_retrained(result: dict, retrained: dict, forget: str = "forget", 
     ratio where both results have it on the forget set (the examples carry perturbed answers), else the
     answer loss; any per-example key (``"loss"``, ``"truth_ratio"``, ``"mia_min_k"`` ...) can be named.
     Besides, ``forget_quality_<s>`` and ``ks_statistic_<s>`` for each of ``truth_ratio`` and ``loss``
-    that both results have, so a report shows both.
+    that both results have, so a report shows both. The test is ``scipy.stats.ks_2samp``
+    (:func:`unlearn_fast.eval.metrics.ks_test`).
     ``gap``: every scalar figure minus the retrained model's (and per MIA attack);
-    ``privleak``: per attack, MUSE's relative AUC difference (:func:`unlearn_fast.eval.metrics.privleak`).
+    ``privleak``: MUSE's relative AUC difference (:func:`unlearn_fast.eval.metrics.privleak`) of the
+    Min-K % attack, as open-unlearning reports it; ``privleak_by_attack``: the same for every attack.
+    ``retrained`` may be a live evaluation or saved retain logs (:mod:`unlearn_fast.eval.logs`).
     """
 
     def values(res: dict, key: str) -> list[float]:
@@ -363,7 +449,7 @@ def compare_to_retrained(result: dict, retrained: dict, forget: str = "forget", 
     for key in dict.fromkeys((*FORGET_QUALITY_STATISTICS, statistic)):  # "auto" is no key: it adds no test
         a, b = values(result, key), values(retrained, key)
         if a and b:
-            tests[key] = ks_2samp(a, b)
+            tests[key] = ks_test(a, b)
     for key in FORGET_QUALITY_STATISTICS:
         if key in tests:
             out[f"forget_quality_{key}"] = tests[key].pvalue
@@ -378,6 +464,9 @@ def compare_to_retrained(result: dict, retrained: dict, forget: str = "forget", 
            if k in gold and isinstance(mine[k], (int, float)) and isinstance(gold[k], (int, float))}
     if "mia" in mine and "mia" in gold:
         gap["mia"] = {k: mine["mia"][k] - gold["mia"][k] for k in mine["mia"] if k in gold["mia"]}
-        out["privleak"] = {k: privleak(mine["mia"][k], gold["mia"][k]) for k in mine["mia"] if k in gold["mia"]}
+        out["privleak_by_attack"] = {k: privleak(mine["mia"][k], gold["mia"][k])
+                                     for k in mine["mia"] if k in gold["mia"]}
+        if PRIVLEAK_ATTACK in out["privleak_by_attack"]:
+            out["privleak"] = out["privleak_by_attack"][PRIVLEAK_ATTACK]
     out["gap"] = gap
     return out

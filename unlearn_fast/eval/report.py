@@ -1,6 +1,7 @@
 """The evaluation report: one JSON file with every figure, a Markdown table shaped like Table 2 of the
 EUL paper (method × test / retain / forget / forget LM loss / time), a truth-ratio table (where the
-sets have perturbed answers), a membership-inference and gold-standard table, and a PNG plot of the
+sets have perturbed answers), open-unlearning's headline figures under their names (forget_quality,
+model_utility, privleak ...), a membership-inference and gold-standard table, and a PNG plot of the
 forget metric against the retain metric per method.
 
 A report is built from the output of :func:`unlearn_fast.eval.evaluation.evaluate_model` for each method
@@ -25,6 +26,7 @@ from typing import Any, Optional, Union
 import torch
 
 from ..io.artifacts import MANIFEST_FILE, load_layers
+from ..io.atomic import ensure_directory, output_errors
 from ..io.base_model import load_model
 from ..model.family import detect_task
 from ..model.layers import detach
@@ -63,7 +65,7 @@ def build_report(results: dict[str, dict], *, times: Optional[dict[str, Optional
     ``results``: method name → ``evaluate_model`` output (``{"figures", "per_example"}``), in table
     order. ``times``: method name → update time in seconds (None where it does not apply).
     ``retrained``: the name of the gold-standard method in ``results``, if any.
-    ``primary_metric``: the per-set figure the Table 2 columns show (``accuracy``, ``rougeL_recall``, ...).
+    ``primary_metric``: the per-set figure the Table 2 columns show (``accuracy``, ``Q_A_ROUGE``, ...).
     """
 
     times = times or {}
@@ -119,7 +121,8 @@ def _fmt(value, kind: str) -> str:
 
 
 def _metric_kind(metric: str) -> str:
-    return "pct" if metric in ("accuracy", "exact_match", "rougeL_recall", "rougeL_f1", "exact_memorization") else "f"
+    return "pct" if metric in ("accuracy", "exact_match", "Q_A_ROUGE", "rougeL_f1", "exact_memorization", "Q_A_Prob",
+                               "Q_A_Prob_normalised", "extraction_strength") else "f"
 
 
 def markdown(report: dict) -> str:
@@ -145,6 +148,7 @@ def markdown(report: dict) -> str:
     lines += ["", "Forget: the target is the retrained model's value (not the lowest); "
               "forget LM loss: mean NLL of the forgotten answers (nats), the higher the more forgotten.", ""]
     lines += _truth_ratio_table(report)
+    lines += _open_unlearning_table(report)
     attacks = sorted({a for m in report["methods"].values() for a in (m["figures"].get("mia") or {})},
                      key=lambda a: list(ATTACK_LABELS).index(a) if a in ATTACK_LABELS else 99)
     retrained = report.get("retrained")
@@ -185,19 +189,51 @@ def markdown(report: dict) -> str:
 
 def _truth_ratio_table(report: dict) -> list[str]:
     """Markdown lines of the truth-ratio table (none when no set had perturbed answers)."""
-    sets = list(dict.fromkeys(k[:-len("_truth_ratio")] for m in report["methods"].values()
-                              for k in m["figures"] if k.endswith("_truth_ratio")))
+    # open-unlearning's names: forget_truth_ratio on the forget set, <set>_Truth_Ratio on the others
+    keys = dict.fromkeys(k for m in report["methods"].values() for k in m["figures"]
+                         if k.endswith(("_truth_ratio", "_Truth_Ratio")))
+    sets = list(dict.fromkeys(k[:-len("_truth_ratio")] for k in keys))
+    key_of = {k[:-len("_truth_ratio")]: k for k in keys}
     if not sets:
         return []
     sets.sort(key=lambda s: s != "forget")  # the forget set first; "forget" is what evaluate_model names it
     head = ["Method"] + [f"{s.capitalize()} {'(min(R, 1/R))' if s == 'forget' else '↑ (max(0, 1−R))'}" for s in sets]
-    lines = ["## Truth ratio (TOFU; R = P(wrong answers) / P(right answer), length-normalised)", "",
+    lines = ["## Truth ratio (TOFU; R = P(wrong answers) / P(right answer), length-normalised, geometric mean "
+             "over the wrong answers)", "",
              "| " + " | ".join(head) + " |", "|---" + "|---:" * len(sets) + "|"]
     for name, m in report["methods"].items():
-        lines.append("| " + " | ".join([name] + [_fmt(m["figures"].get(f"{s}_truth_ratio"), "f") for s in sets]) + " |")
+        lines.append("| " + " | ".join([name] + [_fmt(m["figures"].get(key_of[s]), "f") for s in sets]) + " |")
     return lines + ["", ("Forget set: open-unlearning's `closer_to_1_better` (1 = right and wrong answers equally "
                          "likely, as for a model that never saw them; compare with the retrained model); other "
                          "sets: `true_better` (1 = the right answers are clearly preferred)."), ""]
+
+
+# open-unlearning's headline figures (TOFU / MUSE): (its name, our key, where the key is, format)
+OPEN_UNLEARNING_COLUMNS = (
+    ("forget_quality", "forget_quality", "vs", "p"), ("model_utility", "model_utility", "figures", "f"),
+    ("forget_truth_ratio", "forget_truth_ratio", "figures", "f"),
+    ("forget_Q_A_Prob", "forget_Q_A_Prob", "figures", "f"), ("forget_Q_A_ROUGE", "forget_Q_A_ROUGE", "figures", "f"),
+    ("extraction_strength", "forget_extraction_strength", "figures", "f"), ("privleak", "privleak", "vs", "f"))
+
+
+def _open_unlearning_table(report: dict) -> list[str]:
+    """Markdown lines of open-unlearning's headline figures (the columns any method has)."""
+    def value(m: dict, name: str, where: str):
+        return (m.get("vs_retrained") or {}).get(name) if where == "vs" else m["figures"].get(name)
+
+    methods = report["methods"].values()
+    columns = [c for c in OPEN_UNLEARNING_COLUMNS if any(value(m, c[1], c[2]) is not None for m in methods)]
+    if not columns:
+        return []
+    lines = ["## open-unlearning figures (TOFU / MUSE definitions and names)", "",
+             "| Method | " + " | ".join(c[0] for c in columns) + " |", "|---" + "|---:" * len(columns) + "|"]
+    for name, m in report["methods"].items():
+        lines.append("| " + " | ".join([name] + [_fmt(value(m, key, where), kind) for _, key, where, kind in columns])
+                     + " |")
+    return lines + ["", ("forget_quality: KS-test p-value against the retrained model (truth ratios where the forget "
+                         "set has perturbed answers, else losses); model_utility: harmonic mean of the retain-side "
+                         "Q_A_Prob, Q_A_ROUGE and Truth_Ratio; privleak: relative Min-K % AUC gap to the retrained "
+                         "model (%, 0 = as private as retraining)."), ""]
 
 
 def plot(report: dict, path: Union[str, Path]) -> Optional[str]:
@@ -236,9 +272,17 @@ def plot(report: dict, path: Union[str, Path]) -> Optional[str]:
 
 
 def write_report(report: dict, out_dir: Union[str, Path]) -> dict[str, Path]:
-    """Write report.json, report.md and (with matplotlib) report.png into ``out_dir``; return the paths."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    """Write report.json, report.md and (with matplotlib) report.png into ``out_dir``; return the paths.
+
+    A directory that cannot be written (check it first with :func:`~unlearn_fast.io.atomic.ensure_directory`)
+    or a full disk raises OutputError.
+    """
+    out = ensure_directory(out_dir)
+    with output_errors(out):
+        return _write_report(report, out)
+
+
+def _write_report(report: dict, out: Path) -> dict[str, Path]:
     written = {}
     note = plot(report, out / REPORT_PNG)
     if note is None:

@@ -63,7 +63,6 @@ from __future__ import annotations
 
 import datetime
 import math
-import os
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Mapping, Optional, Sequence, Union
@@ -366,10 +365,7 @@ def fuse_artifacts(paths: Sequence[PathLike], out: PathLike, rho: float = DEFAUL
     _check_rho(rho)
     if not paths:
         raise UnlearnFastError("nothing to fuse: give at least one artifact directory")
-    out = check_writable(out, overwrite)
-    for p in paths:
-        if out.exists() and p.exists() and os.path.samefile(out, p):
-            raise ArtifactError(f"{out} is one of the inputs; write the fused layers elsewhere")
+    out = check_writable(out, overwrite, inputs=paths)  # also: never over (or around) an input
     tensors, manifest = fuse_paths(paths, rho)
     return write_artifact(out, tensors, manifest, overwrite)
 

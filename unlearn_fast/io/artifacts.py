@@ -5,8 +5,9 @@ the Gram matrix of its inputs and the cross term G·W (added when an artifact is
 :mod:`unlearn_fast.fusion.grams`); the manifest says which base model they belong to (a fingerprint of its weights), how they
 were made, what they achieved, and the sha256 of the tensor file. Nothing is ever unpickled.
 
-Writes are atomic: files go to a temporary sibling directory that is renamed into place, and an
-existing directory is replaced only when asked (``overwrite=True``).
+Writes are atomic: files go to a temporary sibling directory that is renamed into place (see
+:mod:`unlearn_fast.io.atomic`), and an existing directory is replaced only when asked
+(``overwrite=True``) and only if it is an artifact of this package (:func:`check_writable`).
 """
 
 from __future__ import annotations
@@ -17,20 +18,23 @@ import math
 import os
 from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import Union
+from typing import Callable, Optional, Sequence, Union
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from ..errors import ArtifactError
+from ..errors import ArtifactError, OutputError
 from ..model.layers import UnlearningSite, attach_from_description, sites
-from .atomic import atomic_directory
+from .atomic import atomic_directory, ensure_directory, remove_stale
 
 FORMAT_VERSION = 1
 WEIGHTS_FILE = "unlearning_layers.safetensors"
 MANIFEST_FILE = "manifest.json"
+BASELINE_FILE = "baseline.json"  # what a baseline's whole-model directory carries instead
+EXPORT_FILE = "unlearning_export.json"  # what an exported model directory carries (io.export)
+DONE_FILES = (MANIFEST_FILE, BASELINE_FILE, EXPORT_FILE)  # written last: their presence marks a finished output
 _SAMPLE = 4096  # values hashed per parameter tensor
 
 
@@ -95,33 +99,104 @@ def cross_terms(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
-def check_writable(out: Union[str, Path], overwrite: bool) -> Path:
-    """Refuse an existing output (unless ``overwrite``) before any work is spent on it."""
+def check_writable(out: Union[str, Path], overwrite: bool, inputs: Sequence = (), log: Callable = print) -> Path:
+    """Check, before any work is spent, that the output directory ``out`` can be written; return it.
+
+    First cleans what a killed earlier write of ``out`` left (:func:`~unlearn_fast.io.atomic.remove_stale`,
+    reported through ``log``). Then refuses (OutputError, one line) an existing ``out`` unless
+    ``overwrite``, and even then unless it is an artifact of this package and neither is nor
+    holds the current directory or one of ``inputs`` (model, data, layers: paths, None skipped).
+    Finally the parent directory is created and a probe file written in it, so an unwritable
+    place fails now rather than after training.
+    """
     out = Path(out)
-    if out.exists() and not overwrite:
-        raise ArtifactError(f"{out} already exists; pass --overwrite (overwrite=True) to replace it")
-    if out.exists() and not out.is_dir():
-        raise ArtifactError(f"{out} exists and is not a directory")
+    remove_stale(out, DONE_FILES, log)
+    if out.is_symlink() and not out.exists():
+        raise OutputError(f"{out} is a symbolic link to a missing {os.readlink(out)}; remove the link or "
+                          f"choose another output directory")
+    if out.exists():
+        _check_holds_no_input(out, inputs)
+        if not overwrite:
+            raise OutputError(f"{out} already exists; pass --overwrite (overwrite=True) to replace it")
+        _check_replaceable(out)
+    ensure_directory(out.parent)
     return out
 
 
+def _check_holds_no_input(out: Path, inputs: Sequence) -> None:
+    real = out.resolve()
+    for given in inputs:
+        if given is not None and Path(given).exists():
+            path = Path(given).resolve()
+            if path == real or real in path.parents:
+                raise OutputError(f"{out} is one of the inputs or holds one ({given}); "
+                                  f"choose another output directory")
+
+
+def _check_replaceable(out: Path) -> None:
+    """Refuse to replace ``out`` unless it is an artifact of ours and not where we run."""
+    if not out.is_dir():
+        raise OutputError(f"{out} exists and is not a directory; choose another output directory")
+    real, cwd = out.resolve(), Path.cwd().resolve()
+    if real == cwd or real in cwd.parents:  # it cannot be renamed away (EBUSY) and we stand in it
+        raise OutputError(f"{out} is or holds the current directory; run from elsewhere or "
+                          f"choose another output directory")
+    problem = _not_ours(out)
+    if problem:
+        raise OutputError(f"{out} {problem}; --overwrite replaces only an unlearn-fast artifact: "
+                          f"move it away or choose another output directory")
+
+
+def _not_ours(directory: Path) -> Optional[str]:
+    """Why ``directory`` is not an output of this package that may be replaced whole (None if it is,
+    or if it is empty: replacing it loses nothing)."""
+    if not any(directory.iterdir()):
+        return None
+    manifest = _json_or_none(directory / MANIFEST_FILE)
+    if isinstance(manifest, dict) and "format_version" in manifest:
+        files = manifest.get("files")
+        ours = {MANIFEST_FILE, *(files if isinstance(files, dict) else ())}
+        extra = sorted(p.name for p in directory.iterdir() if p.name not in ours)
+        return f"holds {extra[0]}, which is not part of the artifact" if extra else None
+    baseline = _json_or_none(directory / BASELINE_FILE)
+    if isinstance(baseline, dict) and (baseline.get("package") or {}).get("name") == "unlearn_fast":
+        # a saved model's file names vary, but save_pretrained writes no folders
+        folders = sorted(p.name for p in directory.iterdir() if p.is_dir())
+        return f"holds the folder {folders[0]}, which is not part of the saved model" if folders else None
+    export = _json_or_none(directory / EXPORT_FILE)
+    if isinstance(export, dict) and (export.get("package") or {}).get("name") == "unlearn_fast":
+        files = export.get("files")
+        ours = {EXPORT_FILE, *(files if isinstance(files, dict) else ())}
+        extra = sorted(p.name for p in directory.iterdir() if p.name not in ours)
+        return f"holds {extra[0]}, which is not part of the export" if extra else None
+    return "is not an unlearn-fast artifact (no manifest.json saying so)"
+
+
+def _json_or_none(path: Path):
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+
 def write_artifact(out: Union[str, Path], tensors: dict[str, torch.Tensor], manifest: dict,
-                   overwrite: bool = False) -> Path:
+                   overwrite: bool = False, log: Callable = print) -> Path:
     """Write tensors + manifest to ``out`` atomically; return the directory.
 
     Every linear map with a Gram matrix, weight and bias but no cross term gets its cross term
-    G·[Wᵀ; bᵀ] written too (:func:`cross_terms`): fusion then only sums and solves.
+    G·[Wᵀ; bᵀ] written too (:func:`cross_terms`): fusion then only sums and solves. An existing
+    ``out`` is refused as :func:`check_writable` says; a failed write (a full disk) raises
+    OutputError and leaves nothing behind.
     """
-    out = check_writable(out, overwrite)
+    out = check_writable(out, overwrite, log=log)
     tensors = {**tensors, **cross_terms(tensors)}
-    with atomic_directory(out) as tmp:
+    with atomic_directory(out, done=DONE_FILES, log=log) as tmp:
         save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp / WEIGHTS_FILE))
         manifest = {**manifest, "format_version": FORMAT_VERSION,
                     "files": {WEIGHTS_FILE: sha256_file(tmp / WEIGHTS_FILE)}}
-        with open(tmp / MANIFEST_FILE, "w") as f:
+        with open(tmp / MANIFEST_FILE, "w") as f:  # last: a temporary with a manifest is finished
             json.dump(_strict_json(manifest), f, indent=2, sort_keys=True, allow_nan=False)
-            f.flush()
-            os.fsync(f.fileno())
     return out
 
 
@@ -177,10 +252,13 @@ def read_artifact(artifact: Union[str, Path], lazy: bool = False) -> tuple[dict,
     path = Path(artifact) / WEIGHTS_FILE
     if not path.is_file():
         raise ArtifactError(f"{path}: tensor file not found")
-    expected = manifest.get("files", {}).get(WEIGHTS_FILE)
-    if expected != sha256_file(path):
+    files = manifest.get("files")
+    if not isinstance(files, dict) or files.get(WEIGHTS_FILE) != sha256_file(path):
         raise ArtifactError(f"{path}: checksum does not match the manifest (file changed or corrupt)")
-    return manifest, (LazyTensors(path) if lazy else load_file(str(path)))
+    try:
+        return manifest, (LazyTensors(path) if lazy else load_file(str(path)))
+    except SafetensorError as err:  # a checksum updated after the file was damaged
+        raise ArtifactError(f"{path}: not a readable safetensors file ({err}); write the artifact again") from None
 
 
 def load_layers(model: nn.Module, artifact: Union[str, Path], check_base: bool = True) -> dict:
@@ -192,6 +270,7 @@ def load_layers(model: nn.Module, artifact: Union[str, Path], check_base: bool =
     manifest, tensors = read_artifact(artifact)
     if sites(model):
         raise ArtifactError("the model already has unlearning layers attached; load a fresh base model")
+    check_layers(artifact, manifest, tensors)
     if check_base:
         expected = manifest["base_model"]["fingerprint"]
         if model_fingerprint(model) != expected:
@@ -208,6 +287,37 @@ def load_layers(model: nn.Module, artifact: Union[str, Path], check_base: bool =
                 state[name] = tensors[key]
             layer.load_state_dict(state)
     return manifest
+
+
+def check_layers(artifact: Union[str, Path], manifest: dict, tensors: Mapping[str, torch.Tensor]) -> None:
+    """Refuse (ArtifactError naming the file) a manifest that does not say which base model and
+    which layers it holds, or tensors whose shapes differ from what it says (e.g. another rank)."""
+    path = Path(artifact) / MANIFEST_FILE
+    base = manifest.get("base_model")
+    if not isinstance(base, dict) or not isinstance(base.get("fingerprint"), str):
+        raise ArtifactError(f"{path}: base_model.fingerprint is missing or not a string; write the artifact again")
+    layers = manifest.get("layers")
+    records = layers.get("sites") if isinstance(layers, dict) else None
+    if not isinstance(records, list):
+        raise ArtifactError(f"{path}: layers.sites is missing or not a list; write the artifact again")
+    for rec in records:
+        try:
+            dim, ranks = int(rec["dim"]), [int(r) for r in rec["ranks"]]
+            complete = {"path", "stack", "block"} <= rec.keys() and len(ranks) == len(rec["activations"])
+        except (KeyError, TypeError, ValueError, AttributeError):
+            complete = False
+        if not complete:
+            raise ArtifactError(f"{path}: a layers.sites record is incomplete ({str(rec)[:80]}); "
+                                f"write the artifact again")
+        for k, rank in enumerate(ranks):
+            shapes = {"down.weight": (rank, dim), "down.bias": (rank,), "up.weight": (dim, rank), "up.bias": (dim,)}
+            for name, shape in shapes.items():
+                key = f"{rec['path']}.{k}.{name}"
+                if key not in tensors:
+                    raise ArtifactError(f"{Path(artifact) / WEIGHTS_FILE}: missing tensor {key}")
+                if tuple(tensors[key].shape) != shape:
+                    raise ArtifactError(f"{Path(artifact) / WEIGHTS_FILE}: {key} has shape "
+                                        f"{tuple(tensors[key].shape)}, the manifest says {shape}")
 
 
 
@@ -228,6 +338,7 @@ def load_layers_together(model: nn.Module, artifacts, check_base: bool = True) -
     fingerprint = model_fingerprint(model) if check_base else None
     activation: dict[str, tuple[str, object]] = {}
     for artifact, (manifest, tensors) in zip(artifacts, loaded):
+        check_layers(artifact, manifest, tensors)
         if check_base and manifest["base_model"]["fingerprint"] != fingerprint:
             raise ArtifactError(f"{artifact}: these layers were trained on a different base model "
                                 f"({manifest['base_model'].get('name_or_path')}); refusing to attach them")
@@ -237,9 +348,6 @@ def load_layers_together(model: nn.Module, artifacts, check_base: bool = True) -
                 if seen[0] != act:
                     raise ArtifactError(f"{artifact}: {rec['path']} uses {act} but {seen[1]} uses {seen[0]}; "
                                         f"layers in one block must share their activation")
-                for name in ("down.weight", "down.bias", "up.weight", "up.bias"):
-                    if f"{rec['path']}.{k}.{name}" not in tensors:
-                        raise ArtifactError(f"{Path(artifact) / WEIGHTS_FILE}: missing tensor {rec['path']}.{k}.{name}")
     for manifest, tensors in loaded:
         records = manifest["layers"]["sites"]
         offsets = {}

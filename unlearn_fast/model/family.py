@@ -41,6 +41,34 @@ def detect_task(model: nn.Module) -> str:
                      "AutoModelForSequenceClassification")
 
 
+# config fields that bound the input length (learned position tables; absent for T5's relative positions)
+POSITION_LIMITS = ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length", "n_ctx")
+# RoBERTa-style models number positions from pad_token_id + 1: that many table rows are never usable
+OFFSET_POSITIONS = ("roberta", "xlm-roberta", "xlm-roberta-xl", "camembert", "data2vec-text", "longformer")
+# transformers stores int(1e30) (or 1e20) in model_max_length when a tokenizer knows no limit
+SANE_TOKENIZER_LIMIT = 10 ** 8
+
+
+def context_length(config, tokenizer=None) -> Optional[int]:
+    """The most tokens the model takes in one input, or None when nothing bounds it.
+
+    The smallest of the config's position-table sizes (:data:`POSITION_LIMITS`) and the tokenizer's
+    ``model_max_length`` when that is a real number (below :data:`SANE_TOKENIZER_LIMIT`). A longer
+    input would index past the position table (``IndexError: index out of range in self``).
+    """
+    limits = []
+    for name in POSITION_LIMITS:
+        value = getattr(config, name, None)
+        if isinstance(value, int) and value > 0:
+            if getattr(config, "model_type", "") in OFFSET_POSITIONS:
+                value -= (getattr(config, "pad_token_id", None) or 0) + 1
+            limits.append(value)
+    model_max = getattr(tokenizer, "model_max_length", None)
+    if isinstance(model_max, int) and 0 < model_max < SANE_TOKENIZER_LIMIT:
+        limits.append(model_max)
+    return min(limits) if limits else None
+
+
 def has_lm_head(model: nn.Module) -> bool:
     return detect_task(model) in ("causal", "seq2seq")
 

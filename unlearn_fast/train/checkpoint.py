@@ -12,8 +12,9 @@ A checkpoint is a directory ``<checkpoint dir>/step-00000012`` holding
   of steps, parameter shapes, a hash of the encoded rows) and the sha256 of the tensor file.
 
 Nothing is pickled. Each checkpoint is written to a temporary sibling and renamed into place
-(``state.json`` last, inside it), so a directory named ``step-*`` is always complete; the two
-newest are kept. Under data parallelism rank 0 writes (the state is the same on every rank) and
+(``state.json`` last, inside it; :func:`unlearn_fast.io.atomic.atomic_directory`), so a directory
+named ``step-*`` is always complete; the two newest are kept. :func:`prepare` checks the
+directory before a run and removes the temporaries a killed run left there. Under data parallelism rank 0 writes (the state is the same on every rank) and
 every rank reads: the directory must be visible to all ranks. The world size may change on
 resume (the global batch does not depend on it).
 """
@@ -22,24 +23,25 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
 import shutil
-import tempfile
 from pathlib import Path
-from typing import Optional, Sequence, Union
+from typing import Callable, Optional, Sequence, Union
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ..errors import TrainingError
 from ..io.artifacts import sha256_file
+from ..io.atomic import atomic_directory, ensure_directory, remove_stale
 
 FORMAT = 1
 TENSORS_FILE = "checkpoint.safetensors"
 STATE_FILE = "state.json"
 _NAME = re.compile(r"^step-(\d+)$")
+_TEMPORARY = re.compile(r"^\.(step-\d+)\.")  # a checkpoint being written (or left by a killed run)
 # settings that may change between an interrupted run and its resumption
 _FREE = ("progress", "checkpoint_dir", "checkpoint_every", "resume", "backend", "teacher_cache", "shared_trunk",
          "shard_base", "fused_trunk")
@@ -76,6 +78,15 @@ def checkpoints(directory: Union[str, Path]) -> list[Path]:
     return [p for _, p in sorted(found)]
 
 
+def prepare(directory: Union[str, Path], log: Callable = print) -> Path:
+    """Before a run: create ``directory`` and check that it can be written (OutputError if not),
+    and remove the temporaries of checkpoints a killed run was writing (said through ``log``)."""
+    directory = ensure_directory(directory)
+    for name in sorted({m.group(1) for p in directory.iterdir() if (m := _TEMPORARY.match(p.name))}):
+        remove_stale(directory / name, (STATE_FILE,), log)
+    return directory
+
+
 def latest(directory: Union[str, Path]) -> Optional[Path]:
     found = checkpoints(directory)
     return found[-1] if found else None
@@ -106,20 +117,12 @@ def save(directory: Union[str, Path], step: int, params: Sequence[nn.Parameter],
              "optimizer": {"param_groups": opt["param_groups"], "state": opt_state},
              "scheduler": sched, "progress": progress}
     final = directory / f"step-{step:08d}"
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=directory))
-    try:
+    # an existing one (the same step saved again by a resumed run) is replaced
+    with atomic_directory(final, done=(STATE_FILE,)) as tmp:
         save_file(tensors, str(tmp / TENSORS_FILE))
         state["files"] = {TENSORS_FILE: sha256_file(tmp / TENSORS_FILE)}
         with open(tmp / STATE_FILE, "w") as f:
             json.dump(state, f)
-            f.flush()
-            os.fsync(f.fileno())
-        if final.exists():  # the same step saved again (a resumed run): replace it
-            shutil.rmtree(final)
-        os.rename(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     for old in checkpoints(directory)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return final
@@ -146,9 +149,16 @@ def restore(path: Union[str, Path], params: Sequence[nn.Parameter], optimizer, s
         raise TrainingError(f"{path} belongs to another run (different {', '.join(differs)}); "
                             f"resume with the same data and settings, or use a new --checkpoint-dir")
     tensor_file = path / TENSORS_FILE
-    if state.get("files", {}).get(TENSORS_FILE) != sha256_file(tensor_file):
-        raise TrainingError(f"{tensor_file}: checksum does not match the checkpoint state (corrupt)")
-    tensors = load_file(str(tensor_file))
+    if not tensor_file.is_file():
+        raise TrainingError(f"{tensor_file} is missing; remove {path} to resume from the checkpoint before it")
+    try:
+        if state.get("files", {}).get(TENSORS_FILE) != sha256_file(tensor_file):
+            raise TrainingError(f"{tensor_file}: checksum does not match the checkpoint state (corrupt); "
+                                f"remove {path} to resume from the checkpoint before it")
+        tensors = load_file(str(tensor_file))
+    except (OSError, SafetensorError) as err:
+        raise TrainingError(f"{tensor_file}: cannot read it ({err}); remove {path} to resume from the "
+                            f"checkpoint before it") from None
     with torch.no_grad():
         for i, p in enumerate(params):
             p.copy_(tensors[f"param.{i}"].to(p.device, p.dtype))

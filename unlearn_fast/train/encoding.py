@@ -24,6 +24,7 @@ from typing import Optional, Sequence
 import torch
 
 from ..errors import DataError
+from ..model.family import context_length
 from ..ops.loss_head import IGNORE_INDEX
 from .data import Example
 
@@ -37,6 +38,7 @@ class Row:
     kl_mask: list[bool]
     forget: bool
     decoder_input_ids: Optional[list[int]] = None
+    truncated: bool = False  # the example had more tokens than the max length (not part of the row's data)
 
 
 def _ids(tokenizer, text: str, special: bool = True) -> list[int]:
@@ -52,14 +54,17 @@ def _join(prompt: str, response: str) -> tuple[str, str]:
 
 def _causal(example: Example, tokenizer, forget: bool, max_length: int) -> Row:
     if example.text is not None:
-        ids = _ids(tokenizer, example.text)[:max_length]
+        full = _ids(tokenizer, example.text)
         first_target = 1
     else:
         prompt, response = _join(example.prompt, example.response)
         p = _ids(tokenizer, prompt)
-        ids = (p + _ids(tokenizer, response, special=False))[:max_length]
+        full = p + _ids(tokenizer, response, special=False)
         first_target = len(p)
+    ids = full[:max_length]
     n = len(ids)
+    if first_target >= n and len(full) > n:
+        raise ValueError(f"the prompt alone fills the max length of {max_length} tokens")
     if n < 2 or first_target >= n:
         raise ValueError("no target tokens")
     targets = [ids[t + 1] if t + 1 >= first_target else IGNORE_INDEX for t in range(n - 1)] + [IGNORE_INDEX]
@@ -67,7 +72,7 @@ def _causal(example: Example, tokenizer, forget: bool, max_length: int) -> Row:
         kl_mask = [tgt != IGNORE_INDEX for tgt in targets]
     else:
         kl_mask = [t < n - 1 for t in range(n)]
-    return Row(ids, targets, kl_mask, forget)
+    return Row(ids, targets, kl_mask, forget, truncated=len(full) > n)
 
 
 def _masked_word(text: str, tokenizer) -> tuple[str, str]:
@@ -85,14 +90,15 @@ def _masked_word(text: str, tokenizer) -> tuple[str, str]:
 
 def _seq2seq_row(source: str, target: str, tokenizer, model_config, forget: bool, kl: bool, ce: bool,
                  max_length: int) -> Row:
-    inputs = _ids(tokenizer, source)[:max_length]
-    labels = _ids(tokenizer, target)[:max_length]
+    full_inputs, full_labels = _ids(tokenizer, source), _ids(tokenizer, target)
+    inputs, labels = full_inputs[:max_length], full_labels[:max_length]
     if not inputs or not labels:
         raise ValueError("no tokens")
     start = model_config.decoder_start_token_id
     start = model_config.pad_token_id if start is None else start
     targets = labels if ce else [IGNORE_INDEX] * len(labels)
-    return Row(inputs, targets, [kl] * len(labels), forget, [start] + labels[:-1])
+    return Row(inputs, targets, [kl] * len(labels), forget, [start] + labels[:-1],
+               truncated=len(full_inputs) > max_length or len(full_labels) > max_length)
 
 
 def _seq2seq(example: Example, tokenizer, model_config, forget: bool, max_length: int) -> list[Row]:
@@ -109,17 +115,23 @@ def _seq2seq(example: Example, tokenizer, model_config, forget: bool, max_length
 
 def _classification(example: Example, label: Optional[int], tokenizer, forget: bool, max_length: int) -> Row:
     text = example.text if example.text is not None else f"{example.prompt} {example.response}"
-    ids = _ids(tokenizer, text)[:max_length]
+    full = _ids(tokenizer, text)
+    ids = full[:max_length]
     if not ids:
         raise ValueError("no tokens")
     # a forgotten row keeps its label: there is no LM term (γ = 0), but the sharpening guard uses it
     target = IGNORE_INDEX if label is None else label
-    return Row(ids, [target], [True], forget)
+    return Row(ids, [target], [True], forget, truncated=len(full) > max_length)
 
 
 def encode(examples: Sequence[Example], tokenizer, task: str, *, forget: bool, name: str,
            model_config=None, labels: Optional[Sequence[int]] = None, max_length: int = 256) -> list[Row]:
-    """Rows for every example of one set; a row that tokenises to nothing is a DataError."""
+    """Rows for every example of one set; a row that tokenises to nothing is a DataError.
+
+    Rows are cut at ``max_length`` tokens, itself capped at the model's context as ``model_config``
+    and the tokenizer tell it (:func:`fit_max_length`); a cut row has ``truncated`` set.
+    """
+    max_length = fit_max_length(max_length, model_config, tokenizer)
     rows: list[Row] = []
     for i, example in enumerate(examples):
         try:
@@ -134,6 +146,33 @@ def encode(examples: Sequence[Example], tokenizer, task: str, *, forget: bool, n
             raise DataError(f"{name}: row {i + 1} tokenises to nothing usable ({err}): "
                             f"{str(example.to_dict())[:80]}") from None
     return rows
+
+
+def fit_max_length(max_length: int, model_config=None, tokenizer=None) -> int:
+    """``max_length`` capped at the model's context (:func:`unlearn_fast.model.family.context_length`).
+
+    Every path that encodes rows for a model goes through here (training, evaluation, baselines):
+    a row longer than the position table would fail deep in the forward pass with an IndexError.
+    """
+    if max_length < 1:
+        raise DataError(f"max length must be at least 1 token, got {max_length}")
+    limit = context_length(model_config, tokenizer)
+    return max_length if limit is None else min(max_length, limit)
+
+
+def truncation_note(sets: dict[str, Sequence[Row]], max_length: int, model_config=None,
+                    tokenizer=None) -> Optional[str]:
+    """One line saying how many rows of each named set were cut, and at what length (None: none was).
+
+    ``max_length`` is the length asked for; the line says when the model's context cut it shorter.
+    """
+    counts = {name: sum(r.truncated for r in rows) for name, rows in sets.items()}
+    if not any(counts.values()):
+        return None
+    used = fit_max_length(max_length, model_config, tokenizer)
+    why = f"the model's context; max length {max_length} is longer" if used < max_length else "the max length"
+    shown = ", ".join(f"{n} of {len(sets[name])} {name} rows" for name, n in counts.items() if n)
+    return f"truncated to {used} tokens ({why}): {shown}"
 
 
 def collate(rows: Sequence[Row], pad_id: int) -> dict[str, torch.Tensor]:

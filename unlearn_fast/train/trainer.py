@@ -31,6 +31,13 @@ from .encoding import Row, collate, token_count
 from .objective import TERMS, EULObjective
 
 SCHEDULES = ("alternate", "mixed")
+# AdamW moves every weight by about lr on each step, whatever the gradient's scale: above 1 a weight moves
+# by more than its own typical size (O(1/sqrt(d)) to O(1)) every step. Usual values: 1e-5 to 1e-2.
+MAX_LR = 1.0
+# weights beyond this are damage, not learning: trained unlearning-layer weights are O(0.01 to 1), and
+# 1e4 times activations of O(10) already overflows fp16 (max 65504). Full-model baselines may start
+# with larger weights: their limit is 10x their largest initial weight when that is higher.
+WEIGHT_LIMIT = 1e4
 
 
 @dataclass
@@ -68,8 +75,17 @@ class TrainConfig:
             raise UnlearnFastError(f"schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}")
         if self.epochs < 1 or self.batch_size < 1:
             raise UnlearnFastError("epochs and batch size must be ≥ 1")
-        if not self.lr > 0:
-            raise UnlearnFastError(f"learning rate must be > 0, got {self.lr}")
+        if not 0 < self.lr <= MAX_LR:  # also refuses NaN and infinity
+            raise UnlearnFastError(f"learning rate must be > 0 and at most {MAX_LR:g} (AdamW moves every weight "
+                                   f"by about lr per step; usual values are 1e-5 to 1e-2), got {self.lr}")
+        if not 0 <= self.weight_decay * self.lr < 1:  # AdamW scales the weights by 1 - lr * weight decay
+            raise UnlearnFastError(f"weight decay must be ≥ 0 and below 1 / lr, got {self.weight_decay}")
+        if not 0 <= self.warmup_ratio <= 1:
+            raise UnlearnFastError(f"warmup ratio must be between 0 and 1, got {self.warmup_ratio}")
+        if not self.max_grad_norm > 0:
+            raise UnlearnFastError(f"gradient clipping norm must be > 0, got {self.max_grad_norm}")
+        if self.max_steps is not None and self.max_steps < 1:
+            raise UnlearnFastError(f"max steps must be ≥ 1, got {self.max_steps}")
         if self.backend not in BACKENDS:
             raise UnlearnFastError(f"backend must be one of {', '.join(BACKENDS)}, got {self.backend!r}")
         if self.checkpoint_dir is not None:
@@ -92,6 +108,7 @@ class TrainResult:
     resumed_from: int = 0  # steps loaded from a checkpoint
     earlier_time_s: float = 0.0  # update time of the interrupted run(s), included in update_time_s
     earlier_rank_time_s: float = 0.0  # the same summed over their ranks
+    damage: Optional[str] = None  # why training stopped early under allow_damage (see train)
 
 
 def _length(row: Row) -> int:
@@ -181,8 +198,25 @@ def compiled_blocks(model: nn.Module, enabled: bool = True):
             del block.forward  # the instance attribute; the class's forward is back
 
 
+def largest_weight(tensors) -> float:
+    """The largest |value| over ``tensors`` (NaN if any value is NaN, inf if any is infinite)."""
+    peaks = [t.detach().abs().amax().float() for t in tensors if t.numel()]
+    return float(torch.stack([p.to(peaks[0].device) for p in peaks]).max()) if peaks else 0.0
+
+
+def weight_damage(tensors, limit: float = WEIGHT_LIMIT) -> Optional[str]:
+    """What makes these weights unusable (non-finite values, or some |w| above ``limit``), or None."""
+    largest = largest_weight(tensors)
+    if not math.isfinite(largest):
+        return "the weights hold NaN or infinite values"
+    if largest > limit:
+        return f"the largest weight is {largest:.3g} (limit {limit:g})"
+    return None
+
+
 def train(model: nn.Module, objective: EULObjective, forget: Sequence[Row], retain: Sequence[Row],
-          config: TrainConfig, pad_id: int, params: Optional[Sequence[nn.Parameter]] = None) -> TrainResult:
+          config: TrainConfig, pad_id: int, params: Optional[Sequence[nn.Parameter]] = None, *,
+          allow_damage: bool = False) -> TrainResult:
     """Train the model's unlearning layers on the EUL objective; the base stays frozen.
 
     ``objective`` is any callable batch → (loss, terms dict) (the baselines of
@@ -195,19 +229,23 @@ def train(model: nn.Module, objective: EULObjective, forget: Sequence[Row], reta
     With ``config.compile_blocks`` the blocks run compiled (see :func:`compiled_blocks`); with
     ``config.fused_trunk`` (the default) Llama-family norms and MLP products run the fused trunk
     ops (see :mod:`unlearn_fast.model.fused_trunk`).
-    Raises TrainingError (before anything is written) if the loss becomes NaN or infinite.
+    Raises TrainingError (before anything is written) if the loss becomes NaN or infinite, or the
+    trained weights do (:func:`weight_damage`, checked after every step); with ``allow_damage``
+    training stops there instead and the result's ``damage`` says why.
     """
     with compiled_blocks(model, config.compile_blocks), fused_trunk(model, config.fused_trunk), \
             reused_logit_buffers():
-        return _train(model, objective, forget, retain, config, pad_id, params)
+        return _train(model, objective, forget, retain, config, pad_id, params, allow_damage)
 
 
-def _train(model, objective, forget, retain, config: TrainConfig, pad_id: int, params) -> TrainResult:
+def _train(model, objective, forget, retain, config: TrainConfig, pad_id: int, params,
+           allow_damage: bool) -> TrainResult:
     torch.manual_seed(config.seed)
     params = unlearning_parameters(model) if params is None else list(params)
     if not params:
         raise UnlearnFastError("the model has no unlearning layers to train")
     device = params[0].device
+    limit = max(WEIGHT_LIMIT, 10 * largest_weight(params))
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
     total = count_steps(forget, retain, config)
     warmup = int(math.ceil(config.warmup_ratio * total))
@@ -229,6 +267,7 @@ def _train(model, objective, forget, retain, config: TrainConfig, pad_id: int, p
     resumed_tokens = tokens
     model.train(False)  # dropout off: teacher and student must see the same function
     start = time.perf_counter()
+    damage = None
     for step, group in enumerate(batches(forget, retain, config)):
         if step >= total:
             break
@@ -241,8 +280,8 @@ def _train(model, objective, forget, retain, config: TrainConfig, pad_id: int, p
         with forced_backend(config.backend):
             loss, terms = objective(batch, rows)
         if dp is None and not torch.isfinite(loss):
-            progress.close()
-            _not_finite(loss.item(), step, terms)
+            damage = _not_finite(loss.item(), step, terms)
+            break
         optimizer.zero_grad(set_to_none=True)
         (loss if counted else loss * 0).backward()
         if dp is None:
@@ -250,8 +289,8 @@ def _train(model, objective, forget, retain, config: TrainConfig, pad_id: int, p
         else:  # gradients, loss and term sums of all ranks, in one all-reduce
             value, terms, step_tokens = dp.reduce(loss, terms, rows, group, counted, global_counts)
             if not math.isfinite(value):
-                progress.close()
-                _not_finite(value, step, terms)
+                damage = _not_finite(value, step, terms)
+                break
         torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
         optimizer.step()
         scheduler.step()
@@ -259,6 +298,10 @@ def _train(model, objective, forget, retain, config: TrainConfig, pad_id: int, p
         elapsed = time.perf_counter() - start
         record = {"step": step + 1, "loss": value, **terms}
         history.append(record)
+        found = weight_damage(params, limit)
+        if found is not None:  # stop before a checkpoint keeps the damaged weights
+            damage = f"the weights left the sane range at step {step + 1}: {found}"
+            break
         if config.checkpoint_dir and (step + 1 == total or
                                       (config.checkpoint_every and (step + 1) % config.checkpoint_every == 0)):
             rank_time = earlier_ranks + (sum(all_gather_floats(elapsed)) if dp is not None else elapsed)
@@ -271,14 +314,17 @@ def _train(model, objective, forget, retain, config: TrainConfig, pad_id: int, p
                               **{k: f"{terms[k]:.3f}" for k in TERMS if not math.isnan(terms[k])},
                               "tok/s": f"{(tokens - resumed_tokens) / elapsed:.0f}"})
     progress.close()
+    if damage is not None and not allow_damage:
+        raise TrainingError(f"{damage}; nothing was written. Try a lower learning rate (--lr), or pass "
+                            "--allow-damage (allow_damage=True) to write the result anyway.")
     return TrainResult(len(history), earlier + time.perf_counter() - start, tokens, history,
-                       resumed_from=first, earlier_time_s=earlier, earlier_rank_time_s=earlier_ranks)
+                       resumed_from=first, earlier_time_s=earlier, earlier_rank_time_s=earlier_ranks,
+                       damage=damage)
 
 
-def _not_finite(value: float, step: int, terms: dict):
+def _not_finite(value: float, step: int, terms: dict) -> str:
     shown = ", ".join(f"{k}={v:.4g}" for k, v in terms.items())
-    raise TrainingError(f"the loss became {value} at step {step + 1} ({shown}); "
-                        "nothing was written. Try a lower learning rate (--lr).")
+    return f"the loss became {value} at step {step + 1} ({shown})"
 
 
 @contextlib.contextmanager

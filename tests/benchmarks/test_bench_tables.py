@@ -3,11 +3,11 @@
 
 import importlib.util
 import json
-from pathlib import Path
 
 import pytest
+from conftest import REPO_ROOT
 
-BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+BENCH = REPO_ROOT / "benchmarks"
 
 
 @pytest.fixture(scope="module")
@@ -28,7 +28,8 @@ def results(date, machine, rows, command="python benchmarks/gpu_step.py --cpu"):
 @pytest.fixture
 def two_runs(tmp_path):
     old = results("2026-01-02T10:00:00Z", {"cpu": "Test CPU 9000", "cores": 2, "gpu": None},
-                  [{"mode": "naive", "s_per_step": 4.8123}, {"mode": "fused+cache", "s_per_step": 2.36, "x_naive": 2.04}])
+                  [{"mode": "naive", "s_per_step": 4.8123},
+                   {"mode": "fused+cache", "s_per_step": 2.36, "x_naive": 2.04}])
     new = results("2026-03-04T10:00:00Z", {"cpu": "x", "cores": 16, "gpu": "Test GPU H999"},
                   [{"mode": "naive", "s_per_step": 0.5},
                    {"mode": "fused+cache", "s_per_step": 0.21, "x_naive": {"mean": 2.38, "sd": 0.05}, "mfu_pct": 41.5}])
