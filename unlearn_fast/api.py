@@ -18,7 +18,8 @@ import torch
 from torch import nn
 
 from .errors import DataError, TrainingError, UnlearnFastError
-from .eval.evaluation import evaluate_sets, retain_damage
+from .eval.evaluation import HELDOUT, evaluate_sets, forget_unmoved, retain_damage
+from .eval.general_text import GENERAL_TEXT
 from .fusion.grams import collect_grams
 from .fusion.closed_form import request_records
 from .io.artifacts import check_writable, load_layers, load_layers_together, model_fingerprint, write_artifact
@@ -75,7 +76,8 @@ def unlearn(
     training: Optional[TrainConfig] = None,
     max_length: int = 256,
     evaluate: bool = True,
-    general_text: Optional[Sequence[str]] = None,
+    heldout: Union[str, Path, Sequence, None] = None,
+    general_text: Optional[Sequence[str]] = GENERAL_TEXT,
     allow_damage: bool = False,
     log=print,
 ) -> UnlearnResult:
@@ -95,6 +97,13 @@ def unlearn(
     a retain loss far above its value before (:func:`unlearn_fast.eval.evaluation.retain_damage`).
     With ``allow_damage=True`` the result is kept (and written) anyway, the damage recorded in the
     manifest's ``damage`` list.
+
+    The reference figures beside forget and retain (when ``evaluate``): ``heldout``, examples like the
+    forget set that the model knows and nobody asked to delete (for a classifier, a labelled test
+    split; loaded like ``forget``), gives ``heldout_accuracy`` and ``heldout_loss``; ``general_text``
+    (default: the shipped :data:`unlearn_fast.eval.general_text.GENERAL_TEXT`; None for none) gives
+    ``general_perplexity`` (causal LMs). A forget-set loss that did not rise is logged as a warning
+    (:func:`unlearn_fast.eval.evaluation.forget_unmoved`) and kept in the manifest's ``warnings``.
     """
     layers = layers or LayerConfig()
     objective = objective or ObjectiveConfig()
@@ -111,6 +120,8 @@ def unlearn(
     gamma = objective.resolved_gamma(task)
     forget_set = load_examples(forget, columns, name="forget set")
     retain_set = load_examples(retain, columns, name="retain set")
+    heldout_set = load_examples(heldout, columns and columns.for_set("heldout set"), name="heldout set") \
+        if heldout is not None else []
     retain_set, dropped = check_overlap(forget_set, retain_set, drop=drop_overlap)
     if dropped:
         log(f"dropped {dropped} retained example(s) that are also in the forget set")
@@ -118,6 +129,7 @@ def unlearn(
         raise DataError("retain set: empty after dropping the examples it shares with the forget set")
     forget_labels = example_labels(model, task, forget_set, "forget set", required=False)
     retain_labels = example_labels(model, task, retain_set, "retain set", required=objective.lam != 0)
+    heldout_labels = example_labels(model, task, heldout_set, "heldout set", required=True) if heldout_set else None
     enc = dict(model_config=model.config, max_length=max_length)
     forget_rows = encode(forget_set, tokenizer, task, forget=True, name="forget set", labels=forget_labels, **enc)
     retain_rows = encode(retain_set, tokenizer, task, forget=False, name="retain set", labels=retain_labels, **enc)
@@ -136,8 +148,9 @@ def unlearn(
                             "as likely after the generic prompts); nothing to forget: lower the subject "
                             "margin or check the generic prompts")
     base_fingerprint = model_fingerprint(model)
-    sets = {"forget": forget_set, "retain": retain_set}
-    eval_labels = {"forget": forget_labels, "retain": retain_labels}
+    sets = {"forget": forget_set, "retain": retain_set, **({HELDOUT: heldout_set} if heldout_set else {})}
+    eval_labels = {"forget": forget_labels, "retain": retain_labels,
+                   **({HELDOUT: heldout_labels} if heldout_labels is not None else {})}
     world = distributed.world_size()  # > 1 under torchrun: data parallel (see unlearn_fast.train.distributed)
     if world > 1:
         distributed.check_same(base_fingerprint + data_fingerprint(train_forget_rows, retain_rows), "base model and data")
@@ -157,7 +170,7 @@ def unlearn(
         cache = StepCache(model, task, teacher=training.teacher_cache, trunk=training.shared_trunk)
     loss = EULObjective(model, task, objective, cache)
     pad = pad_token_id(tokenizer)
-    result = train(model, loss, train_forget_rows, retain_rows, training, pad, allow_damage=allow_damage)
+    result = train(model, loss, train_forget_rows, retain_rows, training, pad, allow_damage=allow_damage, log=log)
     # with several ranks each takes a share of the batches and the Gram matrices are summed
     grams, gram_tokens = collect_grams(model, task, forget_rows, pad, training.batch_size,
                                        lockstep=training.shard_base)
@@ -168,10 +181,14 @@ def unlearn(
                             "rate (--lr), or pass --allow-damage (allow_damage=True) to write it anyway.")
     for d in damage:
         log(f"warning: {d}; kept anyway (allow_damage), and recorded in the manifest")
+    warnings = [w for w in (forget_unmoved(before, after),) if w]
+    for w in warnings:
+        log(f"warning: {w}")
     times = distributed.all_gather_floats(result.update_time_s - result.earlier_time_s)
 
     metrics = {"before": before, "after": after, "update_time_s": result.update_time_s,
                "steps": result.steps, "train_tokens": result.tokens,
+               "tokens_per_s": result.tokens / result.update_time_s if result.update_time_s > 0 else None,
                "final_terms": result.history[-1] if result.history else {}}
     manifest = {
         "package": {"name": "unlearn_fast", "version": __version__},
@@ -186,9 +203,13 @@ def unlearn(
         "training": training.to_dict(),
         "forget_set": fingerprint(forget_set),
         "retain_set": fingerprint(retain_set),
+        "heldout_set": fingerprint(heldout_set) if heldout_set else None,
+        "general_text": ({"shipped": general_text is GENERAL_TEXT, **fingerprint([Example(text=t) for t in general_text])}
+                         if general_text and evaluate and task == "causal" else None),
         "grams": {"tokens": gram_tokens, "augmented_with_bias_column": True, "dtype": "float64"},
         "metrics": metrics,
         "damage": damage,  # what allow_damage let through (empty: none found); eval --layers warns on it
+        "warnings": warnings,  # e.g. a forget-set loss that did not rise
         "update_time_s": result.update_time_s,
         # per rank: the interrupted runs' update time (if resumed) + this run's; total: rank-seconds
         "update_time": {"per_rank_s": [result.earlier_time_s + t for t in times],

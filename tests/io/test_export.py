@@ -108,7 +108,7 @@ def run_isolated(jobs, tmp):
     """Run ISOLATED on ``jobs`` in `python -I` (unlearn_fast hidden); return its results."""
     (tmp / "jobs.json").write_text(json.dumps(jobs))
     env = {k: v for k, v in os.environ.items() if not k.startswith("PYTHON")}
-    env.update(HF_HOME=str(tmp / "hf"), HF_MODULES_CACHE=str(tmp / "hf" / "modules"), HF_HUB_OFFLINE="1",
+    env.update(HF_HOME=str(tmp / "hf_home"), HF_MODULES_CACHE=str(tmp / "hf_home" / "modules"), HF_HUB_OFFLINE="1",
                TRANSFORMERS_VERBOSITY="error", TOKENIZERS_PARALLELISM="false")
     proc = subprocess.run([sys.executable, "-I", "-c", ISOLATED, str(tmp / "jobs.json"), str(tmp / "results.pt")],
                           cwd=tmp, env=env, capture_output=True, text=True, timeout=600)

@@ -12,6 +12,7 @@ from typing import Optional, Sequence
 
 from ..errors import UnlearnFastError
 from . import demo, eval, export, fuse, ledger, unlearn
+from .common import use_help_formatter
 
 VERBS = {"unlearn": unlearn, "eval": eval, "demo": demo, "fuse": fuse, "ledger": ledger, "export": export}
 
@@ -24,6 +25,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for verb in VERBS.values():
         verb.add_parser(sub)
+    use_help_formatter(parser)  # every option's default in --help
     return parser
 
 

@@ -3,11 +3,61 @@
 from __future__ import annotations
 
 import argparse
+import os
+import re
 
 import torch
+import transformers
 
+from ..eval.general_text import GENERAL_TEXT, load_general_text
 from ..io.base_model import load_model
 from ..train.data import Columns
+
+
+class HelpFormatter(argparse.HelpFormatter):
+    """Every option's default in ``--help``: help that does not name its default already gets
+    ``(default: X)`` (``off`` for a flag, ``none`` for an unset option), a required option
+    ``(required)``; argparse's ArgumentDefaultsHelpFormatter with the defaults said in words."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if not action.option_strings or action.default is argparse.SUPPRESS or says_default(text):
+            return text
+        if action.required:
+            return text if "required" in text else f"{text} (required)"
+        if action.nargs == 0 and action.const is True:  # a store_true flag
+            return f"{text} (default: off)"
+        if action.default is None:
+            return f"{text} (default: none)"
+        shown = " ".join(map(str, action.default)) if isinstance(action.default, (list, tuple)) else action.default
+        return f"{text} (default: {str(shown).replace('%', '%%')})"
+
+
+def says_default(text: str) -> bool:
+    """Does an option's help name its default (``(default 16)``, ``default: none``, ``'all' (default)``)
+    or say that it is required?"""
+    return bool(re.search(r"\(default\b|\bdefault:|\bdefault \d|\(required\)", text or ""))
+
+
+def use_help_formatter(parser: argparse.ArgumentParser) -> None:
+    """Give ``parser`` and every sub-command's parser below it :class:`HelpFormatter`."""
+    parser.formatter_class = HelpFormatter
+    for action in parser._actions:
+        if isinstance(action.choices, dict):  # a sub-command action: name -> parser
+            for sub in action.choices.values():
+                use_help_formatter(sub)
+
+
+def quiet_progress() -> None:
+    """Silence every progress bar: transformers' (loading and writing weights) and the Hub's.
+    The trainer's own bar follows ``TrainConfig.progress``."""
+    os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
+    transformers.utils.logging.disable_progress_bar()
+
+
+def general_text(args):
+    """The general text whose perplexity is reported: ``--ppl-text FILE`` or the shipped one."""
+    return load_general_text(args.ppl_text) if args.ppl_text else GENERAL_TEXT
 
 
 def block_spec(value: str):
@@ -51,6 +101,18 @@ def add_data_args(p: argparse.ArgumentParser, required: bool) -> None:
                         "subject replaced by others (one string, or a list; a JSON list in a CSV cell; default: "
                         "'generic_prompts' if present). EUL then forgets only the subject-specific answer tokens "
                         "(see --subject-margin)")
+    g.add_argument("--answers-column",
+                   help="with prompt/response data: column of other acceptable answers (a list of strings, or one; "
+                        "a JSON list in a CSV cell; default: 'answers' if present); a fact counts as known when the "
+                        "completion holds the response or any of them, and the strict score (response only) is "
+                        "shown beside it")
+    g.add_argument("--heldout", metavar="FILE",
+                   help="reference set: examples like the forget set that the model knows and nobody asked to "
+                        "delete (for a classifier: a labelled test split); its accuracy and loss are reported "
+                        "beside forget and retain (default: none)")
+    g.add_argument("--ppl-text", metavar="FILE",
+                   help="plain UTF-8 text, one passage per line, whose perplexity is reported for causal LMs "
+                        "(default: a short English text shipped with the package)")
     g.add_argument("--max-length", type=int, default=256, help="tokens kept per example (default 256)")
 
 
@@ -66,7 +128,8 @@ def data_columns(args, name: str):
     """The data columns the options name, for the set ``name`` (None: pick automatically)."""
     given = {"text": args.text_column, "prompt": args.prompt_column, "response": args.response_column,
              "label": args.label_column, "perturbed": args.perturbed_column,
-             "paraphrased": args.paraphrased_column, "generic_prompts": args.generic_prompts_column}
+             "paraphrased": args.paraphrased_column, "generic_prompts": args.generic_prompts_column,
+             "answers": args.answers_column}
     return Columns(**given).for_set(name) if any(given.values()) else None
 
 

@@ -11,7 +11,7 @@ def add_parser(sub) -> None:
                                    "package) forgets the capitals of a few countries (from countryinfo) and keeps "
                                    "the others; prints before/after figures and writes the artifact.")
     p.add_argument("--out", default="unlearn_fast_demo", help="artifact directory (default ./unlearn_fast_demo)")
-    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it is an unlearn-fast artifact")
     p.add_argument("--device", help="cpu or cuda (default: cuda if available)")
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from ..api import example_labels
 from ..errors import UnlearnFastError
-from ..eval.evaluation import evaluate_sets
+from ..eval.evaluation import HELDOUT, evaluate_sets
 from ..eval.logs import as_result, check_logs_path, check_sets, load_logs, save_logs
 from ..eval.report import build_report, evaluate_for_report, write_report
 from ..io.artifacts import MANIFEST_FILE, WEIGHTS_FILE, LazyTensors, load_layers, load_layers_together, read_manifest
@@ -16,7 +16,7 @@ from ..io.atomic import ensure_directory
 from ..model.family import detect_task
 from ..train.data import load_examples
 from ..train.trainer import weight_damage
-from .common import data_columns, load_base, model_verb_parser
+from .common import data_columns, general_text, load_base, model_verb_parser
 
 
 def add_parser(sub) -> None:
@@ -52,10 +52,11 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> int:
-    if not (args.forget or args.retain):
-        raise UnlearnFastError("eval needs --forget and/or --retain data")
+    if not (args.forget or args.retain or args.heldout):
+        raise UnlearnFastError("eval needs --forget, --retain and/or --heldout data")
+    reference_text = general_text(args)  # a bad --ppl-text fails before any model is loaded
     if args.report or args.test or args.retrained or args.compare or args.retain_logs or args.save_logs:
-        return _eval_report(args)
+        return _eval_report(args, reference_text)
     model, tokenizer, _ = load_base(args)
     if args.layers:
         if len(args.layers) == 1:
@@ -66,12 +67,12 @@ def run(args) -> int:
             warn_if_damaged(artifact)
     task = detect_task(model)
     sets, labels = {}, {}
-    for name, source in (("forget", args.forget), ("retain", args.retain)):
+    for name, source in (("forget", args.forget), ("retain", args.retain), (HELDOUT, args.heldout)):
         if source:
             sets[name] = load_examples(source, data_columns(args, f"{name} set"), name=f"{name} set")
-            labels[name] = example_labels(model, task, sets[name], f"{name} set", required=False)
-    figures = evaluate_sets(model, tokenizer, task, sets, labels, max_length=args.max_length,
-                            log=lambda m: print(m, file=sys.stderr))
+            labels[name] = example_labels(model, task, sets[name], f"{name} set", required=name == HELDOUT)
+    figures = evaluate_sets(model, tokenizer, task, sets, labels, general_text=reference_text,
+                            max_length=args.max_length, log=lambda m: print(m, file=sys.stderr))
     if args.json:
         print(json.dumps(figures, indent=2))
     else:
@@ -80,11 +81,12 @@ def run(args) -> int:
     return 0
 
 
-def _eval_report(args) -> int:
+def _eval_report(args, reference_text) -> int:
     if args.report:  # a report directory that cannot be written fails now, not after the evaluation
         ensure_directory(args.report)
     sets = {}
-    for name, source in (("forget", args.forget), ("retain", args.retain), ("test", args.test)):
+    for name, source in (("forget", args.forget), ("retain", args.retain), ("test", args.test),
+                         (HELDOUT, args.heldout)):
         if source:
             sets[name] = load_examples(source, data_columns(args, f"{name} set"), name=f"{name} set")
     compare = {}
@@ -100,7 +102,7 @@ def _eval_report(args) -> int:
     results, times, retrained = evaluate_for_report(
         lambda: load_base(args)[:2], sets, layers=_single_layers(args), retrained=args.retrained, compare=compare,
         labels_for=lambda model, task, name, ex: example_labels(model, task, ex, f"{name} set", required=False),
-        max_length=args.max_length, max_new_tokens=args.max_new_tokens, log=lambda m: print(m, file=sys.stderr))
+        general_text=reference_text, max_length=args.max_length, max_new_tokens=args.max_new_tokens, log=lambda m: print(m, file=sys.stderr))
     if args.save_logs:  # the model under --model (with its --layers): the first one after "original" if any
         subject = list(results)[1] if args.layers else "original"
         path = save_logs(results[subject], sets, args.save_logs,

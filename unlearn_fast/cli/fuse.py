@@ -20,7 +20,7 @@ def add_parser(sub) -> None:
     p.add_argument("--merge", action="store_true", help="accepted for the original EUL spelling; fusing is implied")
     p.add_argument("--out", "--output_dir", dest="out", help="fused artifact directory to create (required)")
     p.add_argument("--rho", type=float, help=RHO_HELP)
-    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it is an unlearn-fast artifact")
 
 
 def run(args) -> int:

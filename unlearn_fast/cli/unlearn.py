@@ -13,7 +13,7 @@ from ..train.data import load_examples
 from ..train.set_checks import check_overlap
 from ..train.objective import ObjectiveConfig
 from ..train.trainer import MAX_LR, WEIGHT_LIMIT, TrainConfig
-from .common import block_spec, data_columns, load_base, model_verb_parser
+from .common import block_spec, data_columns, general_text, load_base, model_verb_parser, quiet_progress
 
 
 def add_parser(sub) -> None:
@@ -22,13 +22,14 @@ def add_parser(sub) -> None:
                                       "write the layers, Gram matrices and a manifest to --out.",
                           data_required=True)
     p.add_argument("--out", "--output_dir", dest="out", required=True, help="artifact directory to create")
-    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it is an unlearn-fast artifact")
     p.add_argument("--drop-overlap", action="store_true",
                    help="drop retained examples that also appear in the forget set (default: error)")
     g = p.add_argument_group("unlearning layers")
     g.add_argument("--rank", type=int, help="bottleneck width r (default: hidden size / reduction factor)")
     g.add_argument("--reduction-factor", type=int, default=16, help="d / r when --rank is not given (default 16)")
-    g.add_argument("--activation", default="relu", choices=["relu", "gelu", "silu"])
+    g.add_argument("--activation", default="relu", choices=["relu", "gelu", "silu"],
+                   help="the layers' activation between down- and up-projection")
     g.add_argument("--blocks", type=block_spec, default="all",
                    help="'all' (default), 'top:K' for the top K blocks, or indices like 0,5,11")
     g = p.add_argument_group("objective: L = α·KL_retain − KL_forget + λ·task_retain − γ·LM_forget")
@@ -48,14 +49,23 @@ def add_parser(sub) -> None:
     g = p.add_argument_group("training")
     g.add_argument("--schedule", choices=["mixed", "alternate"], default="mixed",
                    help="'alternate': the paper's retain epoch / forget epoch; 'mixed': both in every batch")
-    g.add_argument("--epochs", type=int, default=3)
-    g.add_argument("--batch-size", type=int, default=8)
+    g.add_argument("--epochs", type=int, default=3, help="passes over the larger set (mixed) or over both (alternate)")
+    g.add_argument("--batch-size", type=int, default=8,
+                   help="rows per forward pass (per set in the mixed schedule; default 8)")
+    g.add_argument("--accumulate", type=int, default=1, metavar="N",
+                   help="micro-batches per optimiser step: each step makes the update of one batch of "
+                        "N x --batch-size rows, holding --batch-size rows at a time (default 1)")
+    g.add_argument("--gradient-checkpointing", action="store_true",
+                   help="recompute the activations of the blocks above the lowest unlearning layer in the "
+                        "backward pass instead of keeping them: less memory, about one more forward of "
+                        "those blocks per step, the same losses (default: off); see `unlearn-fast plan`")
     g.add_argument("--lr", type=float, default=1e-3,
                    help=f"AdamW learning rate (default 1e-3; at most {MAX_LR:g}: AdamW moves every weight by about "
                         "lr per step)")
-    g.add_argument("--max-steps", type=int)
-    g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--no-progress", action="store_true", help="no progress bar")
+    g.add_argument("--max-steps", type=int, help="stop after this many optimiser steps (default: none, all epochs)")
+    g.add_argument("--seed", type=int, default=0, help="seed of the layers' initial weights and the batch order")
+    g.add_argument("--no-progress", action="store_true",
+                   help="no progress bars (the trainer's, and transformers' loading / writing bars)")
     g.add_argument("--no-eval", action="store_true",
                    help="skip the before/after evaluation (the damage check then sees only a NaN / infinite "
                         "loss and out-of-range weights, not the retain loss)")
@@ -93,10 +103,15 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> int:
+    if args.no_progress:
+        quiet_progress()
     if args.method != "eul":
         if distributed.launched_world_size() > 1 or args.shard_base or args.checkpoint_dir:
             raise UnlearnFastError("the baselines run in one process, without checkpoints: launch without "
                                    "torchrun, and without --shard-base / --checkpoint-dir")
+        if args.heldout or args.ppl_text:
+            raise UnlearnFastError("the baselines do not evaluate: leave out --heldout / --ppl-text, and evaluate "
+                                   "the output with 'unlearn-fast eval --heldout FILE'")
         return _cmd_baseline(args)
     check_outputs(args)
     layers = LayerConfig(rank=args.rank, reduction_factor=args.reduction_factor, activation=args.activation,
@@ -108,12 +123,15 @@ def run(args) -> int:
     training = TrainConfig(epochs=args.epochs, schedule=args.schedule, batch_size=args.batch_size, lr=args.lr,
                            max_steps=args.max_steps, seed=args.seed, progress=not args.no_progress,
                            checkpoint_dir=args.checkpoint_dir, checkpoint_every=args.checkpoint_every,
-                           resume=args.resume, shard_base=args.shard_base, compile_blocks=args.compile)
+                           resume=args.resume, shard_base=args.shard_base, compile_blocks=args.compile,
+                           accumulate=args.accumulate, gradient_checkpointing=args.gradient_checkpointing)
 
     # the user's data is checked before a model is loaded (which can take a while)
     forget = load_examples(args.forget, data_columns(args, "forget set"), name="forget set")
     retain = load_examples(args.retain, data_columns(args, "retain set"), name="retain set")
     check_overlap(forget, retain, drop=args.drop_overlap)
+    heldout = load_examples(args.heldout, data_columns(args, "heldout set"), name="heldout set") if args.heldout else None
+    reference_text = general_text(args)
     # under torchrun: join the process group; this rank's device is cuda:LOCAL_RANK or the CPU
     device = distributed.init_from_env(args.device, force=args.shard_base)
     try:
@@ -128,7 +146,8 @@ def run(args) -> int:
         result = unlearn(model, tokenizer, forget, retain, out=args.out, overwrite=args.overwrite,
                          model_name=name, columns=data_columns(args, "forget set"), drop_overlap=args.drop_overlap, layers=layers,
                          objective=objective, training=training, max_length=args.max_length,
-                         evaluate=not args.no_eval, allow_damage=args.allow_damage)
+                         evaluate=not args.no_eval, allow_damage=args.allow_damage, heldout=heldout,
+                         general_text=reference_text)
         if distributed.is_main():
             _print_figures(result.metrics)
             print(f"artifact written to {result.out}")
@@ -153,7 +172,8 @@ def _cmd_baseline(args) -> int:
                                                activation=args.activation, blocks=args.blocks))
     training = TrainConfig(epochs=args.epochs, schedule=args.schedule, batch_size=args.batch_size, lr=args.lr,
                            max_steps=args.max_steps, seed=args.seed, progress=not args.no_progress,
-                           compile_blocks=args.compile)
+                           compile_blocks=args.compile, accumulate=args.accumulate,
+                           gradient_checkpointing=args.gradient_checkpointing)
     forget = load_examples(args.forget, data_columns(args, "forget set"), name="forget set")
     retain = load_examples(args.retain, data_columns(args, "retain set"), name="retain set")
     retain, _ = check_overlap(forget, retain, drop=args.drop_overlap)
@@ -166,7 +186,9 @@ def _cmd_baseline(args) -> int:
                           allow_damage=args.allow_damage)
     out = save_baseline(args.out, result, tokenizer, base_fingerprint=fingerprint, model_name=name,
                         overwrite=args.overwrite)
-    print(f"{config.label}: {result.training.steps} steps in {result.training.update_time_s:.1f} s; written to {out}")
+    t = result.training
+    print(f"{config.label}: {t.steps} steps in {t.update_time_s:.1f} s ({_rate(t.tokens, t.update_time_s)}); "
+          f"written to {out}")
     return 0
 
 
@@ -179,4 +201,9 @@ def _print_figures(metrics: dict) -> None:
             b, a = before.get(k), after.get(k)
             print(f"{k:24}{'' if b is None else f'{b:.4f}':>12}{'' if a is None else f'{a:.4f}':>12}")
     if "update_time_s" in metrics:
-        print(f"update time: {metrics['update_time_s']:.1f} s over {metrics['steps']} steps")
+        print(f"update time: {metrics['update_time_s']:.1f} s over {metrics['steps']} steps "
+              f"({_rate(metrics.get('train_tokens', 0), metrics['update_time_s'])})")
+
+
+def _rate(tokens: int, seconds: float) -> str:
+    return f"{tokens / seconds:,.0f} tokens/s" if seconds > 0 else f"{tokens:,} tokens"

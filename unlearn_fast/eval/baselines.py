@@ -334,7 +334,8 @@ def run_baseline(model: nn.Module, tokenizer, forget, retain, config: BaselineCo
         model = fresh_copy(model, training.seed)
     params = trainable_parameters(model, config)
     objective = build_objective(model, task, config, forget_rows, pad)
-    result = train(model, objective, forget_rows, retain_rows, training, pad, params=params, allow_damage=allow_damage)
+    result = train(model, objective, forget_rows, retain_rows, training, pad, params=params, allow_damage=allow_damage,
+                   log=log)
     if result.damage:
         log(f"warning: {result.damage}; kept anyway (allow_damage)")
     for p in model.parameters():  # leave the model frozen, like a model after EUL

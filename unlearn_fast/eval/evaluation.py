@@ -1,7 +1,10 @@
 """Figures that show what was forgotten and what was kept.
 
 - answer accuracy (prompt + response examples): the greedy completion of the prompt contains
-  the expected response (case and surrounding punctuation ignored);
+  the expected response or one of the example's other acceptable ``answers`` (case, punctuation,
+  whitespace, accents and articles ignored: :func:`unlearn_fast.eval.metrics.answer_found`); where the
+  strict score (the response alone, case / punctuation / whitespace ignored) differs, or the set has
+  answer variants, it is reported beside it as ``<set>_accuracy_strict``;
 - classification accuracy (text + label examples);
 - mean per-token loss of the targets, and perplexity of general text;
 - TOFU's truth ratio of prompts whose examples carry perturbed (wrong) answers.
@@ -10,7 +13,6 @@
 from __future__ import annotations
 
 import math
-import re
 from typing import Optional, Sequence
 
 import torch
@@ -23,13 +25,9 @@ from ..train.data import Example
 from ..train.encoding import Row, collate, encode, fit_max_length, pad_token_id, truncation_note
 from ..train.scoring import row_token_stats, target_text
 from .metrics import (
-    ATTACKS, TRUTH_RATIO_AGGREGATORS, exact_match, extraction_strength, ks_test, mia_auc, mia_scores, model_utility,
-    normalise_answer, privleak, probability, probability_w_options, rouge_l, truth_ratio
+    ATTACKS, TRUTH_RATIO_AGGREGATORS, answer_found, exact_match, extraction_strength, ks_test, mia_auc, mia_scores,
+    model_utility, normalise_answer, privleak, probability, probability_w_options, rouge_l, truth_ratio
 )
-
-
-def _normalise(text: str) -> str:
-    return re.sub(r"\s+", " ", re.sub(r"[^\w\s]", " ", text.lower())).strip()
 
 
 @torch.no_grad()
@@ -61,12 +59,34 @@ def completions(model: nn.Module, tokenizer, prompts: Sequence[str], max_new_tok
     return out
 
 
-def answer_hits(model: nn.Module, tokenizer, examples: Sequence[Example], max_new_tokens: int = 8) -> list[bool]:
-    """For each prompt/response example: does the greedy completion contain the response?"""
+def answer_hits(model: nn.Module, tokenizer, examples: Sequence[Example], max_new_tokens: int = 8,
+                strict: bool = False) -> list[bool]:
+    """For each prompt/response example: does the greedy completion contain the response or one of its
+    other acceptable ``answers``? With ``strict``, the response only (see
+    :func:`unlearn_fast.eval.metrics.answer_found` for the normalisation of each)."""
+    return [s if strict else v for s, v in answer_matches(model, tokenizer, examples, max_new_tokens)]
+
+
+def answer_matches(model: nn.Module, tokenizer, examples: Sequence[Example],
+                   max_new_tokens: int = 8) -> list[tuple[bool, bool]]:
+    """(strict, variant) hit of each prompt/response example's greedy completion, from one generation
+    (:func:`unlearn_fast.eval.metrics.answer_found`)."""
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     texts = completions(model, tokenizer, [e.prompt for e in examples], max_new_tokens)
-    return [_normalise(e.response) in _normalise(t) for e, t in zip(examples, texts)]
+    return [answer_found(t, e.response, e.answers) for e, t in zip(examples, texts)]
+
+
+def accuracy_figures(examples: Sequence[Example], matches: Sequence[tuple[bool, bool]], prefix: str = "") -> dict:
+    """``<prefix>accuracy`` (variant scoring) and, where the strict score (the response alone) differs
+    from it or the set has answer variants, ``<prefix>accuracy_strict``; ``matches`` as
+    :func:`answer_matches` gives them."""
+    n = max(len(matches), 1)
+    strict, variant = sum(m[0] for m in matches) / n, sum(m[1] for m in matches) / n
+    out = {f"{prefix}accuracy": variant}
+    if strict != variant or any(e.answers for e in examples):
+        out[f"{prefix}accuracy_strict"] = strict
+    return out
 
 
 @torch.no_grad()
@@ -124,8 +144,9 @@ def evaluate_sets(model: nn.Module, tokenizer, task: str, sets: dict[str, Sequen
                   max_length: int = 256, log=None) -> dict[str, float]:
     """Accuracy and mean loss for each named set, plus general-text perplexity for causal LMs.
 
-    Accuracy is answer accuracy for prompt/response sets, classification accuracy for labelled
-    sets; sets of plain text get only their loss. Prompt/response sets with perturbed answers get
+    Accuracy is answer accuracy for prompt/response sets (with ``<set>_accuracy_strict`` beside it
+    where it differs: :func:`accuracy_figures`), classification accuracy for labelled sets (with
+    their mean loss of the label); sets of plain text get only their loss. Prompt/response sets with perturbed answers get
     a truth-ratio figure too (:func:`aggregate_truth_ratios`, named by :func:`truth_ratio_figure`; the set
     named ``forget`` is the forget set).
     Rows are cut at ``max_length``, capped at the model's context; with ``log``, one line says how
@@ -142,10 +163,13 @@ def evaluate_sets(model: nn.Module, tokenizer, task: str, sets: dict[str, Sequen
         if task == "classification" and labels and name in labels:
             hits = classification_hits(model, tokenizer, examples, labels[name], max_length=max_length)
             metrics[f"{name}_accuracy"] = sum(hits) / len(hits)
+            if name == HELDOUT:  # a classifier's test split: its loss too (forget / retain as before)
+                rows = encode(examples, tokenizer, task, forget=False, name=name, model_config=model.config,
+                              labels=labels[name], max_length=max_length)
+                metrics[f"{name}_loss"] = mean_loss(model, task, rows, pad)
             continue
         if examples[0].prompt is not None:
-            hits = answer_hits(model, tokenizer, examples)
-            metrics[f"{name}_accuracy"] = sum(hits) / len(hits)
+            metrics.update(accuracy_figures(examples, answer_matches(model, tokenizer, examples), f"{name}_"))
         rows = encode(examples, tokenizer, task, forget=False, name=name, model_config=model.config,
                       max_length=max_length)
         encoded[f"{name} set"] = rows
@@ -161,6 +185,22 @@ def evaluate_sets(model: nn.Module, tokenizer, task: str, sets: dict[str, Sequen
     if log is not None and note:
         log(note)
     return metrics
+
+
+HELDOUT = "heldout"  # the name of the held-out reference set (--heldout) in figures: heldout_accuracy ...
+
+
+def forget_unmoved(before: dict, after: dict) -> Optional[str]:
+    """Why the figures after unlearning show nothing forgotten, or None: the forget-set loss after is
+    not above its value before (the model is no further from the original on what it was to forget).
+    None without a forget loss on both sides."""
+    b, a = before.get("forget_loss"), after.get("forget_loss")
+    if b is None or a is None or not (math.isfinite(a) and math.isfinite(b)):
+        return None
+    if a <= b:
+        return (f"the forget-set loss did not rise ({b:.3f} before, {a:.3f} after nats): the model has not "
+                f"moved away from the original on the forget set; train longer (--epochs) or harder (--lr)")
+    return None
 
 
 # How far the retain loss may rise over its value before unlearning: by max(1 nat, 50 %). A rise of
@@ -288,7 +328,9 @@ def membership_inference(forget_stats: Sequence[dict], holdout_stats: Sequence[d
 def generation_scores(model: nn.Module, tokenizer, examples: Sequence[Example], max_new_tokens: int = 8) -> dict:
     """Greedy-completion figures of prompt/response examples, averaged over the set.
 
-    ``accuracy``: the completion contains the response (as :func:`answer_hits`); ``exact_match``: the
+    ``accuracy``: the completion contains the response or another acceptable answer (as
+    :func:`answer_hits`), and ``accuracy_strict`` the response alone where that differs or the set has
+    answer variants (:func:`accuracy_figures`); ``exact_match``: the
     completion's first w words equal the response's w words after normalisation (greedy completions
     run on past the answer, so the whole completion is not compared); ``Q_A_ROUGE`` (open-unlearning's
     name for the ROUGE-L recall, :func:`unlearn_fast.eval.metrics.rouge_l`) and ``rougeL_f1`` of the whole
@@ -298,17 +340,18 @@ def generation_scores(model: nn.Module, tokenizer, examples: Sequence[Example], 
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     texts = completions(model, tokenizer, [e.prompt for e in examples], max_new_tokens)
-    acc = em = recall = f1 = 0.0
+    em = recall = f1 = 0.0
+    matches = []
     for e, t in zip(examples, texts):
         ref = normalise_answer(e.response)
-        acc += ref in normalise_answer(t)
+        matches.append(answer_found(t, e.response, e.answers))
         words = len(ref.split())
         em += exact_match(" ".join(normalise_answer(t).split()[:words]), ref)
         r = rouge_l(t, e.response)
         recall += r.recall
         f1 += r.fmeasure
     n = max(len(examples), 1)
-    return {"accuracy": acc / n, "exact_match": em / n, "Q_A_ROUGE": recall / n, "rougeL_f1": f1 / n}
+    return {**accuracy_figures(examples, matches), "exact_match": em / n, "Q_A_ROUGE": recall / n, "rougeL_f1": f1 / n}
 
 
 def aggregate_truth_ratios(ratios: Sequence[float], forget: bool) -> float:

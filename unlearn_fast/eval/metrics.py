@@ -22,6 +22,7 @@ from __future__ import annotations
 import functools
 import math
 import re
+import unicodedata
 import zlib
 from typing import NamedTuple, Optional, Sequence
 
@@ -59,6 +60,31 @@ def rouge_l(prediction: str, reference: str) -> RougeL:
 def normalise_answer(text: str) -> str:
     """Lowercase, punctuation replaced by spaces, whitespace collapsed (SQuAD-style, no article removal)."""
     return re.sub(r"\s+", " ", re.sub(r"[^\w\s]", " ", text.lower())).strip()
+
+
+ARTICLES = ("a", "an", "the")  # dropped by normalise_variant
+
+
+def normalise_variant(text: str) -> str:
+    """The looser normalisation of answer-variant matching: :func:`normalise_answer` (case, punctuation,
+    whitespace) plus accents folded (``São Tomé`` = ``Sao Tome``) and the English articles a / an / the
+    dropped (``The Hague`` = ``Hague``)."""
+    folded = "".join(c for c in unicodedata.normalize("NFKD", text) if not unicodedata.combining(c))
+    return " ".join(w for w in normalise_answer(folded).split() if w not in ARTICLES)
+
+
+def answer_found(completion: str, response: str, answers: Optional[Sequence[str]] = None) -> tuple[bool, bool]:
+    """(strict, variant): does ``completion`` hold the answer?
+
+    strict: the response, after :func:`normalise_answer`, is a substring of the completion (the one
+    answer, case / punctuation / whitespace ignored). variant: strict, or the response or any of
+    ``answers`` (other acceptable answers), after :func:`normalise_variant`, is a substring of the
+    completion so normalised; a variant that normalises to nothing (``"The"``) never matches.
+    """
+    strict = normalise_answer(response) in normalise_answer(completion)
+    text = normalise_variant(completion)
+    variants = (normalise_variant(a) for a in (response, *(answers or ())))
+    return strict, strict or any(v and v in text for v in variants)
 
 
 def exact_match(prediction: str, reference: str) -> float:

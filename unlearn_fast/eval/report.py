@@ -137,16 +137,23 @@ def markdown(report: dict) -> str:
         lines.append(f"- {k}: {v}")
     if meta:
         lines.append("")
+    # the reference columns (held-out set, general-text perplexity) where any method has them
+    extra = [(head, key, k) for head, key, k in (("Held-out ↑", f"heldout_{metric}", kind),
+                                                 ("General ppl", "general_perplexity", "f"))
+             if any(key in m["figures"] for m in report["methods"].values())]
     lines += [f"## Task performance ({metric}{unit}) and update time", "",
-              "| Method | Test ↑ | Retain ↑ | Forget | Forget LM loss | Time (s) |",
-              "|---|---:|---:|---:|---:|---:|"]
+              "| Method | Test ↑ | Retain ↑ | Forget | Forget LM loss | " + "".join(f"{h} | " for h, _, _ in extra)
+              + "Time (s) |", "|---|---:|---:|---:|---:|" + "---:|" * len(extra) + "---:|"]
     for name, m in report["methods"].items():
         f = m["figures"]
         lines.append(f"| {name} | {_fmt(f.get(f'test_{metric}'), kind)} | {_fmt(f.get(f'retain_{metric}'), kind)} | "
                      f"{_fmt(f.get(f'forget_{metric}'), kind)} | {_fmt(f.get('forget_lm_loss'), 'f')} | "
-                     f"{_fmt(m.get('time_s'), 's')} |")
+                     + "".join(f"{_fmt(f.get(key), k)} | " for _, key, k in extra)
+                     + f"{_fmt(m.get('time_s'), 's')} |")
     lines += ["", "Forget: the target is the retrained model's value (not the lowest); "
-              "forget LM loss: mean NLL of the forgotten answers (nats), the higher the more forgotten.", ""]
+              "forget LM loss: mean NLL of the forgotten answers (nats), the higher the more forgotten."
+              + (" Held-out: known examples nobody asked to delete (--heldout); general ppl: perplexity of "
+                 "general text (--ppl-text, else the shipped text)." if extra else ""), ""]
     lines += _truth_ratio_table(report)
     lines += _open_unlearning_table(report)
     attacks = sorted({a for m in report["methods"].values() for a in (m["figures"].get("mia") or {})},

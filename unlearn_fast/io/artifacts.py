@@ -200,8 +200,20 @@ def write_artifact(out: Union[str, Path], tensors: dict[str, torch.Tensor], mani
     return out
 
 
+def inside(artifact: Union[str, Path], name: str) -> Path:
+    """``artifact/name``, refused (ArtifactError) when it is a symbolic link or resolves outside the
+    artifact directory: an artifact is read from its own files only, never from wherever a link
+    planted in it points."""
+    path = Path(artifact) / name
+    if path.is_symlink() or not path.resolve().is_relative_to(Path(artifact).resolve()):
+        raise ArtifactError(f"{path} is a symbolic link (to {os.path.realpath(path)}); an artifact's files must "
+                            f"be plain files inside it: copy the real file there or write the artifact again")
+    return path
+
+
 def read_manifest(artifact: Union[str, Path]) -> dict:
-    path = Path(artifact) / MANIFEST_FILE
+    """The artifact's manifest (ArtifactError when it is missing, a link, not JSON or of another format)."""
+    path = inside(artifact, MANIFEST_FILE)
     if not path.is_file():
         raise ArtifactError(f"{path}: manifest not found (is {artifact} an unlearning artifact?)")
     try:
@@ -249,7 +261,7 @@ def read_artifact(artifact: Union[str, Path], lazy: bool = False) -> tuple[dict,
     asked (fusion reads one site at a time, so its memory stays at one site's tensors).
     """
     manifest = read_manifest(artifact)
-    path = Path(artifact) / WEIGHTS_FILE
+    path = inside(artifact, WEIGHTS_FILE)
     if not path.is_file():
         raise ArtifactError(f"{path}: tensor file not found")
     files = manifest.get("files")

@@ -72,11 +72,11 @@ def output_errors(path: PathLike) -> Iterator[None]:
     """Turn an OSError or a safetensors write error inside the block into one OutputError line."""
     try:
         yield
-    except SafetensorError as err:
-        raise OutputError(f"cannot write {path}: {err}; free some space or choose another location") from err
-    except OSError as err:
-        raise OutputError(f"cannot write {path}: {err.strerror or err}; free some space or "
-                          f"choose another location") from err
+    except (OSError, SafetensorError) as err:
+        reason = str(getattr(err, "strerror", None) or err)
+        full = "No space" in reason or "quota" in reason
+        raise OutputError(f"cannot write {path}: {reason}; "
+                          f"{'free some space or ' if full else ''}choose another location") from err
 
 
 @contextlib.contextmanager

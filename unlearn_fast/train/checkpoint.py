@@ -14,9 +14,10 @@ A checkpoint is a directory ``<checkpoint dir>/step-00000012`` holding
 Nothing is pickled. Each checkpoint is written to a temporary sibling and renamed into place
 (``state.json`` last, inside it; :func:`unlearn_fast.io.atomic.atomic_directory`), so a directory
 named ``step-*`` is always complete; the two newest are kept. :func:`prepare` checks the
-directory before a run and removes the temporaries a killed run left there. Under data parallelism rank 0 writes (the state is the same on every rank) and
-every rank reads: the directory must be visible to all ranks. The world size may change on
-resume (the global batch does not depend on it).
+directory before a run and removes the temporaries a killed run left there. Under data
+parallelism rank 0 writes (the state is the same on every rank) and every rank reads: the
+directory must be visible to all ranks. The world size may change on resume (the global batch
+does not depend on it).
 """
 
 from __future__ import annotations
@@ -44,7 +45,7 @@ _NAME = re.compile(r"^step-(\d+)$")
 _TEMPORARY = re.compile(r"^\.(step-\d+)\.")  # a checkpoint being written (or left by a killed run)
 # settings that may change between an interrupted run and its resumption
 _FREE = ("progress", "checkpoint_dir", "checkpoint_every", "resume", "backend", "teacher_cache", "shared_trunk",
-         "shard_base", "fused_trunk")
+         "shard_base", "fused_trunk", "gradient_checkpointing")
 
 
 def data_fingerprint(*sets) -> str:
@@ -84,6 +85,10 @@ def prepare(directory: Union[str, Path], log: Callable = print) -> Path:
     directory = ensure_directory(directory)
     for name in sorted({m.group(1) for p in directory.iterdir() if (m := _TEMPORARY.match(p.name))}):
         remove_stale(directory / name, (STATE_FILE,), log)
+    for p in sorted(directory.iterdir()):  # an old checkpoint whose deletion a kill interrupted
+        if _NAME.match(p.name) and p.is_dir() and not (p / STATE_FILE).exists():
+            shutil.rmtree(p)
+            log(f"removed {p}, a checkpoint an interrupted run was deleting")
     return directory
 
 
@@ -124,6 +129,7 @@ def save(directory: Union[str, Path], step: int, params: Sequence[nn.Parameter],
         with open(tmp / STATE_FILE, "w") as f:
             json.dump(state, f)
     for old in checkpoints(directory)[:-keep]:
+        (old / STATE_FILE).unlink()  # first: a kill mid-delete must not leave a "complete" partial one
         shutil.rmtree(old, ignore_errors=True)
     return final
 

@@ -19,6 +19,11 @@ subject replaced by others (column ``generic_prompts`` by default; a list of str
 string). EUL then pushes only the response tokens that are specific to the subject (see
 :mod:`unlearn_fast.train.selection`).
 
+A prompt/response example may carry ``answers``: other acceptable answers to its prompt (column
+``answers`` by default; a list of strings, or one string; a JSON list in a CSV cell). Scoring counts a
+fact as known when the completion holds the response or any of them (see
+:func:`unlearn_fast.eval.metrics.answer_found`); training ignores them.
+
 Every user mistake raises :class:`~unlearn_fast.errors.DataError` with a one-line message that
 names the set and where the data came from, and says how to fix it.
 """
@@ -48,12 +53,15 @@ _OPTIONS = {
     "perturbed": "--perturbed-column",
     "paraphrased": "--paraphrased-column",
     "generic_prompts": "--generic-prompts-column",
+    "answers": "--answers-column",
 }
 # TOFU's column names for the truth-ratio answers, used when present and no other is given.
 PERTURBED_COLUMN = "perturbed_answer"
 PARAPHRASED_COLUMN = "paraphrased_answer"
 # The column of a forgotten example's generic prompts, used when present and no other is given.
 GENERIC_PROMPTS_COLUMN = "generic_prompts"
+# The column of a prompt's other acceptable answers (answer variants), used when present and no other is given.
+ANSWERS_COLUMN = "answers"
 _PICK_COLUMNS_HINT = (
     "name them with --text-column (and --label-column for labels), "
     "or --prompt-column and --response-column"
@@ -73,6 +81,10 @@ class Example:
     names, say). Where a forgotten example has them, EUL's forget terms apply only to the response
     tokens that the real subject makes likelier than the generic ones do (see
     :mod:`unlearn_fast.train.selection`); what the model would answer about anyone is kept.
+
+    ``answers`` (a tuple of strings): other acceptable answers to the prompt ("Washington" beside
+    "Washington, D.C."). Evaluation counts the fact as known if the completion holds the response or
+    any of them; training ignores them.
     """
 
     text: Optional[str] = None
@@ -82,9 +94,10 @@ class Example:
     perturbed: Optional[tuple] = None
     paraphrased: Optional[str] = None
     generic_prompts: Optional[tuple] = None
+    answers: Optional[tuple] = None
 
     def __post_init__(self):
-        for name in ("perturbed", "generic_prompts"):  # keep the example hashable
+        for name in ("perturbed", "generic_prompts", "answers"):  # keep the example hashable
             if isinstance(getattr(self, name), list):
                 object.__setattr__(self, name, tuple(getattr(self, name)))
 
@@ -103,7 +116,8 @@ class Columns:
 
     ``perturbed`` / ``paraphrased`` name the truth-ratio answer columns (default: TOFU's
     ``perturbed_answer`` / ``paraphrased_answer`` when present); ``generic_prompts`` the column of
-    generic prompts (default: ``generic_prompts`` when present). All go with prompt/response."""
+    generic prompts (default: ``generic_prompts`` when present); ``answers`` the column of other
+    acceptable answers (default: ``answers`` when present). All go with prompt/response."""
 
     text: Optional[str] = None
     prompt: Optional[str] = None
@@ -112,6 +126,7 @@ class Columns:
     perturbed: Optional[str] = None
     paraphrased: Optional[str] = None
     generic_prompts: Optional[str] = None
+    answers: Optional[str] = None
 
     def for_set(self, name: str) -> "Columns":
         """The columns to read for the set ``name``: generic prompts belong to the forget set only
@@ -182,14 +197,14 @@ def _pick_columns(columns: Optional[Columns], table: Table, name: str) -> Column
     columns = columns or Columns()
     picked = _pick_kind_columns(columns, table, name)
     answers = {"perturbed": columns.perturbed, "paraphrased": columns.paraphrased,
-               "generic_prompts": columns.generic_prompts}
+               "generic_prompts": columns.generic_prompts, "answers": columns.answers}
     if picked.prompt is None:
         if any(answers.values()):
-            raise DataError(f"{name}: perturbed and paraphrased answer columns and generic prompt columns go "
-                            f"with prompt and response columns, not with a text column")
+            raise DataError(f"{name}: perturbed and paraphrased answer columns, answer-variant columns and generic "
+                            f"prompt columns go with prompt and response columns, not with a text column")
         return picked
     for field, default in (("perturbed", PERTURBED_COLUMN), ("paraphrased", PARAPHRASED_COLUMN),
-                           ("generic_prompts", GENERIC_PROMPTS_COLUMN)):
+                           ("generic_prompts", GENERIC_PROMPTS_COLUMN), ("answers", ANSWERS_COLUMN)):
         column = answers[field]
         if column is None:
             answers[field] = default if default in table.columns else None
@@ -249,8 +264,9 @@ def _make_example(row: Mapping, columns: Columns, where: str, name: str, is_csv:
         response=_required_text(row, columns.response, where, name),
         perturbed=_perturbed(row, columns.perturbed, where, name, is_csv) if columns.perturbed else None,
         paraphrased=_optional_text(row, columns.paraphrased, where, name) if columns.paraphrased else None,
-        generic_prompts=(_generic_prompts(row, columns.generic_prompts, where, name, is_csv)
+        generic_prompts=(_text_list(row, columns.generic_prompts, where, name, is_csv, "generic prompt")
                          if columns.generic_prompts else None),
+        answers=_text_list(row, columns.answers, where, name, is_csv, "answer") if columns.answers else None,
     )
 
 
@@ -291,10 +307,10 @@ def _perturbed(row: Mapping, column: str, where: str, name: str, is_csv: bool) -
     return tuple(value)
 
 
-def _generic_prompts(row: Mapping, column: str, where: str, name: str, is_csv: bool) -> Optional[tuple]:
-    """The generic prompts of one row: one string or a list of non-empty strings; missing or empty
-    means none (the row's every response token is forgotten). A CSV cell holds one prompt, or a
-    JSON list of prompts when it starts with ``[``."""
+def _text_list(row: Mapping, column: str, where: str, name: str, is_csv: bool, what: str) -> Optional[tuple]:
+    """The generic prompts or answer variants (``what``) of one row: one string or a list of non-empty
+    strings; missing or empty means none (for generic prompts: the row's every response token is
+    forgotten). A CSV cell holds one value, or a JSON list when it starts with ``[``."""
     value = row.get(column)
     if value is None or (isinstance(value, str) and not value.strip()) or value == []:
         return None
@@ -303,14 +319,14 @@ def _generic_prompts(row: Mapping, column: str, where: str, name: str, is_csv: b
             value = json.loads(value)
         except json.JSONDecodeError:
             raise DataError(f"{name}: {where} has {shorten(value, 40)!r} in column {column!r}, which is not a "
-                            f"JSON list; several generic prompts go in a JSON list of strings "
+                            f"JSON list; several {what}s go in a JSON list of strings "
                             f"(double quotes), one needs no brackets") from None
     values = [value] if isinstance(value, str) else value
     if not isinstance(values, (list, tuple)) or not all(isinstance(v, str) for v in values):
-        raise DataError(f"{name}: {where} has {value_kind(value)} in column {column!r}; generic prompts must be "
+        raise DataError(f"{name}: {where} has {value_kind(value)} in column {column!r}; {what}s must be "
                         f"a string or a list of strings")
     if any(not v.strip() for v in values):
-        raise DataError(f"{name}: {where} has an empty generic prompt in column {column!r}; remove it")
+        raise DataError(f"{name}: {where} has an empty {what} in column {column!r}; remove it")
     return tuple(values)
 
 
@@ -357,15 +373,17 @@ def _check_examples(examples: list[Example], name: str) -> list[Example]:
         if kind != first_kind:
             raise DataError(f"{name}: {where} is a {kind} example but row 1 is a {first_kind} example; a set holds one kind")
         if kind == "text":
-            if example.perturbed is not None or example.paraphrased is not None or example.generic_prompts:
-                raise DataError(f"{name}: {where} has perturbed or paraphrased answers or generic prompts "
-                                f"without a prompt; they go with prompt/response examples")
+            if (example.perturbed is not None or example.paraphrased is not None or example.generic_prompts
+                    or example.answers):
+                raise DataError(f"{name}: {where} has perturbed or paraphrased answers, answer variants or generic "
+                                f"prompts without a prompt; they go with prompt/response examples")
             columns = Columns(text="text", label="label" if example.label is not None else None)
         else:
             columns = Columns(prompt="prompt", response="response",
                               perturbed="perturbed" if example.perturbed is not None else None,
                               paraphrased="paraphrased" if example.paraphrased is not None else None,
-                              generic_prompts="generic_prompts" if example.generic_prompts is not None else None)
+                              generic_prompts="generic_prompts" if example.generic_prompts is not None else None,
+                              answers="answers" if example.answers is not None else None)
         checked.append(_make_example(example.to_dict(), columns, where, name))  # raises on an empty value
     return checked
 

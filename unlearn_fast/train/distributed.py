@@ -33,10 +33,12 @@ Sharded base (``--shard-base``)
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import hashlib
 import os
-from typing import Optional, Sequence
+import re
+from typing import Iterator, Optional, Sequence
 
 import torch
 import torch.distributed as dist
@@ -52,6 +54,34 @@ from .encoding import Row
 COUNT_TERMS = ("retain_kl", "forget_kl", "task_loss", "forget_lm_loss")
 
 _OWNED = False  # whether this module created the process group (and so destroys it)
+
+# what gloo says when the other end of a connection went away (it names an address, not a rank)
+_PEER_GONE = re.compile(r"connection (reset|closed|refused)|closed by peer|broken pipe|read error|write error|"
+                        r"timed out|timeout", re.IGNORECASE)
+
+
+class RankLostError(UnlearnFastError):
+    """Another rank stopped (its process died or failed) while this one waited for it in a collective."""
+
+
+@contextlib.contextmanager
+def collective(what: str) -> Iterator[None]:
+    """Run the collective ``what``; when it fails because a peer went away, raise one-line
+    :class:`RankLostError` naming the likely dead rank (the other one, in a world of two).
+
+    Without torchrun's agent nobody stops the survivors of a dead rank: each sees only a gloo error
+    naming an address. Other errors (a bug, mismatched shapes) pass through unchanged.
+    """
+    try:
+        yield
+    except RuntimeError as err:
+        if not (is_distributed() and _PEER_GONE.search(str(err))):
+            raise
+        lost = f"rank {1 - rank()}" if world_size() == 2 else "another rank"
+        detail = re.search(r"\]:\d+: ([^.]+)", str(err))  # gloo: "Read error [ADDR]:PORT: Connection reset by peer."
+        reason = (detail.group(1) if detail else _PEER_GONE.search(str(err)).group(0)).lower()
+        raise RankLostError(f"rank {rank()} of {world_size()}: lost {lost} during {what} ({reason}); its process "
+                            f"likely died or failed, see its own output") from None
 
 
 # -- process group ---------------------------------------------------------------------
@@ -127,14 +157,16 @@ def comm_device() -> torch.device:
 
 def barrier() -> None:
     if is_distributed():
-        dist.barrier()
+        with collective("a barrier"):
+            dist.barrier()
 
 
 def all_sum(values: Sequence[float]) -> list[float]:
     """Element-wise sum over ranks of a few numbers (float64)."""
     t = torch.tensor(list(values), dtype=torch.float64, device=comm_device())
     if is_distributed():
-        dist.all_reduce(t)
+        with collective("a sum over ranks"):
+            dist.all_reduce(t)
     return t.cpu().tolist()
 
 
@@ -144,7 +176,8 @@ def all_gather_floats(value: float) -> list[float]:
         return [float(value)]
     t = torch.tensor([float(value)], dtype=torch.float64, device=comm_device())
     out = [torch.zeros_like(t) for _ in range(world_size())]
-    dist.all_gather(out, t)
+    with collective("a gather over ranks"):
+        dist.all_gather(out, t)
     return [float(x.item()) for x in out]
 
 
@@ -154,7 +187,8 @@ def check_same(text: str, what: str) -> None:
         return
     h = int.from_bytes(hashlib.sha256(text.encode()).digest()[:7], "big")
     t = torch.tensor([h, -h], dtype=torch.int64, device=comm_device())
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    with collective(f"the check of the {what}"):
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
     if int(t[0]) != h or int(-t[1]) != h:
         raise UnlearnFastError(f"the ranks do not hold the same {what}; every rank must load the same "
                                f"model and data")
@@ -235,7 +269,8 @@ class DataParallel:
         with torch.no_grad():
             for p in self.params:
                 buf = p.detach().to(comm_device())
-                dist.broadcast(buf, src=0)
+                with collective("the broadcast of the initial weights"):
+                    dist.broadcast(buf, src=0)
                 if buf.data_ptr() != p.data_ptr():
                     p.copy_(buf.to(p.device))
 
@@ -266,7 +301,8 @@ class DataParallel:
         device = comm_device()
         flat = torch.cat([g.detach().reshape(-1).to(device, torch.float32) for g in grads]
                          + [torch.tensor(stats, dtype=torch.float32, device=device)])
-        dist.all_reduce(flat)
+        with collective("the gradient all-reduce"):
+            dist.all_reduce(flat)
         if not self.sum:
             flat[: flat.numel() - len(stats)] /= self.world
         offset = 0

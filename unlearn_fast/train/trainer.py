@@ -22,11 +22,12 @@ from torch import nn
 
 from ..errors import TrainingError, UnlearnFastError
 from ..model.fused_trunk import fused_trunk
-from ..model.layers import block_lists, unlearning_parameters
+from ..model.grad_checkpoint import checkpointed_blocks
+from ..model.layers import block_lists, sites, unlearning_parameters
 from ..ops.backend import BACKENDS, ENV_VAR
 from ..ops.loss_head import reused_logit_buffers
 from . import checkpoint
-from .distributed import DataParallel, all_gather_floats, term_counts
+from .distributed import COUNT_TERMS, DataParallel, all_gather_floats, split_rows, term_counts
 from .encoding import Row, collate, token_count
 from .objective import TERMS, EULObjective
 
@@ -38,6 +39,8 @@ MAX_LR = 1.0
 # 1e4 times activations of O(10) already overflows fp16 (max 65504). Full-model baselines may start
 # with larger weights: their limit is 10x their largest initial weight when that is higher.
 WEIGHT_LIMIT = 1e4
+# steps after which the trainer logs its estimate of the time left (the first steps pay one-off costs)
+ESTIMATE_AFTER = 3
 
 
 @dataclass
@@ -69,12 +72,20 @@ class TrainConfig:
     compile_blocks: bool = False
     # run the frozen trunk's RMSNorms and SwiGLU products through the fused ops (see fused_trunk)
     fused_trunk: bool = True
+    # recompute the activations of the blocks above the lowest unlearning layer in the backward pass
+    # instead of keeping them (see unlearn_fast.model.grad_checkpoint); same losses, less memory
+    gradient_checkpointing: bool = False
+    # micro-batches per optimiser step: each step takes ``batch_size * accumulate`` rows (per set in
+    # the mixed schedule) and runs them ``batch_size`` at a time; the update is the larger batch's
+    accumulate: int = 1
 
     def __post_init__(self):
         if self.schedule not in SCHEDULES:
             raise UnlearnFastError(f"schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}")
         if self.epochs < 1 or self.batch_size < 1:
             raise UnlearnFastError("epochs and batch size must be ≥ 1")
+        if self.accumulate < 1:
+            raise UnlearnFastError(f"gradient accumulation must be ≥ 1 micro-batch per step, got {self.accumulate}")
         if not 0 < self.lr <= MAX_LR:  # also refuses NaN and infinity
             raise UnlearnFastError(f"learning rate must be > 0 and at most {MAX_LR:g} (AdamW moves every weight "
                                    f"by about lr per step; usual values are 1e-5 to 1e-2), got {self.lr}")
@@ -144,16 +155,18 @@ def padding_fraction(groups: Sequence[Sequence[Row]]) -> float:
 
 
 def batches(forget: Sequence[Row], retain: Sequence[Row], config: TrainConfig) -> Iterator[list[Row]]:
-    """Row groups in training order, for every epoch."""
+    """Row groups in training order, for every epoch: one group per optimiser step, of
+    ``batch_size * accumulate`` rows (per set in the mixed schedule)."""
     rng = random.Random(config.seed)
+    size = config.batch_size * config.accumulate
     for _ in range(config.epochs):
         if config.schedule == "alternate":
-            yield from _chunks(retain, config.batch_size, rng, config.bucket_by_length)
-            yield from _chunks(forget, config.batch_size, rng, config.bucket_by_length)
+            yield from _chunks(retain, size, rng, config.bucket_by_length)
+            yield from _chunks(forget, size, rng, config.bucket_by_length)
         else:
             big, small = (retain, forget) if len(retain) >= len(forget) else (forget, retain)
-            small_groups = _chunks(small, config.batch_size, rng, config.bucket_by_length) if small else []
-            big_groups = _chunks(big, config.batch_size, rng, config.bucket_by_length)
+            small_groups = _chunks(small, size, rng, config.bucket_by_length) if small else []
+            big_groups = _chunks(big, size, rng, config.bucket_by_length)
             if not small_groups:
                 yield from big_groups
                 continue
@@ -216,7 +229,7 @@ def weight_damage(tensors, limit: float = WEIGHT_LIMIT) -> Optional[str]:
 
 def train(model: nn.Module, objective: EULObjective, forget: Sequence[Row], retain: Sequence[Row],
           config: TrainConfig, pad_id: int, params: Optional[Sequence[nn.Parameter]] = None, *,
-          allow_damage: bool = False) -> TrainResult:
+          allow_damage: bool = False, log=None) -> TrainResult:
     """Train the model's unlearning layers on the EUL objective; the base stays frozen.
 
     ``objective`` is any callable batch → (loss, terms dict) (the baselines of
@@ -228,18 +241,23 @@ def train(model: nn.Module, objective: EULObjective, forget: Sequence[Row], reta
     newest (see :mod:`unlearn_fast.train.checkpoint`).
     With ``config.compile_blocks`` the blocks run compiled (see :func:`compiled_blocks`); with
     ``config.fused_trunk`` (the default) Llama-family norms and MLP products run the fused trunk
-    ops (see :mod:`unlearn_fast.model.fused_trunk`).
+    ops (see :mod:`unlearn_fast.model.fused_trunk`); with ``config.gradient_checkpointing`` the blocks
+    above the lowest unlearning layer recompute their activations in the backward pass (see
+    :mod:`unlearn_fast.model.grad_checkpoint`); with ``config.accumulate = N`` each step runs N
+    micro-batches of ``batch_size`` rows and makes the update of one N times larger batch.
     Raises TrainingError (before anything is written) if the loss becomes NaN or infinite, or the
     trained weights do (:func:`weight_damage`, checked after every step); with ``allow_damage``
     training stops there instead and the result's ``damage`` says why.
+    With ``log`` (a print-like callable): one line before the first step says what trains and for how
+    many steps (:func:`training_line`), and one after :data:`ESTIMATE_AFTER` steps the time left.
     """
     with compiled_blocks(model, config.compile_blocks), fused_trunk(model, config.fused_trunk), \
-            reused_logit_buffers():
-        return _train(model, objective, forget, retain, config, pad_id, params, allow_damage)
+            checkpointed_blocks(model, config.gradient_checkpointing), reused_logit_buffers():
+        return _train(model, objective, forget, retain, config, pad_id, params, allow_damage, log)
 
 
 def _train(model, objective, forget, retain, config: TrainConfig, pad_id: int, params,
-           allow_damage: bool) -> TrainResult:
+           allow_damage: bool, log=None) -> TrainResult:
     torch.manual_seed(config.seed)
     params = unlearning_parameters(model) if params is None else list(params)
     if not params:
@@ -262,6 +280,8 @@ def _train(model, objective, forget, retain, config: TrainConfig, pad_id: int, p
             saved = checkpoint.restore(found, params, optimizer, scheduler, key)
             first, history, tokens = saved["step"], saved["progress"]["history"], saved["progress"]["tokens"]
             earlier, earlier_ranks = saved["progress"]["update_time_s"], saved["progress"]["rank_time_s"]
+    if log is not None:
+        log(training_line(model, params, total - first, config))
     progress = _progress(total, config.progress and (dp is None or dp.rank == 0))
     progress.update(first)
     resumed_tokens = tokens
@@ -274,18 +294,17 @@ def _train(model, objective, forget, retain, config: TrainConfig, pad_id: int, p
         if step < first:  # finished before the checkpoint we resumed from
             continue
         rows, counted = (group, True) if dp is None else dp.share(group)
-        batch = {k: v.to(device) for k, v in collate(rows, pad_id).items()}
-        if dp is not None:  # normalise each term by its positions in the global batch
-            batch["term_counts"] = global_counts = term_counts(group)
-        with forced_backend(config.backend):
-            loss, terms = objective(batch, rows)
-        if dp is None and not torch.isfinite(loss):
-            damage = _not_finite(loss.item(), step, terms)
-            break
+        # with several ranks or micro-batches, each term is normalised by its positions in the whole
+        # group (the global batch): the parts' gradients then add up to the whole batch's
+        global_counts = term_counts(group) if dp is not None or config.accumulate > 1 else None
         optimizer.zero_grad(set_to_none=True)
-        (loss if counted else loss * 0).backward()
+        loss, terms, step_tokens = _accumulate(objective, rows, counted, group, global_counts, config,
+                                               pad_id, device)
         if dp is None:
-            value, step_tokens = loss.item(), token_count(batch)
+            value = loss.item()
+            if not math.isfinite(value):
+                damage = _not_finite(value, step, terms)
+                break
         else:  # gradients, loss and term sums of all ranks, in one all-reduce
             value, terms, step_tokens = dp.reduce(loss, terms, rows, group, counted, global_counts)
             if not math.isfinite(value):
@@ -310,6 +329,11 @@ def _train(model, objective, forget, retain, config: TrainConfig, pad_id: int, p
                                 {"history": history, "tokens": tokens, "update_time_s": earlier + elapsed,
                                  "rank_time_s": rank_time, "world_size": 1 if dp is None else dp.world})
         progress.update(1)
+        if log is not None and step + 1 - first == ESTIMATE_AFTER and step + 1 < total:
+            per_step = elapsed / ESTIMATE_AFTER
+            with _above_bar(progress):
+                log(f"{per_step:.2f} s per step over the first {ESTIMATE_AFTER} steps: about "
+                    f"{per_step * (total - step - 1):.0f} s left for the other {total - step - 1}")
         progress.set_postfix({"loss": f"{record['loss']:.3f}",
                               **{k: f"{terms[k]:.3f}" for k in TERMS if not math.isnan(terms[k])},
                               "tok/s": f"{(tokens - resumed_tokens) / elapsed:.0f}"})
@@ -320,6 +344,81 @@ def _train(model, objective, forget, retain, config: TrainConfig, pad_id: int, p
     return TrainResult(len(history), earlier + time.perf_counter() - start, tokens, history,
                        resumed_from=first, earlier_time_s=earlier, earlier_rank_time_s=earlier_ranks,
                        damage=damage)
+
+
+def _accumulate(objective, rows: Sequence[Row], counted: bool, group: Sequence[Row], global_counts,
+                config: TrainConfig, pad_id: int, device) -> tuple[torch.Tensor, dict, int]:
+    """Forward and backward of this rank's ``rows`` in ``config.accumulate`` micro-batches (split as
+    :func:`~unlearn_fast.train.distributed.split_rows` splits a global batch over ranks); the
+    gradients add up in ``.grad``. Returns the summed loss (detached), the terms over all the rows
+    and their tokens.
+
+    Terms normalised by ``global_counts`` (the EUL objective's) make each micro-batch's loss its part
+    of the whole batch's; another objective's micro-batch means are averaged. Under ``shard_base``
+    every rank runs all its micro-batches, an empty one as a zero-weight forward of a borrowed row
+    (the sharded forwards must run in lockstep); otherwise empty ones are skipped."""
+    micros = [split_rows(rows, config.accumulate, i) for i in range(config.accumulate)]
+    micros = micros if config.shard_base else [m for m in micros if m]
+    scale = 1.0 if getattr(objective, "global_normalisers", False) else 1.0 / len(micros)
+    total, parts, tokens, terms = None, [], 0, {}
+    for micro in micros:
+        live = counted and bool(micro)
+        micro = micro or [group[0]]
+        batch = {k: v.to(device) for k, v in collate(micro, pad_id).items()}
+        if global_counts is not None:
+            batch["term_counts"] = global_counts
+        with forced_backend(config.backend):
+            loss, terms = objective(batch, micro)
+        loss = loss * scale if scale != 1.0 else loss
+        (loss if live else loss * 0).backward()
+        part = loss.detach() if live else loss.detach() * 0
+        total = part if total is None else total + part
+        if live:
+            parts.append((terms, micro))
+            tokens += token_count(batch)
+    return total, (_combine_terms(parts) if len(parts) > 1 else terms), tokens
+
+
+def _combine_terms(parts: Sequence[tuple[dict, Sequence[Row]]]) -> dict:
+    """Each term's mean over all the micro-batches: an EUL term weighted by its positions in each
+    (:func:`~unlearn_fast.train.distributed.term_counts`), another figure averaged; NaN where absent."""
+    counts = [term_counts(rows).double() for _, rows in parts]
+    out = {}
+    for name in parts[0][0]:
+        values = [(terms[name], float(c[COUNT_TERMS.index(name)]) if name in COUNT_TERMS else 1.0)
+                  for (terms, _), c in zip(parts, counts)]
+        values = [(v, n) for v, n in values if n and not math.isnan(v)]
+        weight = sum(n for _, n in values)
+        out[name] = sum(v * n for v, n in values) / weight if weight else float("nan")
+    return out
+
+
+def training_line(model: nn.Module, params: Sequence[nn.Parameter], steps: int, config: TrainConfig) -> str:
+    """One line on what trains: the parameter count, which parameters, and the steps."""
+    n = sum(p.numel() for p in params)
+    everything = sum(p.numel() for p in model.parameters())
+    ids = {id(p) for p in params}
+    if ids <= {id(p) for p in unlearning_parameters(model)}:
+        trained = [s for s in sites(model) if any(id(p) in ids for p in s.layers.parameters())]
+        blocks = sorted({s.block for s in trained})
+        shown = ", ".join(map(str, blocks)) if len(blocks) < 6 else f"{blocks[0]}-{blocks[-1]}"
+        which = f"the unlearning layers at {len(trained)} site(s) (blocks {shown}); the base stays frozen"
+    elif n >= everything:
+        which = "every weight of the model (full-parameter)"
+    else:
+        which = f"{len(params)} weight tensors, {100 * n / max(everything, 1):.1f} % of the model's weights"
+    return (f"training {n:,} parameters: {which}; {steps} steps ({config.epochs} epoch(s), batch {config.batch_size}, "
+            f"{config.schedule} schedule)")
+
+
+@contextlib.contextmanager
+def _above_bar(progress):
+    """Print above a live progress bar without breaking it."""
+    if getattr(progress, "disable", True):
+        yield
+    else:
+        with type(progress).external_write_mode():
+            yield
 
 
 def _not_finite(value: float, step: int, terms: dict) -> str:
