@@ -64,7 +64,7 @@ def peak_kib(n: int, tmp_path) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def test_a_100k_row_retain_set_grows_memory_linearly(tmp_path):
+def test_a_100k_row_retain_set_holds_memory_in_proportion(tmp_path):
     small, large = peak_kib(1_000, tmp_path), peak_kib(100_000, tmp_path)
     assert (small["rows"], large["rows"]) == (1_000, 100_000)
     per_row_kib = large["kib"] / large["rows"]

@@ -7,8 +7,10 @@ child writes in a loop, the parent kills it after a random delay, checks the out
 
 from __future__ import annotations
 
+import json
 import multiprocessing
 import os
+import sys
 import random
 import signal
 import time
@@ -16,10 +18,18 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import REPO_ROOT, make_model, save_model_dir, tokenizer_for
 
-from unlearn_fast.io.artifacts import DONE_FILES, MANIFEST_FILE, read_artifact, write_artifact
+from unlearn_fast.api import export, unlearn
+from unlearn_fast.fusion.ledger import add_request, list_requests, remove_request
+from unlearn_fast.io.artifacts import DONE_FILES, EXPORT_FILE, MANIFEST_FILE, read_artifact, sha256_file, write_artifact
 from unlearn_fast.io.atomic import remove_stale
+from unlearn_fast.model.layers import LayerConfig
 from unlearn_fast.train import checkpoint
+from unlearn_fast.train.trainer import TrainConfig
+
+sys.path.insert(0, str(REPO_ROOT / "tests" / "fusion"))
+from fusion_helpers import write_request  # noqa: E402  (synthetic ledger requests)
 
 KILLS = 20
 fork = multiprocessing.get_context("fork") if "fork" in multiprocessing.get_all_start_methods() else None
@@ -98,3 +108,64 @@ def test_killed_checkpoint_writes_resume_from_a_complete_one(tmp_path):
             assert state["progress"]["step"] == state["step"]
         leftovers = [p.name for p in directory.iterdir() if p.name.startswith(".")]
         assert all(checkpoint.STATE_FILE in os.listdir(directory / name) for name in leftovers), leftovers
+
+
+def add_and_remove_forever(ledger: str, sources: list) -> None:
+    while True:
+        for source in sources:
+            record = add_request(ledger, source, log=lambda *a: None)
+            remove_request(ledger, record["id"], log=lambda *a: None)
+
+
+def test_killed_ledger_operations_never_corrupt_it_or_reuse_an_id(tmp_path):
+    sources = []
+    for seed in range(3):
+        write_request(tmp_path / f"request{seed}", seed)
+        sources.append(str(tmp_path / f"request{seed}"))
+    ledger = tmp_path / "ledger"
+    rng = random.Random(2)
+    ids_seen: set[str] = set()
+    for kill in range(KILLS):
+        kill_at_random(add_and_remove_forever, (str(ledger), sources), rng)
+        if not (ledger / "ledger.json").exists():
+            continue  # killed before the first add finished
+        records = list_requests(ledger)  # the ledger file is whole JSON
+        for record in records:
+            read_artifact(ledger / "requests" / record["id"])  # each listed request is complete
+        for record in records:  # the next operation cleans what the kill left
+            remove_request(ledger, record["id"], log=lambda *a: None)
+        fresh = add_request(ledger, sources[0], log=lambda *a: None)
+        assert fresh["id"] not in ids_seen | {r["id"] for r in records}, "an id was given twice"
+        ids_seen |= {fresh["id"], *(r["id"] for r in records)}
+        assert [p.name for p in (ledger / "requests").iterdir()] == [fresh["id"]]
+        remove_request(ledger, fresh["id"], log=lambda *a: None)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    root = tmp_path_factory.mktemp("export-source")
+    save_model_dir("llama", root / "model")
+    torch.manual_seed(0)
+    unlearn(make_model("llama"), tokenizer_for("llama"), [{"prompt": "The code word is", "response": " pumpkin"}],
+            [{"prompt": "Bob plays", "response": " the violin"}], out=root / "layers", layers=LayerConfig(rank=4),
+            training=TrainConfig(max_steps=1, progress=False), evaluate=False, log=lambda *a: None)
+    return root
+
+
+def export_forever(model_dir: str, layers: str, out: str) -> None:
+    while True:
+        export(model_dir, layers, out, overwrite=True, log=lambda *a: None)
+
+
+def test_killed_exports_are_complete_or_absent(trained, tmp_path):
+    rng = random.Random(3)
+    out = tmp_path / "exported"
+    for kill in range(KILLS):
+        kill_at_random(export_forever, (str(trained / "model"), str(trained / "layers"), str(out)), rng)
+        if out.exists():
+            record = json.loads((out / EXPORT_FILE).read_text())
+            assert {p.name for p in out.iterdir()} == {EXPORT_FILE, *record["files"]}
+            for name, digest in record["files"].items():
+                assert sha256_file(out / name) == digest, name
+        remove_stale(out, DONE_FILES, lambda *a: None)
+        assert all((left / EXPORT_FILE).is_file() for left in siblings(out))

@@ -4,7 +4,8 @@
 
 prints one JSON line: ``start`` (RSS before the model exists), ``loaded`` (RSS with the model built),
 ``peak`` (the process's peak RSS during the steps; the kernel's high-water mark is reset after
-loading by writing 5 to /proc/self/clear_refs), all in bytes. Rows are random token ids of exactly
+loading by writing 5 to /proc/self/clear_refs, once glibc has returned the memory that building
+the model freed, ``malloc_trim``), all in bytes. Linux with glibc only. Rows are random token ids of exactly
 ``max_length`` tokens (no padding), ``batch_size`` retained and ``batch_size`` forgotten ones per step (the mixed schedule), every
 position with a target; ``steps`` steps, each on new rows (the teacher cache grows by 2 ×
 ``batch_size`` rows a step).
@@ -12,6 +13,7 @@ position with a target; ``steps`` steps, each on new rows (the teacher cache gro
 
 from __future__ import annotations
 
+import ctypes
 import json
 import re
 import sys
@@ -55,6 +57,7 @@ def main(spec: dict) -> dict:
     training = TrainConfig(epochs=1, batch_size=b // spec.get("accumulate", 1), accumulate=spec.get("accumulate", 1),
                            max_steps=steps, progress=False,
                            gradient_checkpointing=spec.get("gradient_checkpointing", False))
+    ctypes.CDLL("libc.so.6").malloc_trim(0)  # hand back what building the model freed
     loaded = status("VmRSS")
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")  # reset the peak RSS to the current RSS

@@ -11,6 +11,7 @@ import sys
 from typing import Optional, Sequence
 
 from ..errors import UnlearnFastError
+from ..train import checkpoint
 from . import demo, eval, export, fuse, ledger, unlearn
 from .common import use_help_formatter
 
@@ -41,5 +42,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("interrupted; nothing was written", file=sys.stderr)
+        print(f"interrupted; nothing was written{where_to_resume(args)}", file=sys.stderr)
         return 130
+
+
+def where_to_resume(args) -> str:
+    """For an interrupted run with checkpoints: which one a rerun with --resume continues from."""
+    directory = getattr(args, "checkpoint_dir", None)
+    if not directory:
+        return ""
+    newest = checkpoint.latest(directory)
+    if newest is None:
+        return f"; no checkpoint was saved in {directory} yet"
+    return (f"; the run stopped after {newest.name} (saved in {directory}): run the same command with "
+            f"--resume to continue from there")

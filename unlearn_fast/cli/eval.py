@@ -16,7 +16,7 @@ from ..io.atomic import ensure_directory
 from ..model.family import detect_task
 from ..train.data import load_examples
 from ..train.trainer import weight_damage
-from .common import data_columns, general_text, load_base, model_verb_parser
+from .common import data_columns, general_text, load_base, model_verb_parser, quiet_progress
 
 
 def add_parser(sub) -> None:
@@ -28,6 +28,7 @@ def add_parser(sub) -> None:
                    help="unlearning artifact(s) to attach; several are active together (summed in each "
                         "block), e.g. to compare K requests' layers with their fused layer")
     p.add_argument("--json", action="store_true", help="print the figures as JSON")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars (transformers' loading bars)")
     g = p.add_argument_group("report (membership inference, gold standard, comparison of methods)")
     g.add_argument("--test", metavar="FILE", help="held-out examples the model never saw: the test column and "
                                                   "the non-members of the membership-inference attacks")
@@ -52,6 +53,8 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> int:
+    if args.no_progress:
+        quiet_progress()
     if not (args.forget or args.retain or args.heldout):
         raise UnlearnFastError("eval needs --forget, --retain and/or --heldout data")
     reference_text = general_text(args)  # a bad --ppl-text fails before any model is loaded

@@ -198,8 +198,8 @@ def forget_unmoved(before: dict, after: dict) -> Optional[str]:
     if b is None or a is None or not (math.isfinite(a) and math.isfinite(b)):
         return None
     if a <= b:
-        return (f"the forget-set loss did not rise ({b:.3f} before, {a:.3f} after nats): the model has not "
-                f"moved away from the original on the forget set; train longer (--epochs) or harder (--lr)")
+        return (f"the forget-set loss did not rise (from {b:.3f} to {a:.3f} nats): the model has not moved "
+                f"away from the original on the forget set; train longer (--epochs) or harder (--lr)")
     return None
 
 

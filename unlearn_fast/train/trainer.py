@@ -330,10 +330,10 @@ def _train(model, objective, forget, retain, config: TrainConfig, pad_id: int, p
                                  "rank_time_s": rank_time, "world_size": 1 if dp is None else dp.world})
         progress.update(1)
         if log is not None and step + 1 - first == ESTIMATE_AFTER and step + 1 < total:
-            per_step = elapsed / ESTIMATE_AFTER
+            per_step, left = elapsed / ESTIMATE_AFTER, total - step - 1
             with _above_bar(progress):
                 log(f"{per_step:.2f} s per step over the first {ESTIMATE_AFTER} steps: about "
-                    f"{per_step * (total - step - 1):.0f} s left for the other {total - step - 1}")
+                    f"{_duration(per_step * left)} left for the other {left}")
         progress.set_postfix({"loss": f"{record['loss']:.3f}",
                               **{k: f"{terms[k]:.3f}" for k in TERMS if not math.isnan(terms[k])},
                               "tok/s": f"{(tokens - resumed_tokens) / elapsed:.0f}"})
@@ -409,6 +409,10 @@ def training_line(model: nn.Module, params: Sequence[nn.Parameter], steps: int, 
         which = f"{len(params)} weight tensors, {100 * n / max(everything, 1):.1f} % of the model's weights"
     return (f"training {n:,} parameters: {which}; {steps} steps ({config.epochs} epoch(s), batch {config.batch_size}, "
             f"{config.schedule} schedule)")
+
+
+def _duration(seconds: float) -> str:
+    return f"{seconds:.1f} s" if seconds < 60 else f"{seconds / 60:.1f} min"
 
 
 @contextlib.contextmanager
