@@ -1,4 +1,4 @@
-"""Command line: ``unlearn-fast {unlearn,eval,demo,fuse,ledger,export} --help``, one module per verb.
+"""Command line: ``unlearn-fast {unlearn,eval,demo,fuse,ledger,export,plan} --help``, one module per verb.
 
 User mistakes (bad files, wrong model, existing output) print ``error: ...`` and exit with
 status 2, without a traceback.
@@ -12,10 +12,11 @@ from typing import Optional, Sequence
 
 from ..errors import UnlearnFastError
 from ..train import checkpoint
-from . import demo, eval, export, fuse, ledger, unlearn
+from . import demo, eval, export, fuse, ledger, plan, unlearn
 from .common import use_help_formatter
 
-VERBS = {"unlearn": unlearn, "eval": eval, "demo": demo, "fuse": fuse, "ledger": ledger, "export": export}
+VERBS = {"unlearn": unlearn, "eval": eval, "demo": demo, "fuse": fuse, "ledger": ledger, "export": export,
+         "plan": plan}
 
 
 def build_parser() -> argparse.ArgumentParser:
