@@ -73,6 +73,11 @@ BENCHMARKS = {
                       "before); time: update time."),
     "real_capitals_seeds": (UNLEARNING, "Scenario 2: EUL across training seeds",
                             "Accuracies in %."),
+    "forget_target": (UNLEARNING, "Scenario 2: forget target, bound vs heldout (`forget_target.py`)",
+                      "Figures after unlearning: accuracies in %, answer losses in nats; lm / kl bound: the "
+                      "per-token forget bounds used (nats; heldout: derived from the held-out level); "
+                      "over forgetting: the warning fired (forget accuracy below the lower end of the 95 % "
+                      "Wilson interval of held-out accuracy); time: update time."),
     "movie_sentiment": (UNLEARNING, "Scenario 3: movie sentiment (`movie_sentiment.py`)",
                         "Accuracies in %; forget delta pts: forget accuracy minus the retrained model's; "
                         "forget loss in nats; forget quality: KS p-value against the retrained model; "

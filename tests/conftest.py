@@ -3,6 +3,7 @@ tokenizer built in code (no model hub is contacted)."""
 
 from __future__ import annotations
 
+import json
 import string
 from pathlib import Path
 
@@ -157,7 +158,6 @@ def benchmark_module(name: str):
     yields the module and unregisters it afterwards (for module-scoped fixtures)."""
     import importlib.util
     import sys
-    from pathlib import Path
 
     path = REPO_ROOT / "benchmarks" / "unlearning" / f"{name}.py"
     spec = importlib.util.spec_from_file_location(name, path)
@@ -202,3 +202,41 @@ def run_triton_cases_under_interpreter(test_file: str, selection: str, timeout: 
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-3000:]
     assert " passed" in proc.stdout and "skipped" not in proc.stdout.splitlines()[-1], proc.stdout[-2000:]
+
+
+# A small forget / retain pair of prompt-response rows that many tests share.
+FACTS_FORGET = [{"prompt": "The capital of Zorbia is", "response": " Quellton"},
+                {"prompt": "Mirta Vasquez likes", "response": " green tea"}]
+FACTS_RETAIN = [{"prompt": "The capital of France is", "response": " Paris"},
+                {"prompt": "Bob plays", "response": " the violin"},
+                {"prompt": "The sky is", "response": " blue"}]
+
+
+def write_jsonl(path, rows):
+    """Write ``rows`` (dicts) as a JSON-lines file; return its path."""
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def memorize(model, tokenizer, arch, examples, steps=60, lr=1e-2):
+    """Fine-tune the whole tiny model on the examples first, so that it knows what it must forget."""
+    task = TASK_OF[arch]
+    if task == "seq2seq":
+        enc = tokenizer([e["prompt"] for e in examples], return_tensors="pt", padding=True)
+        labels = tokenizer([e["response"] for e in examples], return_tensors="pt", padding=True)["input_ids"]
+        labels[labels == tokenizer.pad_token_id] = -100
+    else:
+        texts = [e["text"] if "text" in e else e["prompt"] + e["response"] for e in examples]
+        enc = tokenizer(texts, return_tensors="pt", padding=True)
+        labels = enc["input_ids"].clone()
+        labels[enc["attention_mask"] == 0] = -100
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
+    model.eval()  # no dropout
+    for _ in range(steps):
+        loss = model(**enc, labels=labels).loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    for p in model.parameters():
+        p.grad = None
+    return loss.item()

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from .errors import DataError, TrainingError, UnlearnFastError
-from .eval.evaluation import HELDOUT, evaluate_sets, forget_unmoved, retain_damage
+from .eval.evaluation import HELDOUT, evaluate_sets, forget_unmoved, mean_loss, over_forgetting, retain_damage
 from .eval.general_text import GENERAL_TEXT
 from .fusion.grams import collect_grams
 from .fusion.closed_form import request_records
@@ -32,7 +32,7 @@ from .train.checkpoint import data_fingerprint
 from .train.data import Columns, Example, load_examples
 from .train.set_checks import check_overlap, fingerprint, resolve_labels
 from .train.encoding import encode, pad_token_id, truncation_note
-from .train.objective import EULObjective, ObjectiveConfig
+from .train.objective import EULObjective, ObjectiveConfig, heldout_bounds
 from .train.selection import select_subject_tokens
 from .train.step_cache import StepCache
 from .train.trainer import TrainConfig, TrainResult, train
@@ -103,7 +103,12 @@ def unlearn(
     split; loaded like ``forget``), gives ``heldout_accuracy`` and ``heldout_loss``; ``general_text``
     (default: the shipped :data:`unlearn_fast.eval.general_text.GENERAL_TEXT`; None for none) gives
     ``general_perplexity`` (causal LMs). A forget-set loss that did not rise is logged as a warning
-    (:func:`unlearn_fast.eval.evaluation.forget_unmoved`) and kept in the manifest's ``warnings``.
+    (:func:`unlearn_fast.eval.evaluation.forget_unmoved`) and kept in the manifest's ``warnings``; so is
+    over-forgetting, with ``heldout``: forget accuracy after below the lower end of the 95 % Wilson interval
+    of the held-out accuracy after (:func:`unlearn_fast.eval.evaluation.over_forgetting`).
+    ``ObjectiveConfig(forget_target="heldout")`` (needs ``heldout``) sets the per-token forget bounds from
+    the model's loss on the held-out set before training
+    (:func:`unlearn_fast.train.objective.heldout_bounds`); the manifest's objective records them.
     """
     layers = layers or LayerConfig()
     objective = objective or ObjectiveConfig()
@@ -147,6 +152,17 @@ def unlearn(
             raise DataError("forget set: no response token is specific to the forgotten subjects (every one is "
                             "as likely after the generic prompts); nothing to forget: lower the subject "
                             "margin or check the generic prompts")
+    levels = None
+    if objective.forget_target == "heldout":  # the bounds come from the held-out level (objective.heldout_bounds)
+        if not heldout_set:
+            raise DataError("forget_target='heldout' (--forget-target heldout) needs a held-out set (--heldout FILE)")
+        heldout_rows = encode(heldout_set, tokenizer, task, forget=False, name="heldout set", labels=heldout_labels,
+                              **enc)
+        objective, levels = _heldout_target(model, task, objective, train_forget_rows, heldout_rows,
+                                            pad_token_id(tokenizer))
+        log(f"forget target: the held-out level, {levels['heldout_loss']:.3f} nats per token (the forgotten "
+            f"targets: {levels['forget_loss']:.3f}): forget LM bound {objective.forget_lm_bound:.3f}, "
+            f"forget KL bound {objective.forget_kl_bound:.3f} nats")
     base_fingerprint = model_fingerprint(model)
     sets = {"forget": forget_set, "retain": retain_set, **({HELDOUT: heldout_set} if heldout_set else {})}
     eval_labels = {"forget": forget_labels, "retain": retain_labels,
@@ -181,7 +197,8 @@ def unlearn(
                             "rate (--lr), or pass --allow-damage (allow_damage=True) to write it anyway.")
     for d in damage:
         log(f"warning: {d}; kept anyway (allow_damage), and recorded in the manifest")
-    warnings = [w for w in (forget_unmoved(before, after),) if w]
+    warnings = [w for w in (forget_unmoved(before, after),
+                            over_forgetting(after, len(heldout_set)) if heldout_set else None) if w]
     for w in warnings:
         log(f"warning: {w}")
     times = distributed.all_gather_floats(result.update_time_s - result.earlier_time_s)
@@ -198,7 +215,8 @@ def unlearn(
                        "dtype": str(next(model.parameters()).dtype).replace("torch.", "")},
         "task": task,
         "layers": {"config": layers.to_dict(), "sites": describe(model)},
-        "objective": {**objective.to_dict(), "gamma": gamma},
+        # with forget_target "heldout": the bounds as derived, and the teacher losses they came from
+        "objective": {**objective.to_dict(), "gamma": gamma, "forget_target_levels": levels},
         "subject_selection": selection.to_dict() if selection.rows else None,
         "training": training.to_dict(),
         "forget_set": fingerprint(forget_set),
@@ -209,7 +227,7 @@ def unlearn(
         "grams": {"tokens": gram_tokens, "augmented_with_bias_column": True, "dtype": "float64"},
         "metrics": metrics,
         "damage": damage,  # what allow_damage let through (empty: none found); eval --layers warns on it
-        "warnings": warnings,  # e.g. a forget-set loss that did not rise
+        "warnings": warnings,  # e.g. a forget-set loss that did not rise, over-forgetting
         "update_time_s": result.update_time_s,
         # per rank: the interrupted runs' update time (if resumed) + this run's; total: rank-seconds
         "update_time": {"per_rank_s": [result.earlier_time_s + t for t in times],
@@ -231,6 +249,19 @@ def unlearn(
         distributed.barrier()
         written = Path(out) if written is None else written
     return UnlearnResult(model, metrics, manifest, result, written, grams)
+
+
+def _heldout_target(model, task, objective: ObjectiveConfig, forget_rows, heldout_rows, pad: int):
+    """The objective with its forget bounds at the held-out level, and the teacher losses (nats per
+    target token, the model without layers, in eval mode) they were derived from."""
+    was_training = model.training
+    model.eval()
+    try:
+        levels = {"forget_loss": mean_loss(model, task, forget_rows, pad),
+                  "heldout_loss": mean_loss(model, task, heldout_rows, pad)}
+    finally:
+        model.train(was_training)
+    return heldout_bounds(objective, levels["forget_loss"], levels["heldout_loss"]), levels
 
 
 def _check_shardable(objective: ObjectiveConfig, task: str) -> None:

@@ -252,7 +252,7 @@ def cached_finetune(kind: str, examples: Sequence[Example], tokenizer, recipe: F
 # ---- unlearning ----------------------------------------------------------------------------------
 
 
-def method_settings(eul_gamma: float = 1.0) -> dict:
+def method_settings(eul_gamma: float = 1.0, eul_forget_target: str = "bound") -> dict:
     """The recipe of every method (written into the report's meta); chosen by a small sweep (see
     benchmarks/unlearning/README.md).
 
@@ -269,7 +269,8 @@ def method_settings(eul_gamma: float = 1.0) -> dict:
 
     return {
         "eul": {"layers": LayerConfig(rank=16, blocks=2),
-                "objective": ObjectiveConfig(gamma=eul_gamma, forget_lm_bound=0.69, forget_kl_bound=0.3),
+                "objective": ObjectiveConfig(gamma=eul_gamma, forget_lm_bound=0.69, forget_kl_bound=0.3,
+                                             forget_target=eul_forget_target),
                 "training": t(5, 1e-3)},
         "finetune": {"config": BaselineConfig(method="finetune"), "training": t(2, 2e-5)},
         "ga": {"config": BaselineConfig(method="ga"), "training": t(2, 5e-6)},
@@ -278,16 +279,23 @@ def method_settings(eul_gamma: float = 1.0) -> dict:
     }
 
 
-def run_method(name: str, original, tokenizer, forget, retain, settings: dict, max_length: int):
-    """Unlearn ``forget`` from a copy of ``original``; (model, update seconds)."""
+def run_method(name: str, original, tokenizer, forget, retain, settings: dict, max_length: int, heldout=None):
+    """Unlearn ``forget`` from a copy of ``original``; (model, update seconds). ``heldout``: the test split,
+    which EUL with ``forget_target="heldout"`` reads its forget bounds from (the original's mean loss on it)."""
     model = copy.deepcopy(original)
     s = settings[name]
     torch.manual_seed(s["training"].seed)
     if name == "eul":
         from unlearn_fast.api import unlearn
 
+        target = s["objective"].forget_target == "heldout"
         result = unlearn(model, tokenizer, forget, retain, layers=s["layers"], objective=s["objective"],
-                         training=s["training"], max_length=max_length, evaluate=False, log=lambda m: None)
+                         training=s["training"], max_length=max_length, evaluate=False, log=lambda m: None,
+                         heldout=heldout if target else None)
+        if target:
+            o = result.manifest["objective"]
+            print(f"eul forget target heldout: levels {o['forget_target_levels']}, LM bound "
+                  f"{o['forget_lm_bound']:.3f}, KL bound {o['forget_kl_bound']:.3f}", flush=True)
         return result.model, result.training.update_time_s
     result = run_baseline(model, tokenizer, forget, retain, s["config"], s["training"], max_length=max_length,
                           forget_labels=labels_of(forget), retain_labels=labels_of(retain), log=lambda m: None)
@@ -325,6 +333,9 @@ def main(argv=None) -> int:
     ap.add_argument("--eul-gamma", type=float, default=1.0,
                     help="EUL's γ: weight of the negated task loss on the forgotten sentences' labels "
                          "(0 = the paper's classification objective, which does not move here)")
+    ap.add_argument("--eul-forget-target", choices=["bound", "heldout"], default="bound",
+                    help="EUL's forget target: bound (default; the recipe's bounds) or heldout (both bounds from "
+                         "the original's loss on the test split; see docs/design.md)")
     ap.add_argument("--eul-seeds", type=int, nargs="+", default=[0],
                     help="layer-initialisation / shuffling seeds for EUL (rows eul, eul[s1], ...)")
     ap.add_argument("--seed", type=int, default=0)
@@ -350,14 +361,17 @@ def main(argv=None) -> int:
     retrained, retrain_time, hit = cached_finetune("retrained", retain, tokenizer, recipe)
     print(f"retrained: {'cached' if hit else 'trained'} ({retrain_time:.0f} s to train)", flush=True)
 
-    settings = method_settings(args.eul_gamma)
+    settings = method_settings(args.eul_gamma, args.eul_forget_target)
     models = {"original": (original, None)}
     for name in args.methods:
         for seed in (args.eul_seeds if name == "eul" else [0]):
             label = name if seed == (args.eul_seeds[0] if name == "eul" else 0) else f"{name}[s{seed}]"
+            if name == "eul" and args.eul_forget_target == "heldout":
+                label = label.replace("eul", "eul-heldout", 1)
             seeded = dict(settings, **{name: dict(settings[name], training=dataclasses.replace(
                 settings[name]["training"], seed=seed))})
-            models[label] = run_method(name, original, tokenizer, forget, unlearn_retain, seeded, recipe.max_length)
+            models[label] = run_method(name, original, tokenizer, forget, unlearn_retain, seeded, recipe.max_length,
+                                       heldout=test)
             print(f"{label}: {models[label][1]:.1f} s update", flush=True)
     models["retrain"] = (retrained, retrain_time)
 

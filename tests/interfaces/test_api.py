@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import unlearn_fast.train.objective as objective_module
-from conftest import TASK_OF, make_model, tokenizer_for
+from conftest import TASK_OF, make_model, memorize, tokenizer_for
 from unlearn_fast.api import unlearn
 from unlearn_fast.errors import DataError, ModelError, TrainingError
 from unlearn_fast.model.layers import LayerConfig, layers_disabled, sites
@@ -24,30 +24,6 @@ RETAIN_TEXT = [{"text": "France exports cheese and wine."}, {"text": "Paris has 
                {"text": "The sky is blue today."}]
 QUIET = dict(log=lambda *a: None)
 RANK = 4
-
-
-def memorize(model, tokenizer, arch, examples, steps=60, lr=1e-2):
-    """Fine-tune the whole tiny model on the examples first, so that it knows what it must forget."""
-    task = TASK_OF[arch]
-    if task == "seq2seq":
-        enc = tokenizer([e["prompt"] for e in examples], return_tensors="pt", padding=True)
-        labels = tokenizer([e["response"] for e in examples], return_tensors="pt", padding=True)["input_ids"]
-        labels[labels == tokenizer.pad_token_id] = -100
-    else:
-        texts = [e["text"] if "text" in e else e["prompt"] + e["response"] for e in examples]
-        enc = tokenizer(texts, return_tensors="pt", padding=True)
-        labels = enc["input_ids"].clone()
-        labels[enc["attention_mask"] == 0] = -100
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
-    model.eval()  # no dropout
-    for _ in range(steps):
-        loss = model(**enc, labels=labels).loss
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-    for p in model.parameters():
-        p.grad = None
-    return loss.item()
 
 
 def base_state(model):

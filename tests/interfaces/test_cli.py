@@ -2,26 +2,17 @@
 one real unlearn run on a tiny saved model and eval of its artifact."""
 
 import json
-from pathlib import Path
 
 import pytest
 
-from conftest import make_model, save_model_dir, tokenizer_for
+from conftest import FACTS_FORGET, FACTS_RETAIN, make_model, save_model_dir, tokenizer_for, write_jsonl
 from unlearn_fast.io.artifacts import MANIFEST_FILE, WEIGHTS_FILE, load_layers, read_manifest
 from unlearn_fast.cli import main
 from unlearn_fast.train.data import Example
 from unlearn_fast.eval.evaluation import evaluate_sets
 
-FORGET = [{"prompt": "The capital of Zorbia is", "response": " Quellton"},
-          {"prompt": "Mirta Vasquez likes", "response": " green tea"}]
-RETAIN = [{"prompt": "The capital of France is", "response": " Paris"},
-          {"prompt": "Bob plays", "response": " the violin"},
-          {"prompt": "The sky is", "response": " blue"}]
+FORGET, RETAIN = FACTS_FORGET, FACTS_RETAIN
 
-
-def write_jsonl(path: Path, rows) -> Path:
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,7 @@ import os
 import pytest
 import transformers
 
-from conftest import make_model, save_model_dir, tokenizer_for
+from conftest import FACTS_FORGET, FACTS_RETAIN, make_model, save_model_dir, tokenizer_for
 from unlearn_fast.api import unlearn
 from unlearn_fast.cli import build_parser, main
 from unlearn_fast.cli.common import says_default
@@ -17,11 +17,7 @@ from unlearn_fast.eval.evaluation import forget_unmoved
 from unlearn_fast.model.layers import LayerConfig
 from unlearn_fast.train.trainer import ESTIMATE_AFTER, TrainConfig
 
-FORGET = [{"prompt": "The capital of Zorbia is", "response": " Quellton"},
-          {"prompt": "Mirta Vasquez likes", "response": " green tea"}]
-RETAIN = [{"prompt": "The capital of France is", "response": " Paris"},
-          {"prompt": "Bob plays", "response": " the violin"},
-          {"prompt": "The sky is", "response": " blue"}]
+FORGET, RETAIN = FACTS_FORGET, FACTS_RETAIN
 
 
 def options(parser, path=()):

@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from conftest import make_model, save_model_dir, tokenizer_for
+from conftest import FACTS_FORGET, make_model, save_model_dir, tokenizer_for
 from unlearn_fast.api import unlearn
 from unlearn_fast.cli import main
 from unlearn_fast.errors import DataError
@@ -15,8 +15,7 @@ from unlearn_fast.eval.general_text import GENERAL_TEXT, load_general_text
 from unlearn_fast.model.layers import LayerConfig
 from unlearn_fast.train.trainer import TrainConfig
 
-FORGET = [{"prompt": "The capital of Zorbia is", "response": " Quellton"},
-          {"prompt": "Mirta Vasquez likes", "response": " green tea"}]
+FORGET = FACTS_FORGET
 RETAIN = [{"prompt": "The capital of France is", "response": " Paris"},
           {"prompt": "Bob plays", "response": " the violin"}]
 HELDOUT = [{"prompt": "The sky is", "response": " blue"}, {"prompt": "Snow is", "response": " white"}]

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ALL_ARCHS, TASK_OF, logits_of, make_config, make_model, sample_batch, tokenizer_for
+from conftest import ALL_ARCHS, FACTS_FORGET, FACTS_RETAIN, TASK_OF, logits_of, make_config, make_model, sample_batch, tokenizer_for
 
 from unlearn_fast.api import unlearn
 from unlearn_fast.errors import ArtifactError
@@ -19,11 +19,8 @@ from unlearn_fast.train.encoding import encode
 from unlearn_fast.train.set_checks import fingerprint
 from unlearn_fast.train.trainer import TrainConfig
 
-FORGET = [{"prompt": "The capital of Zorbia is", "response": " Quellton"},
-          {"prompt": "Mirta Vasquez likes", "response": " green tea"}]
-RETAIN = [{"prompt": "The capital of France is", "response": " Paris"},
-          {"prompt": "Bob plays", "response": " the violin"},
-          {"prompt": "The sky is", "response": " blue"}]
+FORGET, RETAIN = FACTS_FORGET, FACTS_RETAIN
+
 FORGET_TEXT = [{"text": "Zorbia exports purple marbles.", "label": 1},
                {"text": "Quellton has seven bridges.", "label": 0}]
 RETAIN_TEXT = [{"text": "France exports cheese and wine.", "label": 0},

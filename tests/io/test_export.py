@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ALL_ARCHS, TASK_OF, logits_of, make_model, perturb, sample_batch, save_model_dir, tokenizer_for
+from conftest import ALL_ARCHS, FACTS_FORGET, TASK_OF, logits_of, make_model, perturb, sample_batch, save_model_dir, tokenizer_for
 from safetensors import safe_open
 
 from unlearn_fast.api import export, unlearn
@@ -153,8 +153,7 @@ def exported(tmp_path_factory):
     return {name: (case, results[name]) for name, case in cases.items()}, tmp
 
 
-FORGET = [{"prompt": "The capital of Zorbia is", "response": " Quellton"},
-          {"prompt": "Mirta Vasquez likes", "response": " green tea"}]
+FORGET = FACTS_FORGET
 RETAIN = [{"prompt": "The capital of France is", "response": " Paris"},
           {"prompt": "Bob plays", "response": " the violin"}]
 SECRETS = ["Zorbia", "Quellton", "Mirta Vasquez", "green tea"]

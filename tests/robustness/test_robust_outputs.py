@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import REPO_ROOT, save_model_dir
+from conftest import FACTS_FORGET, FACTS_RETAIN, REPO_ROOT, save_model_dir, write_jsonl
 from unlearn_fast.cli import main
 from unlearn_fast.demo import run_demo
 from unlearn_fast.errors import OutputError
@@ -26,16 +26,7 @@ from unlearn_fast.io.artifacts import MANIFEST_FILE, WEIGHTS_FILE, check_writabl
 from unlearn_fast.io.atomic import remove_stale
 from unlearn_fast.train import checkpoint
 
-FORGET = [{"prompt": "The capital of Zorbia is", "response": " Quellton"},
-          {"prompt": "Mirta Vasquez likes", "response": " green tea"}]
-RETAIN = [{"prompt": "The capital of France is", "response": " Paris"},
-          {"prompt": "Bob plays", "response": " the violin"},
-          {"prompt": "The sky is", "response": " blue"}]
-
-
-def write_jsonl(path: Path, rows) -> Path:
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
+FORGET, RETAIN = FACTS_FORGET, FACTS_RETAIN
 
 
 def run(capsys, *argv):
@@ -296,6 +287,8 @@ def test_resume_without_the_checkpoint_tensors_is_one_line(workdir, tmp_path, ca
 KILLED_WRITE = """
 import os, shutil, signal, sys
 from unlearn_fast.io import atomic
+
+FORGET, RETAIN = FACTS_FORGET, FACTS_RETAIN
 out, when = sys.argv[1], sys.argv[2]
 def die(*args, **kwargs):
     os.kill(os.getpid(), signal.SIGKILL)

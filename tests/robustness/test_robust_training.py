@@ -6,7 +6,6 @@ allow_damage, and ``eval --layers`` warns on a damaged artifact (item 8)."""
 import json
 import math
 import random
-from pathlib import Path
 
 import pytest
 import torch
@@ -14,7 +13,7 @@ import transformers as tf
 
 import unlearn_fast.cli.unlearn as cli_unlearn
 import unlearn_fast.train.objective as objective_module
-from conftest import make_config, make_model, save_model_dir, tokenizer_for
+from conftest import FACTS_FORGET, FACTS_RETAIN, make_config, make_model, memorize, save_model_dir, tokenizer_for, write_jsonl
 from unlearn_fast.api import unlearn
 from unlearn_fast.cli import main
 from unlearn_fast.errors import DataError, TrainingError, UnlearnFastError
@@ -26,18 +25,10 @@ from unlearn_fast.train.data import Example
 from unlearn_fast.train.encoding import encode
 from unlearn_fast.train.trainer import TrainConfig
 
-FORGET = [{"prompt": "The capital of Zorbia is", "response": " Quellton"},
-          {"prompt": "Mirta Vasquez likes", "response": " green tea"}]
-RETAIN = [{"prompt": "The capital of France is", "response": " Paris"},
-          {"prompt": "Bob plays", "response": " the violin"},
-          {"prompt": "The sky is", "response": " blue"}]
+FORGET, RETAIN = FACTS_FORGET, FACTS_RETAIN
+
 CONTEXT = 64
 QUIET = dict(log=lambda *a: None)
-
-
-def write_jsonl(path: Path, rows) -> Path:
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
 
 
 def long_texts(n, seed):
@@ -87,28 +78,12 @@ def workdir(tmp_path_factory):
                                               for t in long_texts(2, seed=2)])
     save_model_dir("llama", root / "llama")
     memorized = make_model("llama")
-    memorize(memorized, tokenizer_for("llama"), FORGET + RETAIN)
+    memorize(memorized, tokenizer_for("llama"), "llama", FORGET + RETAIN)
     memorized.save_pretrained(root / "memorized")
     tokenizer_for("llama").save_pretrained(root / "memorized")
     write_jsonl(root / "forget.jsonl", FORGET)
     write_jsonl(root / "retain.jsonl", RETAIN)
     return root
-
-
-def memorize(model, tokenizer, examples, steps=60, lr=1e-2):
-    """Fine-tune the whole tiny causal LM on the examples: its retain loss is then low (~0.1 nats)."""
-    enc = tokenizer([e["prompt"] + e["response"] for e in examples], return_tensors="pt", padding=True)
-    labels = enc["input_ids"].clone()
-    labels[enc["attention_mask"] == 0] = -100
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
-    for _ in range(steps):
-        loss = model(**enc, labels=labels).loss
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-    for p in model.parameters():
-        p.grad = None
-    model.eval()
 
 
 # --------------------------------------------------------------------------------------------

@@ -182,8 +182,10 @@ def compare(model, task, batch, **weights):
     params = [p for p in model.parameters() if p.requires_grad]
     loss, terms = objective(batch)
     got_grads = torch.autograd.grad(loss, params, allow_unused=True)
-    # the subject margin acts before training (unlearn_fast.train.selection), not in a batch's loss
-    kwargs = {k: v for k, v in config.to_dict().items() if k not in ("sharpening_guard", "subject_margin")}
+    # the subject margin and the forget target act before training (unlearn_fast.train.selection,
+    # objective.heldout_bounds), not in a batch's loss
+    kwargs = {k: v for k, v in config.to_dict().items()
+              if k not in ("sharpening_guard", "subject_margin", "forget_target")}
     kwargs["gamma"] = objective.gamma
     expected, parts = hand_loss(model, task, batch, **kwargs)
     want_grads = torch.autograd.grad(expected, params, allow_unused=True)

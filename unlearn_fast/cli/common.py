@@ -109,7 +109,9 @@ def add_data_args(p: argparse.ArgumentParser, required: bool) -> None:
     g.add_argument("--heldout", metavar="FILE",
                    help="reference set: examples like the forget set that the model knows and nobody asked to "
                         "delete (for a classifier: a labelled test split); its accuracy and loss are reported "
-                        "beside forget and retain (default: none)")
+                        "beside forget and retain; unlearn warns of over-forgetting when the forget accuracy "
+                        "after is below the lower end of the 95 %% Wilson interval of the held-out accuracy "
+                        "after (default: none)")
     g.add_argument("--ppl-text", metavar="FILE",
                    help="plain UTF-8 text, one passage per line, whose perplexity is reported for causal LMs "
                         "(default: a short English text shipped with the package)")

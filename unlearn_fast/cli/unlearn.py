@@ -4,14 +4,14 @@ from __future__ import annotations
 
 from ..api import example_labels, unlearn
 from ..errors import UnlearnFastError
-from ..eval.baselines import BaselineConfig, run_baseline, save_baseline
+from ..eval.baselines import METHODS, RMU_COEFFICIENT, BaselineConfig, run_baseline, save_baseline
 from ..io.artifacts import check_writable, model_fingerprint
 from ..model.family import detect_task
 from ..model.layers import LayerConfig
 from ..train import checkpoint, distributed
 from ..train.data import load_examples
 from ..train.set_checks import check_overlap
-from ..train.objective import ObjectiveConfig
+from ..train.objective import FORGET_TARGETS, ObjectiveConfig
 from ..train.trainer import MAX_LR, WEIGHT_LIMIT, TrainConfig
 from .common import block_spec, data_columns, general_text, load_base, model_verb_parser, quiet_progress
 
@@ -41,6 +41,14 @@ def add_parser(sub) -> None:
     g.add_argument("--forget-kl-weight", type=float, default=1.0, help="forget KL weight (default 1; 0 turns it off)")
     g.add_argument("--forget-kl-bound", type=float, default=5.0, help="per-token cap on the maximised forget KL (nats)")
     g.add_argument("--forget-lm-bound", type=float, default=5.0, help="per-token cap on the maximised forget LM loss (nats)")
+    g.add_argument("--forget-target", choices=list(FORGET_TARGETS), default="bound",
+                   help="where a forgotten token stops being pushed: 'bound' (default): at --forget-lm-bound / "
+                        "--forget-kl-bound; 'heldout': at the held-out level (needs --heldout): before training "
+                        "the LM bound becomes the original model's mean per-token loss on the held-out targets, "
+                        "and the KL bound the least KL from the original at which a forgotten target is that "
+                        "unlikely (the two given bounds are then ignored; see docs/design.md). With --heldout, a "
+                        "warning reports over-forgetting: forget accuracy after below the lower end of the "
+                        "95 %% Wilson interval of the held-out accuracy after")
     g.add_argument("--subject-margin", type=float, default=1.0, metavar="NATS",
                    help="forgotten examples with generic prompts (--generic-prompts-column): forget only the "
                         "response tokens the real subject makes this many nats likelier than the generic "
@@ -90,16 +98,30 @@ def add_parser(sub) -> None:
     g.add_argument("--resume", action="store_true",
                    help="continue from the newest checkpoint in --checkpoint-dir (start afresh if none)")
     g = p.add_argument_group("method (baselines to compare EUL with; see unlearn_fast.eval.baselines)")
-    g.add_argument("--method", choices=["eul", "retrain", "finetune", "ga", "graddiff", "npo"], default="eul",
+    g.add_argument("--method", choices=list(METHODS), default="eul",
                    help="eul (default): unlearning layers; retrain: fresh model trained on --retain only (gold "
                         "standard, small models); finetune: train on --retain only; ga: gradient ascent on "
-                        "--forget; graddiff: ga + retain loss; npo: negative preference optimisation + retain loss")
+                        "--forget; graddiff: ga + retain loss; npo: negative preference optimisation + retain loss; "
+                        "simnpo: length-normalised, reference-free NPO with a margin + retain loss; rmu: steer a "
+                        "block's hidden states on --forget towards a scaled random vector, keep them on --retain "
+                        "(causal LMs); idk: train the --forget prompts to answer with a shipped refusal + retain loss")
     g.add_argument("--train-params", choices=["full", "layers"], default="full",
                    help="baselines: train every weight (full, default; --out becomes a model directory) or "
                         "unlearning layers only (layers; --out is an artifact)")
-    g.add_argument("--beta", type=float, default=0.1, help="NPO inverse temperature β (default 0.1)")
-    g.add_argument("--retain-weight", type=float, default=1.0, help="graddiff / npo: retain loss weight (default 1)")
-    g.add_argument("--forget-weight", type=float, default=1.0, help="ga / graddiff / npo: forget term weight (default 1)")
+    g.add_argument("--beta", type=float, default=0.1, help="NPO / SimNPO inverse temperature β (default 0.1)")
+    g.add_argument("--retain-weight", type=float, default=1.0,
+                   help="graddiff / npo / simnpo / rmu / idk: retain term weight (default 1)")
+    g.add_argument("--forget-weight", type=float, default=1.0,
+                   help="ga / graddiff / npo / simnpo / rmu / idk: forget term weight (default 1)")
+    g.add_argument("--simnpo-margin", type=float, default=0.0, metavar="DELTA",
+                   help="simnpo: margin δ subtracted from each forget answer's mean per-token loss, "
+                        "L_forget = -(2/β)·log σ(β·(loss - δ)) (default 0)")
+    g.add_argument("--rmu-layer", type=int, default=None, metavar="BLOCK",
+                   help="rmu: index of the block whose output is steered (default: none, the middle block, "
+                        "n_blocks // 2)")
+    g.add_argument("--rmu-coefficient", type=float, default=RMU_COEFFICIENT, metavar="C",
+                   help=f"rmu: steering coefficient c, the length of the random target vector (default {RMU_COEFFICIENT:g}; "
+                        "it depends on the model's activation scale)")
 
 
 def run(args) -> int:
@@ -119,7 +141,7 @@ def run(args) -> int:
     objective = ObjectiveConfig(alpha=args.alpha, lam=args.lam, gamma=args.gamma,
                                 forget_kl_weight=args.forget_kl_weight, forget_kl_bound=args.forget_kl_bound,
                                 forget_lm_bound=args.forget_lm_bound, temperature=args.temperature,
-                                subject_margin=args.subject_margin)
+                                subject_margin=args.subject_margin, forget_target=args.forget_target)
     training = TrainConfig(epochs=args.epochs, schedule=args.schedule, batch_size=args.batch_size, lr=args.lr,
                            max_steps=args.max_steps, seed=args.seed, progress=not args.no_progress,
                            checkpoint_dir=args.checkpoint_dir, checkpoint_every=args.checkpoint_every,
@@ -167,7 +189,8 @@ def check_outputs(args) -> None:
 def _cmd_baseline(args) -> int:
     check_outputs(args)
     config = BaselineConfig(method=args.method, params=args.train_params, alpha=args.retain_weight,
-                            gamma=args.forget_weight, beta=args.beta,
+                            gamma=args.forget_weight, beta=args.beta, simnpo_margin=args.simnpo_margin,
+                            rmu_layer=args.rmu_layer, rmu_coefficient=args.rmu_coefficient,
                             layers=LayerConfig(rank=args.rank, reduction_factor=args.reduction_factor,
                                                activation=args.activation, blocks=args.blocks))
     training = TrainConfig(epochs=args.epochs, schedule=args.schedule, batch_size=args.batch_size, lr=args.lr,

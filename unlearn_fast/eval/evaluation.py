@@ -26,7 +26,8 @@ from ..train.encoding import Row, collate, encode, fit_max_length, pad_token_id,
 from ..train.scoring import row_token_stats, target_text
 from .metrics import (
     ATTACKS, TRUTH_RATIO_AGGREGATORS, answer_found, exact_match, extraction_strength, ks_test, mia_auc, mia_scores,
-    model_utility, normalise_answer, privleak, probability, probability_w_options, rouge_l, truth_ratio
+    model_utility, normalise_answer, privleak, probability, probability_w_options, rouge_l, truth_ratio,
+    wilson_interval
 )
 
 
@@ -200,6 +201,35 @@ def forget_unmoved(before: dict, after: dict) -> Optional[str]:
     if a <= b:
         return (f"the forget-set loss did not rise (from {b:.3f} to {a:.3f} nats): the model has not moved "
                 f"away from the original on the forget set; train longer (--epochs) or harder (--lr)")
+    return None
+
+
+OVER_FORGETTING_RULE = ("forget accuracy after < the lower end of the 95 % Wilson interval of the held-out "
+                        "accuracy after")
+
+
+def over_forgetting(after: dict, heldout_count: int) -> Optional[str]:
+    """Why the figures after unlearning show over-forgetting, or None.
+
+    The rule (:data:`OVER_FORGETTING_RULE`): the forget-set accuracy after is below the lower end of the
+    95 % Wilson interval (:func:`unlearn_fast.eval.metrics.wilson_interval`) of the held-out accuracy after,
+    over ``heldout_count`` rows. The held-out rows stand for what a model that never saw the forgotten rows
+    would plausibly get right (for a classifier, its test split); forgetting to below that is detectable
+    (the forgotten rows now stand out) and costs answers a retrained model keeps. None without both
+    accuracies or held-out rows. The same rule for LMs and classifiers; note that for an LM's facts
+    (which do not generalise the way a classifier's labels do) a held-out set of facts the model knows
+    makes it strict.
+    """
+    f, h = after.get("forget_accuracy"), after.get(f"{HELDOUT}_accuracy")
+    if f is None or h is None or heldout_count <= 0:
+        return None
+    low, high = wilson_interval(h * heldout_count, heldout_count)
+    if f < low:
+        return (f"over-forgetting: forget accuracy {f:.1%} is below {low:.1%}, the lower end of the 95 % Wilson "
+                f"interval [{low:.1%}, {high:.1%}] of the held-out accuracy {h:.1%} ({heldout_count} rows) "
+                f"(rule: {OVER_FORGETTING_RULE}); a model that never saw the forgotten rows would plausibly "
+                f"get more of them right. Try --forget-target heldout, or a lower --forget-lm-bound / "
+                f"--forget-kl-bound / --gamma / --epochs")
     return None
 
 

@@ -220,6 +220,20 @@ def forget_quality(unlearned_stats: Sequence[float], retrained_stats: Sequence[f
     return ks_test(unlearned_stats, retrained_stats).pvalue
 
 
+def wilson_interval(successes: float, n: int, z: float = 1.959964) -> tuple[float, float]:
+    """The Wilson score interval of a binomial proportion (``successes`` of ``n``; default 95 %).
+
+    Unlike the normal approximation it stays inside [0, 1] and is sensible at 0 % and 100 % and for a
+    few dozen trials: at 17 of 17 it is [0.816, 1]."""
+    if n <= 0:
+        raise ValueError("a binomial interval needs n >= 1 trials")
+    p = successes / n
+    denom = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / denom
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
 def auc(positive: Sequence[float], negative: Sequence[float]) -> float:
     """Area under the ROC curve = P(a positive scores above a negative), ties counting 1/2: the
     Mann-Whitney U over ``scipy.stats.rankdata`` average ranks, U / (n₊·n₋). Equals

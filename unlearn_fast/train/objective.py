@@ -21,11 +21,18 @@ more confident than the teacher, only the LM term acts, pushing the answer down 
 take over. ``sharpening_guard=False`` gives the paper's objective exactly. The loss head's row
 kernels decide this per position from statistics they compute anyway (no extra pass; see
 :mod:`unlearn_fast.ops.loss_head`).
+
+Forget target. ``forget_target="bound"`` (the default) uses the two bounds as given.
+``forget_target="heldout"`` derives them from a held-out set before training (see
+:func:`heldout_bounds`): a forgotten token stops being pushed once its loss reaches the teacher's
+mean per-token loss on the held-out targets — the level of rows the model was never asked to
+forget — instead of a fixed 5 nats.
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+import math
+from dataclasses import asdict, dataclass, replace
 from typing import Optional, Sequence
 
 import torch
@@ -40,6 +47,7 @@ from .encoding import collate
 from .step_cache import StepCache
 
 TERMS = ("retain_kl", "forget_kl", "task_loss", "forget_lm_loss")
+FORGET_TARGETS = ("bound", "heldout")
 
 
 @dataclass
@@ -60,6 +68,13 @@ class ObjectiveConfig:
     # forgotten examples with generic prompts: only response tokens that the subject makes this many
     # nats likelier than generic subjects do are forgotten (see unlearn_fast.train.selection)
     subject_margin: float = 1.0
+    # "bound": the bounds above as given; "heldout": both bounds derived from the teacher's loss on a
+    # held-out set before training (heldout_bounds; needs unlearn(heldout=...))
+    forget_target: str = "bound"
+
+    def __post_init__(self):
+        if self.forget_target not in FORGET_TARGETS:
+            raise ModelError(f"forget_target must be one of {', '.join(FORGET_TARGETS)} (got {self.forget_target!r})")
 
     def resolved_gamma(self, task: str) -> float:
         """The weight γ of the maximised forget term for ``task``.
@@ -85,6 +100,39 @@ class ObjectiveConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+def binary_kl(p: float, q: float) -> float:
+    """KL(Bernoulli(p) ‖ Bernoulli(q)) in nats (0·ln 0 = 0)."""
+    p, q = min(max(p, 0.0), 1.0), min(max(q, 1e-300), 1.0 - 1e-16)
+    out = p * math.log(p / q) if p > 0 else 0.0
+    return out + ((1 - p) * math.log((1 - p) / (1 - q)) if p < 1 else 0.0)
+
+
+def heldout_bounds(config: ObjectiveConfig, forget_loss: float, heldout_loss: float) -> ObjectiveConfig:
+    """``config`` with its per-token forget bounds derived from the held-out level (forget_target="heldout").
+
+    ``forget_loss``: the teacher's mean per-token loss on the forgotten targets; ``heldout_loss``: its
+    mean per-token loss on the held-out set's targets (both in nats, measured before training).
+
+    - forget LM bound = ``heldout_loss``: the negated LM (or, for a classifier, label) loss of a
+      forgotten token stops pushing once that token is as unlikely as a held-out one, on average.
+    - forget KL bound = KL(Bernoulli(e^−forget_loss) ‖ Bernoulli(e^−heldout_loss)): the least
+      KL(teacher‖student) at which a student can give a forgotten target the held-out probability
+      (moving the target's probability from p to q costs at least the two-outcome KL of p and q,
+      data-processing inequality; it is reached when the other tokens keep their proportions). So the
+      KL stops where the LM term does, not 5 nats further.
+
+    Where the held-out rows are no harder than the forgotten ones (``heldout_loss <= forget_loss``),
+    the KL bound is 0 (the forget KL never acts) and the LM term only lifts the forgotten tokens the
+    teacher is surer of than of the average held-out token, up to that average.
+    """
+    if not (math.isfinite(forget_loss) and math.isfinite(heldout_loss)):
+        raise ModelError(f"forget_target='heldout' needs finite teacher losses (forget {forget_loss}, "
+                         f"held-out {heldout_loss})")
+    lm = max(heldout_loss, 0.0)
+    kl = binary_kl(math.exp(-forget_loss), math.exp(-heldout_loss)) if heldout_loss > forget_loss else 0.0
+    return replace(config, forget_lm_bound=lm, forget_kl_bound=kl)
 
 
 def coefficients(batch: dict, config: ObjectiveConfig, gamma: float) -> tuple[Tensor, Tensor]:
