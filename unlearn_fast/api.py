@@ -79,6 +79,7 @@ def unlearn(
     heldout: Union[str, Path, Sequence, None] = None,
     general_text: Optional[Sequence[str]] = GENERAL_TEXT,
     allow_damage: bool = False,
+    run_config: Optional[dict] = None,
     log=print,
 ) -> UnlearnResult:
     """Train unlearning layers on ``model`` so it forgets ``forget`` and keeps ``retain``.
@@ -96,7 +97,8 @@ def unlearn(
     weights out of range (:func:`unlearn_fast.train.trainer.weight_damage`), or, when ``evaluate``,
     a retain loss far above its value before (:func:`unlearn_fast.eval.evaluation.retain_damage`).
     With ``allow_damage=True`` the result is kept (and written) anyway, the damage recorded in the
-    manifest's ``damage`` list.
+    manifest's ``damage`` list. ``run_config`` (the command line passes its resolved options, see
+    :mod:`unlearn_fast.cli.config_file`) is stored in the manifest as it is.
 
     The reference figures beside forget and retain (when ``evaluate``): ``heldout``, examples like the
     forget set that the model knows and nobody asked to delete (for a classifier, a labelled test
@@ -227,6 +229,7 @@ def unlearn(
         "grams": {"tokens": gram_tokens, "augmented_with_bias_column": True, "dtype": "float64"},
         "metrics": metrics,
         "damage": damage,  # what allow_damage let through (empty: none found); eval --layers warns on it
+        "run_config": run_config,  # the command line's resolved options (None from the Python API)
         "warnings": warnings,  # e.g. a forget-set loss that did not rise, over-forgetting
         "update_time_s": result.update_time_s,
         # per rank: the interrupted runs' update time (if resumed) + this run's; total: rank-seconds

@@ -14,6 +14,7 @@ from ..errors import UnlearnFastError
 from ..train import checkpoint
 from . import demo, eval, export, fuse, ledger, plan, unlearn
 from .common import use_help_formatter
+from .config_file import add_config_args, config_text, parse_args
 
 VERBS = {"unlearn": unlearn, "eval": eval, "demo": demo, "fuse": fuse, "ledger": ledger, "export": export,
          "plan": plan}
@@ -27,16 +28,22 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for verb in VERBS.values():
         verb.add_parser(sub)
+    for verb_parser in sub.choices.values():  # --config / --print-config where a verb has no sub-commands
+        if not any(isinstance(a.choices, dict) for a in verb_parser._actions):
+            add_config_args(verb_parser)
     use_help_formatter(parser)  # every option's default in --help
     return parser
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parse_args(parser, argv)  # with the options of a --config file, if one is given
     if not args.command:
         parser.print_help()
         return 2
+    if getattr(args, "print_config", False):
+        print(config_text(args), end="")
+        return 0
     try:
         return VERBS[args.command].run(args)
     except UnlearnFastError as err:

@@ -14,6 +14,7 @@ from ..train.set_checks import check_overlap
 from ..train.objective import FORGET_TARGETS, ObjectiveConfig
 from ..train.trainer import MAX_LR, WEIGHT_LIMIT, TrainConfig
 from .common import block_spec, data_columns, general_text, load_base, model_verb_parser, quiet_progress
+from .config_file import resolved
 
 
 def add_parser(sub) -> None:
@@ -125,6 +126,7 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> int:
+    options = resolved(args)  # as given (the run adjusts args.device below), for the manifest
     if args.no_progress:
         quiet_progress()
     if args.method != "eul":
@@ -169,7 +171,7 @@ def run(args) -> int:
                          model_name=name, columns=data_columns(args, "forget set"), drop_overlap=args.drop_overlap, layers=layers,
                          objective=objective, training=training, max_length=args.max_length,
                          evaluate=not args.no_eval, allow_damage=args.allow_damage, heldout=heldout,
-                         general_text=reference_text)
+                         general_text=reference_text, run_config=options)
         if distributed.is_main():
             _print_figures(result.metrics)
             print(f"artifact written to {result.out}")

@@ -32,8 +32,11 @@ from .layers import block_lists, sites
 def trained_blocks(model: nn.Module) -> list[nn.Module]:
     """The blocks the student's backward passes through: in each block list, those at or above its
     lowest unlearning layer, and every block of a later list (an encoder-decoder's decoder reads
-    the encoder's output) once an earlier list has layers."""
+    the encoder's output) once an earlier list has layers. A model without unlearning layers (a
+    full-parameter baseline) trains every block."""
     attached = sites(model)
+    if not attached:
+        return [block for _, blocks in block_lists(model) for block in blocks]
     found, seen_layers = [], False
     for list_path, blocks in block_lists(model):
         indices = [s.block for s in attached if s.path.startswith(list_path + ".")]
