@@ -59,7 +59,8 @@ if str(ROOT) not in sys.path:
 if str(ROOT / "benchmarks") not in sys.path:
     sys.path.append(str(ROOT / "benchmarks"))  # results_io
 
-from unlearn_fast.eval.baselines import BaselineConfig, CrossEntropyObjective, encode_for_baseline, run_baseline  # noqa: E402
+from unlearn_fast.eval.baseline_objectives import CrossEntropyObjective  # noqa: E402
+from unlearn_fast.eval.baselines import BaselineConfig, encode_for_baseline, run_baseline  # noqa: E402
 from unlearn_fast.train.data import Example  # noqa: E402
 from unlearn_fast.train.encoding import pad_token_id  # noqa: E402
 from unlearn_fast.eval.evaluation import evaluate_model  # noqa: E402

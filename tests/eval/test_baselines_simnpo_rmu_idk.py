@@ -12,7 +12,8 @@ import torch
 from conftest import make_model, save_model_dir, tokenizer_for
 from unlearn_fast.cli import main
 from unlearn_fast.errors import ModelError, UnlearnFastError
-from unlearn_fast.eval.baselines import (BASELINE_MANIFEST, REFUSALS, BaselineConfig, build_objective,
+from unlearn_fast.eval.baseline_objectives import REFUSALS
+from unlearn_fast.eval.baselines import (BASELINE_MANIFEST, BaselineConfig, build_objective,
                                          encode_for_baseline, idk_examples, rmu_block, run_baseline)
 from unlearn_fast.io.artifacts import MANIFEST_FILE
 from unlearn_fast.ops.loss_head import IGNORE_INDEX

@@ -108,8 +108,9 @@ def test_unlearn_cuts_rows_at_the_context_and_says_so(evaluate):
     result = unlearn(short_gpt2(), tokenizer_for("gpt2"), long_texts(3, 0), long_texts(4, 1),
                      layers=LayerConfig(rank=4), training=TrainConfig(max_steps=2, progress=False),
                      evaluate=evaluate, log=lines.append)
-    assert lines == [f"truncated to {CONTEXT} tokens (the model's context; max length 256 is longer): "
-                     "3 of 3 forget set rows, 4 of 4 retain set rows"]
+    assert [line for line in lines if line.startswith("truncated")] == [
+        f"truncated to {CONTEXT} tokens (the model's context; max length 256 is longer): "
+        "3 of 3 forget set rows, 4 of 4 retain set rows"]
     assert result.training.steps == 2
     if evaluate:
         assert math.isfinite(result.metrics["after"]["retain_loss"])
@@ -119,7 +120,7 @@ def test_rows_under_the_max_length_are_not_reported():
     lines = []
     unlearn(short_gpt2(), tokenizer_for("gpt2"), FORGET, RETAIN, layers=LayerConfig(rank=4),
             training=TrainConfig(max_steps=1, progress=False), evaluate=False, log=lines.append)
-    assert lines == []
+    assert lines and not [line for line in lines if "truncat" in line]
 
 
 @pytest.mark.parametrize("extra", [[], ["--no-eval"], ["--method", "npo"]])

@@ -25,9 +25,9 @@ from ..train.data import Example
 from ..train.encoding import Row, collate, encode, fit_max_length, pad_token_id, truncation_note
 from ..train.scoring import row_token_stats, target_text
 from .metrics import (
-    ATTACKS, TRUTH_RATIO_AGGREGATORS, answer_found, exact_match, extraction_strength, ks_test, mia_auc, mia_scores,
-    model_utility, normalise_answer, privleak, probability, probability_w_options, rouge_l, truth_ratio,
-    wilson_interval
+    ATTACKS, TRUTH_RATIO_AGGREGATORS, answer_found, exact_match, extraction_strength, ks_test, mia_auc,
+    mia_scores, model_utility, normalise_answer, privleak, probability, probability_w_options, rouge_l,
+    truth_ratio, wilson_interval
 )
 
 
