@@ -18,7 +18,7 @@
 4. Every method unlearns the forget people from a copy of the original: EUL (unlearning layers) and the
    baselines of :mod:`unlearn_fast.eval.baselines` (finetune, ga, graddiff, npo; full-parameter, as in the
    paper), all through the same trainer.
-5. Each model is evaluated by :func:`unlearn_fast.eval.evaluation.evaluate_model`: forget / retain sets (the
+5. Each model is evaluated by :func:`unlearn_fast.eval.per_example.evaluate_model`: forget / retain sets (the
    people's four facts), *test* = the rule facts of the held-out people (the model can only answer them by
    generalising), membership inference = forget set against the held-out people's facts; forget quality
    and gaps against the retrained model. One report per fraction (JSON, Table-2 Markdown, PNG) under
@@ -52,7 +52,7 @@ from unlearn_fast.eval.baseline_objectives import CrossEntropyObjective  # noqa:
 from unlearn_fast.eval.baselines import BaselineConfig, encode_for_baseline, run_baseline  # noqa: E402
 from unlearn_fast.train.data import Example  # noqa: E402
 from unlearn_fast.train.encoding import pad_token_id  # noqa: E402
-from unlearn_fast.eval.evaluation import evaluate_model  # noqa: E402
+from unlearn_fast.eval.per_example import evaluate_model  # noqa: E402
 from unlearn_fast.model.layers import LayerConfig  # noqa: E402
 from unlearn_fast.train.objective import ObjectiveConfig  # noqa: E402
 from unlearn_fast.eval.report import build_report, describe_methods, markdown, write_report  # noqa: E402

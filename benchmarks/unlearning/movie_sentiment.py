@@ -25,7 +25,7 @@ Like the paper's IMDB experiment (Table 2), on data and a model that exist offli
    (retain only), ``ga``, ``graddiff``, ``npo``. To fit the budget, the retained data the methods train on
    is a seeded sample of ``--unlearn-retain`` retained sentences (the same for every method); retain
    accuracy is measured on ``--eval-retain`` retained sentences that include it.
-5. Each model is evaluated by :func:`unlearn_fast.eval.evaluation.evaluate_model` (test / retain / forget
+5. Each model is evaluated by :func:`unlearn_fast.eval.per_example.evaluate_model` (test / retain / forget
    accuracy, label loss, membership inference forget vs test) and written as one report (JSON, Table-2
    Markdown, PNG) under ``--out``, plus ``per_entity.md`` (forget accuracy per entity).
 
@@ -63,7 +63,7 @@ from unlearn_fast.eval.baseline_objectives import CrossEntropyObjective  # noqa:
 from unlearn_fast.eval.baselines import BaselineConfig, encode_for_baseline, run_baseline  # noqa: E402
 from unlearn_fast.train.data import Example  # noqa: E402
 from unlearn_fast.train.encoding import pad_token_id  # noqa: E402
-from unlearn_fast.eval.evaluation import evaluate_model  # noqa: E402
+from unlearn_fast.eval.per_example import evaluate_model  # noqa: E402
 from unlearn_fast.io.base_model import cache_dir  # noqa: E402
 from unlearn_fast.model.layers import LayerConfig  # noqa: E402
 from unlearn_fast.train.objective import ObjectiveConfig  # noqa: E402

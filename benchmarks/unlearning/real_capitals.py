@@ -37,7 +37,7 @@ if str(ROOT / "benchmarks") not in sys.path:
 
 from unlearn_fast.eval.baselines import BaselineConfig, run_baseline  # noqa: E402
 from unlearn_fast.demo import GENERAL_TEXT, build_sets  # noqa: E402
-from unlearn_fast.eval.evaluation import evaluate_model  # noqa: E402
+from unlearn_fast.eval.per_example import evaluate_model  # noqa: E402
 from unlearn_fast.io.base_model import load_model  # noqa: E402
 from unlearn_fast.model.layers import LayerConfig  # noqa: E402
 from unlearn_fast.train.objective import ObjectiveConfig  # noqa: E402

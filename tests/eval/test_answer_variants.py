@@ -7,12 +7,14 @@ import json
 import pytest
 
 import unlearn_fast.eval.evaluation as evaluation
+import unlearn_fast.eval.per_example as per_example
 from conftest import make_model, tokenizer_for
 from unlearn_fast.cli import build_parser
 from unlearn_fast.cli.common import data_columns
 from unlearn_fast.demo import capital_example, capital_variants
 from unlearn_fast.errors import DataError
-from unlearn_fast.eval.evaluation import accuracy_figures, evaluate_sets, generation_scores
+from unlearn_fast.eval.evaluation import accuracy_figures, evaluate_sets
+from unlearn_fast.eval.per_example import generation_scores
 from unlearn_fast.eval.metrics import answer_found, normalise_variant
 from unlearn_fast.train.data import Columns, Example, load_examples
 from unlearn_fast.train.set_checks import check_overlap
@@ -87,7 +89,8 @@ def test_answers_column_option():
 def canned(monkeypatch):
     """Greedy completions replaced by fixed texts, one per prompt."""
     texts = {}
-    monkeypatch.setattr(evaluation, "completions", lambda model, tok, prompts, *a, **k: [texts[p] for p in prompts])
+    for module in (evaluation, per_example):
+        monkeypatch.setattr(module, "completions", lambda model, tok, prompts, *a, **k: [texts[p] for p in prompts])
     return texts
 
 

@@ -9,7 +9,7 @@ from conftest import make_model, save_model_dir, tokenizer_for
 
 from unlearn_fast.cli import main
 from unlearn_fast.errors import DataError
-from unlearn_fast.eval.evaluation import compare_to_retrained, evaluate_model
+from unlearn_fast.eval.per_example import compare_to_retrained, evaluate_model
 from unlearn_fast.eval.logs import LOGS_FORMAT, as_result, check_sets, load_logs, save_logs
 from unlearn_fast.train.data import Example
 

@@ -17,7 +17,7 @@ from conftest import make_model, tokenizer_for
 from unlearn_fast.eval import metrics as M
 from unlearn_fast.train.scoring import token_stats
 from unlearn_fast.train.data import Example
-from unlearn_fast.eval.evaluation import evaluate_model, example_stats, membership_inference
+from unlearn_fast.eval.per_example import evaluate_model, example_stats, membership_inference
 
 LN2 = math.log(2)
 

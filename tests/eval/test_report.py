@@ -10,7 +10,7 @@ import pytest
 from conftest import make_model, save_model_dir, tokenizer_for
 from unlearn_fast.cli import main
 from unlearn_fast.train.data import Example
-from unlearn_fast.eval.evaluation import evaluate_model
+from unlearn_fast.eval.per_example import evaluate_model
 from unlearn_fast.eval.report import REPORT_JSON, REPORT_MD, REPORT_PNG, build_report, describe_methods, write_report
 
 FORGET = [Example(prompt="The capital of Zorbia is", response=" Quellton"),

@@ -14,9 +14,8 @@ from conftest import make_model, save_model_dir, tokenizer_for
 from unlearn_fast.cli import main
 from unlearn_fast.errors import DataError
 from unlearn_fast.eval import metrics as M
-from unlearn_fast.eval.evaluation import (
-    aggregate_truth_ratios, compare_to_retrained, evaluate_model, evaluate_sets, example_stats, truth_ratios
-)
+from unlearn_fast.eval.evaluation import aggregate_truth_ratios, evaluate_sets, truth_ratios
+from unlearn_fast.eval.per_example import compare_to_retrained, evaluate_model, example_stats
 from unlearn_fast.eval.report import REPORT_JSON, REPORT_MD, build_report, markdown, write_report
 from unlearn_fast.train.data import Columns, Example, load_examples
 from unlearn_fast.train.set_checks import check_overlap

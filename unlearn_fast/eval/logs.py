@@ -53,7 +53,7 @@ def _json_safe(value):
 
 def retain_logs(result: dict, sets: dict[str, Sequence[Example]], *, forget: str = "forget",
                 meta: Optional[dict] = None) -> dict:
-    """The logs of one :func:`~unlearn_fast.eval.evaluation.evaluate_model` result: every figure, the
+    """The logs of one :func:`~unlearn_fast.eval.per_example.evaluate_model` result: every figure, the
     forget set's per-example statistics and the fingerprint of every evaluated set."""
     if forget not in result.get("per_example", {}):
         raise UnlearnFastError("retain logs need per-example statistics of the forget set; give --forget")
@@ -125,5 +125,5 @@ def check_sets(logs: dict, sets: dict[str, Sequence[Example]], names: Sequence[s
 
 def as_result(logs: dict) -> dict:
     """The logs in the shape of an evaluation result, for
-    :func:`~unlearn_fast.eval.evaluation.compare_to_retrained` and the report."""
+    :func:`~unlearn_fast.eval.per_example.compare_to_retrained` and the report."""
     return {"figures": logs["figures"], "per_example": logs["per_example"]}

@@ -4,10 +4,10 @@ sets have perturbed answers), open-unlearning's headline figures under their nam
 model_utility, privleak ...), a membership-inference and gold-standard table, and a PNG plot of the
 forget metric against the retain metric per method.
 
-A report is built from the output of :func:`unlearn_fast.eval.evaluation.evaluate_model` for each method
+A report is built from the output of :func:`unlearn_fast.eval.per_example.evaluate_model` for each method
 (``original``, ``retrain``, ``eul``, baselines ...). When one method is the retrained gold standard,
 every other method gets its forget quality, gap to it and privleak
-(:func:`unlearn_fast.eval.evaluation.compare_to_retrained`).
+(:func:`unlearn_fast.eval.per_example.compare_to_retrained`).
 
 The plot needs matplotlib (``pip install unlearn-fast[report]``); without it the JSON and Markdown
 are still written and the Markdown says why there is no plot.
@@ -30,7 +30,7 @@ from ..io.atomic import ensure_directory, output_errors
 from ..io.base_model import load_model
 from ..model.family import detect_task
 from ..model.layers import detach
-from .evaluation import compare_to_retrained, evaluate_model
+from .per_example import compare_to_retrained, evaluate_model
 
 REPORT_JSON = "report.json"
 REPORT_MD = "report.md"
