@@ -4,8 +4,8 @@
     python benchmarks/padding.py --capitals # also scenario 2 (asks SmolLM2 which capitals it knows)
 
 For each scenario: its forget and retain rows encoded as the trainer encodes them, its batch size and
-epochs, the batches ``trainer.batches`` yields (mixed schedule: a retain group plus a forget group per
-step), and the share of the padded token slots that are padding (``trainer.padding_fraction``).
+epochs, the batches ``batching.batches`` yields (mixed schedule: a retain group plus a forget group per
+step), and the share of the padded token slots that are padding (``batching.padding_fraction``).
 Prints a table; ``--json`` writes it, ``--results`` a results file (see results_io.py).
 """
 
@@ -24,7 +24,8 @@ if HERE not in sys.path:
     sys.path.append(HERE)  # results_io
 
 from unlearn_fast.train.encoding import encode  # noqa: E402
-from unlearn_fast.train.trainer import TrainConfig, batches, padding_fraction  # noqa: E402
+from unlearn_fast.train.batching import batches, padding_fraction  # noqa: E402
+from unlearn_fast.train.trainer import TrainConfig  # noqa: E402
 import results_io  # noqa: E402
 
 

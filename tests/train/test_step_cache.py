@@ -9,7 +9,8 @@ from unlearn_fast.train.encoding import encode, pad_token_id
 from unlearn_fast.model.layers import LayerConfig, attach
 from unlearn_fast.train.objective import EULObjective, ObjectiveConfig
 from unlearn_fast.train.step_cache import StepCache
-from unlearn_fast.train.trainer import TrainConfig, _chunks, padding_fraction, train
+from unlearn_fast.train.batching import padding_fraction, shuffled_groups
+from unlearn_fast.train.trainer import TrainConfig, train
 
 FORGET = [Example(prompt=f"Secret {i} is", response=f"code{i * 7}") for i in range(3)]
 RETAIN = [Example(prompt=f"Public fact number {i} says", response=f"value {i}") for i in range(9)]
@@ -107,8 +108,8 @@ def test_bucketing_reduces_padding():
     from unlearn_fast.train.encoding import Row
 
     rows = [Row(list(range(n)), [0] * n, [True] * n, False) for n in ([3] * 20 + [40] * 20)]
-    plain = _chunks(rows, 4, random.Random(0), bucket=False)
-    bucketed = _chunks(rows, 4, random.Random(0), bucket=True)
+    plain = shuffled_groups(rows, 4, random.Random(0), bucket=False)
+    bucketed = shuffled_groups(rows, 4, random.Random(0), bucket=True)
     assert sorted(map(id, sum(plain, []))) == sorted(map(id, sum(bucketed, [])))
     assert padding_fraction(bucketed) == 0.0
     assert padding_fraction(plain) > 0.3
@@ -121,7 +122,7 @@ def test_bucketing_pairs_forget_and_retain_groups_of_similar_length(schedule):
     from collections import Counter
 
     from unlearn_fast.train.encoding import Row
-    from unlearn_fast.train.trainer import batches
+    from unlearn_fast.train.batching import batches
 
     def rows(lengths, forget):
         return [Row(list(range(n)), [0] * n, [True] * n, forget) for n in lengths]
