@@ -287,8 +287,6 @@ def test_resume_without_the_checkpoint_tensors_is_one_line(workdir, tmp_path, ca
 KILLED_WRITE = """
 import os, shutil, signal, sys
 from unlearn_fast.io import atomic
-
-FORGET, RETAIN = FACTS_FORGET, FACTS_RETAIN
 out, when = sys.argv[1], sys.argv[2]
 def die(*args, **kwargs):
     os.kill(os.getpid(), signal.SIGKILL)
