@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import datetime
 import sys
 import time
 from pathlib import Path
@@ -78,6 +79,7 @@ def main(argv=None) -> int:
     if "unknown" in args.targets:
         objectives["unknown"] = unknown_level(original, tokenizer, sets)
     rows, before = [], None
+    date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")  # one file per run
     for seed in args.seeds:
         for target in args.targets:
             model = copy.deepcopy(original)
@@ -107,7 +109,7 @@ def main(argv=None) -> int:
                          f"held out {len(sets['held_out'])}; {args.threads} threads; "
                          f"whole run {time.perf_counter() - started:.0f} s")
                 path = results_io.write_results(where, results_io.make_results(
-                    "forget_target", rows, results_io.command_line(__file__, argv), notes))
+                    "forget_target", rows, results_io.command_line(__file__, argv), notes, date=date))
     if where and rows:
         print(f"results: {path}")
     return 0
