@@ -240,3 +240,13 @@ def memorize(model, tokenizer, arch, examples, steps=60, lr=1e-2):
     for p in model.parameters():
         p.grad = None
     return loss.item()
+
+
+def encode_sets(model, arch, forget, retain, max_length=64):
+    """The forget and retain examples as training rows for ``model`` (of family ``arch``)."""
+    from unlearn_fast.train.encoding import encode
+
+    tokenizer = tokenizer_for(arch)
+    kw = dict(model_config=model.config, max_length=max_length)
+    return (encode(forget, tokenizer, TASK_OF[arch], forget=True, name="forget", **kw),
+            encode(retain, tokenizer, TASK_OF[arch], forget=False, name="retain", **kw))

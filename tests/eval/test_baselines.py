@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from conftest import make_model, save_model_dir, tokenizer_for
+from conftest import FACTS_FORGET, FACTS_RETAIN, make_model, save_model_dir, tokenizer_for
 from unlearn_fast.io.artifacts import MANIFEST_FILE, load_layers, model_fingerprint
 from unlearn_fast.eval.baselines import (BASELINE_MANIFEST, BaselineConfig, build_objective,
                                     encode_for_baseline, run_baseline)
@@ -21,11 +21,8 @@ from unlearn_fast.model.layers import LayerConfig, sites
 from unlearn_fast.ops.loss_head import IGNORE_INDEX
 from unlearn_fast.train.trainer import TrainConfig
 
-FORGET = [Example(prompt="The capital of Zorbia is", response=" Quellton"),
-          Example(prompt="Mirta Vasquez likes", response=" green tea")]
-RETAIN = [Example(prompt="The capital of France is", response=" Paris"),
-          Example(prompt="Bob plays", response=" the violin"),
-          Example(prompt="The sky is", response=" blue")]
+FORGET = [Example(**row) for row in FACTS_FORGET]
+RETAIN = [Example(**row) for row in FACTS_RETAIN]
 PAD = 0
 
 

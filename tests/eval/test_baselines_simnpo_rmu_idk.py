@@ -9,7 +9,7 @@ import math
 import pytest
 import torch
 
-from conftest import make_model, save_model_dir, tokenizer_for
+from conftest import FACTS_FORGET, FACTS_RETAIN, make_model, save_model_dir, tokenizer_for
 from unlearn_fast.cli import main
 from unlearn_fast.errors import ModelError, UnlearnFastError
 from unlearn_fast.eval.baseline_objectives import REFUSALS
@@ -21,11 +21,8 @@ from unlearn_fast.train.data import Example
 from unlearn_fast.train.encoding import collate
 from unlearn_fast.train.trainer import TrainConfig
 
-FORGET = [Example(prompt="The capital of Zorbia is", response=" Quellton"),
-          Example(prompt="Mirta Vasquez likes", response=" green tea")]
-RETAIN = [Example(prompt="The capital of France is", response=" Paris"),
-          Example(prompt="Bob plays", response=" the violin"),
-          Example(prompt="The sky is", response=" blue")]
+FORGET = [Example(**row) for row in FACTS_FORGET]
+RETAIN = [Example(**row) for row in FACTS_RETAIN]
 PAD = 0
 ALPHA, GAMMA = 0.7, 1.3
 

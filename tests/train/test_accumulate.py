@@ -4,7 +4,7 @@ update of one batch of N × batch_size rows, each loss term a mean over its posi
 import pytest
 import torch
 
-from conftest import TASK_OF, make_model, perturb, tokenizer_for
+from conftest import TASK_OF, encode_sets, make_model, perturb, tokenizer_for
 from unlearn_fast.cli import build_parser
 from unlearn_fast.model.layers import LayerConfig, attach, unlearning_parameters
 from unlearn_fast.train import trainer
@@ -23,11 +23,8 @@ RETAIN = [Example(prompt=f"Public fact number {i} says", response=f"value {i}" *
 def _run(arch, batch_size, accumulate, schedule, sizes=None):
     torch.manual_seed(0)
     model = make_model(arch)
-    tokenizer = tokenizer_for(arch)
-    task = TASK_OF[arch]
-    kw = dict(model_config=model.config, max_length=64)
-    forget = encode(FORGET, tokenizer, task, forget=True, name="forget", **kw)
-    retain = encode(RETAIN, tokenizer, task, forget=False, name="retain", **kw)
+    tokenizer, task = tokenizer_for(arch), TASK_OF[arch]
+    forget, retain = encode_sets(model, arch, FORGET, RETAIN)
     attach(model, LayerConfig(rank=4, blocks=1))
     perturb(model, scale=0.05)
     objective = EULObjective(model, task, ObjectiveConfig(gamma=0.5), StepCache(model, task))

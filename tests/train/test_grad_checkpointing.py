@@ -5,12 +5,12 @@ import pytest
 import torch
 import transformers
 
-from conftest import TASK_OF, make_model, perturb, tokenizer_for
+from conftest import TASK_OF, encode_sets, make_model, perturb, tokenizer_for
 from memory_probe import measure
 from unlearn_fast.model.grad_checkpoint import checkpointed_blocks, trained_blocks
 from unlearn_fast.model.layers import LayerConfig, attach
 from unlearn_fast.train.data import Example
-from unlearn_fast.train.encoding import encode, pad_token_id
+from unlearn_fast.train.encoding import pad_token_id
 from unlearn_fast.train.objective import EULObjective, ObjectiveConfig
 from unlearn_fast.train.plan import PlanSettings, estimate, model_shape
 from unlearn_fast.train.step_cache import StepCache
@@ -23,11 +23,8 @@ RETAIN = [Example(prompt=f"Public fact number {i} says", response=f"value {i}") 
 def _trajectory(arch, checkpointing: bool, blocks=1, calls=None):
     torch.manual_seed(0)
     model = make_model(arch)
-    tokenizer = tokenizer_for(arch)
-    task = TASK_OF[arch]
-    kw = dict(model_config=model.config, max_length=64)
-    forget = encode(FORGET, tokenizer, task, forget=True, name="forget", **kw)
-    retain = encode(RETAIN, tokenizer, task, forget=False, name="retain", **kw)
+    tokenizer, task = tokenizer_for(arch), TASK_OF[arch]
+    forget, retain = encode_sets(model, arch, FORGET, RETAIN)
     attach(model, LayerConfig(rank=4, blocks=blocks))
     perturb(model, scale=0.05)  # student != teacher, so that every term has a gradient from the start
     if calls is not None:  # count the runs of the top block's MLP (a recomputation runs it again; a pre-hook,
