@@ -47,6 +47,9 @@ def main() -> None:
     parser.add_argument("--no-union", action="store_true")
     parser.add_argument("--out", default="fusion_quality")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--chat-template", choices=["auto", "none"], default="none",
+                        help="none (default): raw prompt + response, as the recorded results were measured; "
+                             "auto: the tokenizer's chat template")
     results_io.add_argument(parser)
     args = parser.parse_args()
 
@@ -58,6 +61,7 @@ def main() -> None:
     from unlearn_fast.io.base_model import load_model
     from unlearn_fast.model.layers import LayerConfig, detach
     from unlearn_fast.train.objective import ObjectiveConfig
+    from unlearn_fast.train.encoding import mode_of_record, uses_chat_template
     from unlearn_fast.train.trainer import TrainConfig
 
     started = time.perf_counter()
@@ -65,7 +69,8 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     model, tokenizer, name = load_model("smollm2", device="cpu")
     examples = [capital_example(c, k) for c, k in capital_facts()]
-    known = [e for e, hit in zip(examples, answer_hits(model, tokenizer, examples)) if hit]
+    chat = args.chat_template
+    known = [e for e, hit in zip(examples, answer_hits(model, tokenizer, examples, chat_template=chat)) if hit]
     random.Random(args.seed).shuffle(known)
     need = args.requests * args.per_request
     if len(known) < need + 6:
@@ -78,13 +83,18 @@ def main() -> None:
 
     config = dict(layers=LayerConfig(rank=16, blocks=8), objective=ObjectiveConfig(gamma=1.0),
                   training=TrainConfig(epochs=args.epochs, batch_size=8, lr=2e-3, progress=False),
-                  evaluate=False, overwrite=True, model_name=name, log=lambda *a: None)
+                  evaluate=False, overwrite=True, model_name=name, log=lambda *a: None, chat_template=chat)
     jobs = [(f"req{i}", f) for i, f in enumerate(forget_sets)]
     if not args.no_union:
         jobs.append(("union", [e for f in forget_sets for e in f]))
     update_s = {}
     for label, forget in jobs:
         if args.reuse and (out / label / "manifest.json").is_file():
+            # a reused request must have been trained with the rows this run evaluates with
+            trained = mode_of_record(json.loads((out / label / "manifest.json").read_text()).get("chat_template"))
+            if trained != ("auto" if uses_chat_template(tokenizer, chat) else "none"):
+                raise SystemExit(f"--reuse: {out / label} was trained with chat template {trained!r}; "
+                                 f"this run asks for --chat-template {chat}")
             continue
         torch.manual_seed(args.seed)  # same layer initialisation for every request (fusion assumes it)
         result = unlearn(model, tokenizer, forget, retain, out=out / label, **config)
@@ -106,7 +116,7 @@ def main() -> None:
     def measure(attach_fn, only=None):
         attach_fn()
         chosen = {k: v for k, v in sets.items() if only is None or k in only}
-        figures = evaluate_sets(model, tokenizer, "causal", chosen, general_text=GENERAL_TEXT)
+        figures = evaluate_sets(model, tokenizer, "causal", chosen, general_text=GENERAL_TEXT, chat_template=chat)
         detach(model)
         return figures
 

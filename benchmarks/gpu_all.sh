@@ -3,9 +3,11 @@
 #   1. editable install without the extension (seconds), then the C++/CUDA extension built in the
 #      background while the Triton-only unlearning-layer suite runs;
 #   2. benchmarks/gpu_unlearning_layer.py, gpu_loss_head.py (after the build: it times the CUDA
-#      backend too), gpu_step.py --trunk-ab (a mode that fails is reported and the rest still run);
+#      backend too), gpu_step.py --trunk-ab (a mode that fails is reported and the rest still run),
+#      gpu_quantised_base.py (bf16 / int8 / nf4 base, QB_LIMIT; bitsandbytes from .whl/, see the
+#      script; its JSON stays in /tmp, its table is in stages.log);
 #   3. the op tests (tests/ops, the trunk ops' first) on the GPU.
-# Each stage has its own time limit (UL_LIMIT, BUILD_LIMIT, LH_LIMIT, STEP_LIMIT, TEST_LIMIT), cut to
+# Each stage has its own time limit (UL_LIMIT, BUILD_LIMIT, LH_LIMIT, STEP_LIMIT, QB_LIMIT, TEST_LIMIT), cut to
 # what is left of TOTAL_LIMIT (570 s) so the whole call ends inside the device tool's 600 s; a failure
 # does not stop the next stage, and every script writes its JSON as it goes. Logs and JSON go to $OUT
 # (default /tmp/gpu_out): at most 8 files, the device tool's limit: build.log, stages.log (every stage's
@@ -69,6 +71,8 @@ $PY -c "from unlearn_fast.ops.extension import has_cuda_ops; print('CUDA ops in 
 
 stage loss_head "${LH_LIMIT:-170}" $PY benchmarks/gpu_loss_head.py $DRY --out "$OUT/loss_head.json" --results "$OUT/results"
 stage step "${STEP_LIMIT:-130}" $PY benchmarks/gpu_step.py $DRY --trunk-ab --out "$OUT/step.json" --results "$OUT/results"
+# issue 26: a quantised frozen base; the JSON goes to /tmp ($OUT already holds the 8 files that come back)
+stage quantised_base "${QB_LIMIT:-90}" $PY benchmarks/gpu_quantised_base.py $DRY --out /tmp/quantised_base.json
 # The trunk ops first: nothing else checks their Triton kernels on the GPU. No -x: one failing file
 # must not hide the others' results; -v: a run cut off by its limit still shows where it was. The .cu
 # sources' compile test is left out (the build above compiled them).

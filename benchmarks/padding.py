@@ -38,7 +38,7 @@ def fractions(forget, retain, config: TrainConfig) -> dict:
     return out
 
 
-def fictitious_facts() -> tuple:
+def fictitious_facts(chat_template: str = "none") -> tuple:
     import fictitious_facts as ff
 
     people = ff.make_people(240, seed=0)[:200]  # as the scenario: 200 training people of 240
@@ -47,7 +47,7 @@ def fictitious_facts() -> tuple:
     k = len(people) // 10  # the 10 % split
     forget = [e for i in order[:k] for e in people[i].facts()]
     retain = [e for i in order[k:] for e in people[i].facts()]
-    enc = {name: encode(rows, tokenizer, "causal", forget=name == "forget", name=name)
+    enc = {name: encode(rows, tokenizer, "causal", forget=name == "forget", name=name, chat_template=chat_template)
            for name, rows in (("forget", forget), ("retain", retain))}
     return "1. fictitious facts (10 %)", enc["forget"], enc["retain"], ff.method_settings(False)["eul"]["training"]
 
@@ -64,15 +64,16 @@ def movie_sentiment() -> tuple:
     return "3. movie sentiment", enc["forget"], enc["retain"], ms.method_settings()["eul"]["training"]
 
 
-def real_capitals() -> tuple:
+def real_capitals(chat_template: str = "none") -> tuple:
     import real_capitals as rc
 
     from unlearn_fast.demo import build_sets
     from unlearn_fast.io.base_model import load_model
 
     model, tokenizer, _ = load_model("smollm2", device="cpu")
-    sets = build_sets(model, tokenizer, log=lambda *a: None)
-    enc = {name: encode(sets[name], tokenizer, "causal", forget=name == "forget", name=name)
+    sets = build_sets(model, tokenizer, log=lambda *a: None, chat_template=chat_template)
+    enc = {name: encode(sets[name], tokenizer, "causal", forget=name == "forget", name=name,
+                        chat_template=chat_template)
            for name in ("forget", "retain")}
     return "2. real capitals", enc["forget"], enc["retain"], rc.settings()["eul"]["training"]
 
@@ -81,6 +82,9 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--capitals", action="store_true", help="include scenario 2 (loads SmolLM2, ~1 min)")
     ap.add_argument("--json", default=None, help="write the table here")
+    ap.add_argument("--chat-template", choices=["auto", "none"], default="none",
+                    help="none (default): raw prompt + response, as the recorded results were measured; "
+                         "auto: the tokenizer's chat template")
     results_io.add_argument(ap)
     args = ap.parse_args(argv)
     builders = [fictitious_facts, movie_sentiment] + ([real_capitals] if args.capitals else [])
@@ -89,7 +93,9 @@ def main(argv=None) -> int:
     print("|---|---:|---:|---:|---:|---:|")
     for build in builders:
         try:
-            name, forget, retain, config = build()
+            # scenario 3 is a classifier: no prompt/response rows, no chat template
+            name, forget, retain, config = (build() if build is movie_sentiment
+                                            else build(chat_template=args.chat_template))
         except SystemExit as err:  # a scenario's optional package is missing: say so, go on
             print(f"| {build.__name__} | skipped: {err} |||||")
             continue

@@ -59,6 +59,12 @@ BENCHMARKS = {
     "multi_gpu": (MAIN, "Data parallel and FSDP2 (`multi_gpu_check.py`)",
                   "Per mode: update time, tokens/s, communication per GPU, relative difference to the "
                   "one-process reference."),
+    "plan_shapes": (MAIN, "Memory plan of 1–8 B models at 8 × 1024 (`plan_shapes.py`)",
+                    "Estimates of `unlearn-fast plan` from the configs, not measurements: peak GPU memory of one "
+                    "step (GiB) by part, bf16 base, rank d/16 on every block, 16 rows × 1024 tokens per forward "
+                    "(mixed schedule), 1000 rows cached; cache off device: the teacher cache kept in CPU memory; "
+                    "tflop step: FLOPs per optimiser step (steady state); fits: within 40 / 80 GiB; the "
+                    "`plan --memory` rows: the cheapest settings that fit."),
     "cpu_breakdown": (MAIN, "Breakdowns from scratch harnesses and profiles",
                       "Figures measured outside this folder's scripts (no command re-runs them)."),
     "fictitious_facts": (UNLEARNING, "Scenario 1: fictitious facts (`fictitious_facts.py`)",

@@ -24,6 +24,8 @@ from .fusion.grams import collect_grams
 from .fusion.closed_form import request_records
 from .io.artifacts import check_writable, load_layers, load_layers_together, model_fingerprint, write_artifact
 from .io.base_model import load_model
+from .io.quantised import base_quantisation
+from .io.adapters_export import write_adapters
 from .io.export import check_format, provenance_record, write_hf
 from .model.family import detect_task
 from .model.layers import LayerConfig, attach, describe, detach, layer_state, layers_disabled
@@ -31,7 +33,9 @@ from .train import checkpoint, distributed
 from .train.checkpoint import data_fingerprint
 from .train.data import Columns, Example, load_examples
 from .train.set_checks import check_overlap, fingerprint, resolve_labels
-from .train.encoding import encode, pad_token_id, truncation_note
+from .train.encoding import (
+    chat_template_record, check_chat_template_mode, encode, pad_token_id, truncation_note
+)
 from .train.objective import EULObjective, ObjectiveConfig, heldout_bounds
 from .train.selection import select_subject_tokens
 from .train.step_cache import StepCache
@@ -75,6 +79,7 @@ def unlearn(
     objective: Optional[ObjectiveConfig] = None,
     training: Optional[TrainConfig] = None,
     max_length: int = 256,
+    chat_template: str = "auto",
     evaluate: bool = True,
     heldout: Union[str, Path, Sequence, None] = None,
     general_text: Optional[Sequence[str]] = GENERAL_TEXT,
@@ -111,12 +116,19 @@ def unlearn(
     ``ObjectiveConfig(forget_target="heldout")`` (needs ``heldout``) sets the per-token forget bounds from
     the model's loss on the held-out set before training
     (:func:`unlearn_fast.train.objective.heldout_bounds`); the manifest's objective records them.
+
+    ``chat_template`` (causal LMs, prompt/response examples): ``"auto"`` encodes each example through the
+    tokenizer's chat template where it has one (user turn = prompt, assistant turn = response; targets on
+    the answer's tokens), for training and the figures alike, and generates answers after the template's
+    generation prompt; ``"none"``: raw prompt + response. The manifest's ``chat_template`` records it
+    (:func:`unlearn_fast.train.encoding.chat_template_record`); ``eval --layers`` follows it.
     """
     layers = layers or LayerConfig()
     objective = objective or ObjectiveConfig()
     if not distributed.is_main():  # under torchrun, rank 0 speaks for the job
         log = lambda *args, **kwargs: None  # noqa: E731
     training = training or TrainConfig()
+    check_chat_template_mode(chat_template)
     # every output is checked (and what a killed run left cleaned) before any work is spent on it
     if training.checkpoint_dir:
         checkpoint.prepare(training.checkpoint_dir, log)
@@ -137,7 +149,7 @@ def unlearn(
     forget_labels = example_labels(model, task, forget_set, "forget set", required=False)
     retain_labels = example_labels(model, task, retain_set, "retain set", required=objective.lam != 0)
     heldout_labels = example_labels(model, task, heldout_set, "heldout set", required=True) if heldout_set else None
-    enc = dict(model_config=model.config, max_length=max_length)
+    enc = dict(model_config=model.config, max_length=max_length, chat_template=chat_template)
     forget_rows = encode(forget_set, tokenizer, task, forget=True, name="forget set", labels=forget_labels, **enc)
     retain_rows = encode(retain_set, tokenizer, task, forget=False, name="retain set", labels=retain_labels, **enc)
     note = truncation_note({"forget set": forget_rows, "retain set": retain_rows}, max_length, model.config, tokenizer)
@@ -147,7 +159,7 @@ def unlearn(
     # the Gram matrices still cover every forgotten row (the layer inputs do not change)
     train_forget_rows, selection = select_subject_tokens(model, tokenizer, task, forget_set, forget_rows,
                                                          objective.subject_margin, max_length,
-                                                         training.batch_size)
+                                                         training.batch_size, chat_template=chat_template)
     if selection.rows:
         log(selection.describe())
         if not train_forget_rows:
@@ -175,24 +187,32 @@ def unlearn(
     if training.shard_base:
         _check_shardable(objective, task)
     else:
-        before = evaluate_sets(model, tokenizer, task, sets, eval_labels, general_text, max_length) if evaluate else {}
+        before = evaluate_sets(model, tokenizer, task, sets, eval_labels, general_text, max_length,
+                               chat_template=chat_template) if evaluate else {}
 
     torch.manual_seed(training.seed)  # the layers' initial weights are part of a reproducible run
     attach(model, layers)
     if training.shard_base:  # every rank evaluates the same rows: the sharded forwards run in lockstep
         distributed.shard_base(model, task)
         with layers_disabled(model):
-            before = evaluate_sets(model, tokenizer, task, sets, eval_labels, general_text, max_length) if evaluate else {}
+            before = evaluate_sets(model, tokenizer, task, sets, eval_labels, general_text, max_length,
+                                   chat_template=chat_template) if evaluate else {}
     cache = None
-    if (training.teacher_cache or training.shared_trunk) and not training.shard_base:
-        cache = StepCache(model, task, teacher=training.teacher_cache, trunk=training.shared_trunk)
+    if (training.teacher_cache != "off" or training.shared_trunk) and not training.shard_base:
+        # where it keeps the rows: training.teacher_cache (gpu / cpu / disk / off; see train.step_cache)
+        cache = StepCache(model, task, trunk=training.shared_trunk, store=training.teacher_cache)
     loss = EULObjective(model, task, objective, cache)
     pad = pad_token_id(tokenizer)
-    result = train(model, loss, train_forget_rows, retain_rows, training, pad, allow_damage=allow_damage, log=log)
+    try:
+        result = train(model, loss, train_forget_rows, retain_rows, training, pad, allow_damage=allow_damage, log=log)
+    finally:
+        if cache is not None:  # frees the cached rows before the figures after; removes the disk mode's file
+            cache.close()
     # with several ranks each takes a share of the batches and the Gram matrices are summed
     grams, gram_tokens = collect_grams(model, task, forget_rows, pad, training.batch_size,
                                        lockstep=training.shard_base)
-    after = evaluate_sets(model, tokenizer, task, sets, eval_labels, general_text, max_length) if evaluate else {}
+    after = evaluate_sets(model, tokenizer, task, sets, eval_labels, general_text, max_length,
+                          chat_template=chat_template) if evaluate else {}
     damage = [d for d in (result.damage, retain_damage(before, after)) if d]
     if damage and not allow_damage:  # (the trainer has raised already for its own findings)
         raise TrainingError(f"{damage[0]}; the model is damaged and nothing was written. Try a lower learning "
@@ -214,8 +234,10 @@ def unlearn(
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "base_model": {"name_or_path": model_name or getattr(model.config, "_name_or_path", ""),
                        "class": model.__class__.__name__, "fingerprint": base_fingerprint,
-                       "dtype": str(next(model.parameters()).dtype).replace("torch.", "")},
+                       "dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
+                       "quantization": base_quantisation(model)},  # int8 / nf4: the fingerprint is of that base
         "task": task,
+        "chat_template": chat_template_record(tokenizer, chat_template, task),  # how prompt/response rows were encoded
         "layers": {"config": layers.to_dict(), "sites": describe(model)},
         # with forget_target "heldout": the bounds as derived, and the teacher losses they came from
         "objective": {**objective.to_dict(), "gamma": gamma, "forget_target_levels": levels},
@@ -240,7 +262,7 @@ def unlearn(
                         "sharded_params": distributed.sharded_params(model),
                         "backend": distributed.backend_name(),
                         "teacher_cache_rows_per_rank": distributed.all_gather_floats(
-                            len(cache.teacher) if cache is not None else 0)},
+                            cache.teacher_rows if cache is not None else 0)},
     }
     written = None
     if out is not None:
@@ -285,7 +307,9 @@ def export(model: Union[str, Path, nn.Module], layers: Union[str, Path, Sequence
     checkpoint's own), or a loaded base model without layers (then pass ``tokenizer``; the layers
     are detached again afterwards). ``layers``: one artifact directory, or several (their layers
     run summed, as ``eval --layers`` runs them), or a fused one. ``format="hf"``: a transformers
-    directory, see :mod:`unlearn_fast.io.export`. An existing ``out`` is refused unless
+    directory, see :mod:`unlearn_fast.io.export`; ``format="adapters"``: an AdapterHub ``adapters``
+    bottleneck adapter of the layers alone (no tokenizer needed), see :mod:`unlearn_fast.io.adapters_export`,
+    refused for a family it cannot express. An existing ``out`` is refused unless
     ``overwrite`` (and then only an output of this package that holds no input); layers trained on
     another base model are refused (fingerprint) before anything is written. Returns ``out``.
     """
@@ -298,12 +322,14 @@ def export(model: Union[str, Path, nn.Module], layers: Union[str, Path, Sequence
     check_writable(out, overwrite, inputs=inputs, log=log)  # before anything is loaded
     if given_path:
         model, tokenizer, _ = load_model(str(model), dtype=dtype or "auto", device="cpu")
-    elif tokenizer is None:
+    elif tokenizer is None and format == "hf":
         raise UnlearnFastError("export: pass the base model's tokenizer (tokenizer=...) with a loaded model")
     manifests = [load_layers(model, paths[0])] if len(paths) == 1 else load_layers_together(model, paths)
     try:
         requests = [r for m in manifests for r in request_records(m)]
         provenance = provenance_record(manifests, [str(p) for p in paths], requests)
+        if format == "adapters":
+            return write_adapters(model, out, provenance=provenance, overwrite=overwrite, inputs=inputs, log=log)
         return write_hf(model, tokenizer, out, provenance=provenance, overwrite=overwrite, inputs=inputs, log=log)
     finally:
         if not given_path:

@@ -72,12 +72,13 @@ def capital_example(country: str, capital: str) -> Example:
                    answers=capital_variants(capital) or None)
 
 
-def build_sets(model, tokenizer, seed: int = 0, log=print) -> dict[str, list[Example]]:
+def build_sets(model, tokenizer, seed: int = 0, log=print, chat_template: str = "none") -> dict[str, list[Example]]:
     """forget / retain / held-out sets of capital facts the model knows before unlearning (a fact is
-    known when the completion holds the capital or one of its variants)."""
+    known when the completion holds the capital or one of its variants). The completions are generated
+    as evaluation generates them, with the same ``chat_template`` as the unlearning run."""
 
     examples = [capital_example(c, k) for c, k in capital_facts()]
-    hits = answer_hits(model, tokenizer, examples)
+    hits = answer_hits(model, tokenizer, examples, chat_template=chat_template)
     known = [e for e, h in zip(examples, hits) if h]
     log(f"the model knows {len(known)} of {len(examples)} capitals in countryinfo")
     forget = [e for e in known if any(e.prompt.endswith(f" {c} is") for c in FORGET_COUNTRIES)]
@@ -91,18 +92,23 @@ def build_sets(model, tokenizer, seed: int = 0, log=print) -> dict[str, list[Exa
 
 
 def run_demo(out: str = "unlearn_fast_demo", overwrite: bool = False, device: Optional[str] = None,
-             log=print, **overrides) -> dict:
-    """Run the embedded default end to end; return the figures (also written in the manifest)."""
+             log=print, chat_template: str = "none", **overrides) -> dict:
+    """Run the embedded default end to end; return the figures (also written in the manifest).
+
+    ``chat_template``: ``none`` (the default: raw "The capital of X is" + capital; the facts are
+    sentences to complete, and SmolLM2-135M-Instruct completes 57 of 250 of them, against 17 answered in
+    its chat template) or ``auto`` (each fact a user turn, the capital the assistant's answer), for the
+    choice of known facts, the training and the figures alike (see :func:`unlearn_fast.api.unlearn`)."""
 
     started = time.perf_counter()
     check_writable(out, overwrite, log=log)
     model, tokenizer, name = load_model("smollm2", device=device)
     log(f"model ready in {time.perf_counter() - started:.0f} s")
-    sets = build_sets(model, tokenizer, log=log)
+    sets = build_sets(model, tokenizer, log=log, chat_template=chat_template)
     log(f"forget {len(sets['forget'])} facts ({', '.join(e.prompt.split(' of ')[1][:-3] for e in sets['forget'])}); "
         f"retain {len(sets['retain'])}; held out {len(sets['held_out'])}")
     prompts = [e.prompt for e in sets["forget"]]
-    said_before = completions(model, tokenizer, prompts)
+    said_before = completions(model, tokenizer, prompts, chat_template=chat_template)
     # The paper's objective weights (α = 0.8, λ = 1, γ = 0.2) with the sharpening guard (see
     # objective.py); measured on 2 CPU cores, γ = 1 forgot as well but lost more held-out facts.
     config = dict(layers=LayerConfig(rank=16, blocks=8),
@@ -110,8 +116,9 @@ def run_demo(out: str = "unlearn_fast_demo", overwrite: bool = False, device: Op
                   training=TrainConfig(epochs=6, batch_size=8, lr=2e-3))
     config.update(overrides)
     result = unlearn(model, tokenizer, sets["forget"], sets["retain"], out=out, overwrite=overwrite,
-                     model_name=name, heldout=sets["held_out"], general_text=GENERAL_TEXT, log=log, **config)
-    said_after = completions(model, tokenizer, prompts)
+                     model_name=name, heldout=sets["held_out"], general_text=GENERAL_TEXT, log=log,
+                     chat_template=chat_template, **config)
+    said_after = completions(model, tokenizer, prompts, chat_template=chat_template)
     for prompt, b, a in zip(prompts, said_before, said_after):
         log(f"  {prompt!r}: before {b.strip()!r} -> after {a.strip()!r}")
     figures = {"before": result.metrics["before"], "after": result.metrics["after"],

@@ -59,6 +59,9 @@ from unlearn_fast.eval.report import build_report, describe_methods, markdown, w
 from unlearn_fast.train.trainer import TrainConfig, train  # noqa: E402
 import results_io  # noqa: E402
 
+CHAT_TEMPLATE_HELP = ("none (default): raw prompt + response, as the recorded results were measured; "
+                      "auto: the tokenizer's chat template")
+
 SYLLABLES = ["ka", "ve", "mo", "tar", "lin", "dro", "sel", "qua", "ni", "bor", "ith", "zen", "pal", "rue", "mak",
              "ost", "fen", "lu", "gar", "shi", "ton", "wex", "yal", "cor"]
 CITY_PREFIXES = ["Port", "Lake", "Fort", "Mount", "New", "Old"]
@@ -178,11 +181,12 @@ def make_model(vocab_size: int, seed: int = 0, hidden: int = 128, layers: int = 
     return LlamaForCausalLM(config).eval()
 
 
-def pretrain(vocab_size: int, tokenizer, facts: list[Example], config: TrainConfig, seed: int = 0):
+def pretrain(vocab_size: int, tokenizer, facts: list[Example], config: TrainConfig, seed: int = 0,
+             chat_template: str = "none"):
     """Train a fresh model on ``facts`` (task loss, every weight) with the package's trainer: the
     recipe of both the original and the retrained model. Returns (model, seconds)."""
     model = make_model(vocab_size, seed)
-    rows = encode_for_baseline(facts, tokenizer, "causal", model.config, forget=False)
+    rows = encode_for_baseline(facts, tokenizer, "causal", model.config, forget=False, chat_template=chat_template)
     for p in model.parameters():
         p.requires_grad_(True)
     objective = CrossEntropyObjective(model, "causal", alpha=1.0, gamma=0.0)
@@ -192,7 +196,7 @@ def pretrain(vocab_size: int, tokenizer, facts: list[Example], config: TrainConf
     return model.eval(), result.update_time_s
 
 
-def run_method(name: str, original, tokenizer, forget, retain, settings: dict):
+def run_method(name: str, original, tokenizer, forget, retain, settings: dict, chat_template: str = "none"):
     """Unlearn ``forget`` from a copy of ``original`` with one method; (model, update seconds)."""
     model = copy.deepcopy(original)
     s = settings[name]
@@ -201,9 +205,10 @@ def run_method(name: str, original, tokenizer, forget, retain, settings: dict):
         from unlearn_fast.api import unlearn
 
         result = unlearn(model, tokenizer, forget, retain, layers=s["layers"], objective=s["objective"],
-                         training=s["training"], evaluate=False, log=lambda m: None)
+                         training=s["training"], evaluate=False, log=lambda m: None, chat_template=chat_template)
         return result.model, result.training.update_time_s
-    result = run_baseline(model, tokenizer, forget, retain, s["config"], s["training"], log=lambda m: None)
+    result = run_baseline(model, tokenizer, forget, retain, s["config"], s["training"], log=lambda m: None,
+                          chat_template=chat_template)
     return result.model, result.training.update_time_s
 
 
@@ -234,12 +239,12 @@ def method_settings(quick: bool) -> dict:
     }
 
 
-def add_kind_accuracies(figures: dict, model, tokenizer, forget: list[Example]) -> None:
+def add_kind_accuracies(figures: dict, model, tokenizer, forget: list[Example], chat_template: str = "none") -> None:
     """Forget accuracy split by kind of fact: the memorised ones (city, colour, pet: a retrained
     model is at chance there) and the rule one (workplace: a retrained model still answers it)."""
     from unlearn_fast.eval.evaluation import answer_hits
 
-    hits = answer_hits(model, tokenizer, forget, max_new_tokens=3)
+    hits = answer_hits(model, tokenizer, forget, max_new_tokens=3, chat_template=chat_template)
     rule = [h for i, h in enumerate(hits) if KINDS[i % len(KINDS)] == "workplace"]
     memorised = [h for i, h in enumerate(hits) if KINDS[i % len(KINDS)] != "workplace"]
     figures["forget_accuracy_memorised"] = sum(memorised) / len(memorised)
@@ -349,6 +354,7 @@ def main(argv=None) -> int:
                     help="initialisation / shuffling seeds for EUL (rows eul, eul[s1], ...): its spread across seeds")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (default 1: the model is tiny, a thread pool only adds contention)")
     ap.add_argument("--quick", action="store_true", help="a smoke run: few people, few epochs (numbers meaningless)")
+    ap.add_argument("--chat-template", choices=["auto", "none"], default="none", help=CHAT_TEMPLATE_HELP)
     results_io.add_argument(ap)
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -362,7 +368,7 @@ def main(argv=None) -> int:
     pre = TrainConfig(epochs=args.pretrain_epochs, batch_size=32, lr=3e-3, warmup_ratio=0.05, progress=False,
                       seed=args.seed)
     all_facts = [e for p in train_people for e in p.facts()]
-    original, original_time = pretrain(vocab, tokenizer, all_facts, pre, args.seed)
+    original, original_time = pretrain(vocab, tokenizer, all_facts, pre, args.seed, args.chat_template)
     print(f"original model: {sum(p.numel() for p in original.parameters()) / 1e6:.2f} M parameters, "
           f"{len(all_facts)} facts, trained in {original_time:.0f} s", flush=True)
     holdout = [e for p in holdout_people for e in p.facts()]
@@ -383,7 +389,7 @@ def main(argv=None) -> int:
                           for e in p.facts_with_generic_prompts(others[GENERIC_PER_FACT * j:GENERIC_PER_FACT * (j + 1)])]
         retain = [e for i, p in enumerate(train_people) if i not in forget_ids for e in p.facts()]
         sets = {"forget": forget, "retain": retain, "test": test, "holdout": holdout}
-        retrained, retrain_time = pretrain(vocab, tokenizer, retain, pre, args.seed)
+        retrained, retrain_time = pretrain(vocab, tokenizer, retain, pre, args.seed, args.chat_template)
         models = {"original": (original, None)}
         for name in args.methods:
             if name in EUL_METHODS:
@@ -392,14 +398,15 @@ def main(argv=None) -> int:
                     seeded = dict(settings, **{name: dict(settings[name], training=dataclasses.replace(
                         settings[name]["training"], seed=seed))})
                     models[name if seed == args.eul_seeds[0] else f"{name}[s{seed}]"] = run_method(
-                        name, original, tokenizer, data, retain, seeded)
+                        name, original, tokenizer, data, retain, seeded, args.chat_template)
             else:
-                models[name] = run_method(name, original, tokenizer, forget, retain, settings)
+                models[name] = run_method(name, original, tokenizer, forget, retain, settings, args.chat_template)
         models["retrain"] = (retrained, retrain_time)
         results, times = {}, {}
         for name, (model, seconds) in models.items():
-            results[name] = evaluate_model(model, tokenizer, "causal", sets, holdout="holdout", max_new_tokens=3)
-            add_kind_accuracies(results[name]["figures"], model, tokenizer, forget)
+            results[name] = evaluate_model(model, tokenizer, "causal", sets, holdout="holdout", max_new_tokens=3,
+                                           chat_template=args.chat_template)
+            add_kind_accuracies(results[name]["figures"], model, tokenizer, forget, args.chat_template)
             times[name] = seconds
         report = build_report(results, times=times, retrained="retrain",
                               title=f"Scenario 1, fictitious facts: forget {k} of {args.people} people ({fraction:.0%})",

@@ -45,6 +45,9 @@ from unlearn_fast.eval.report import build_report, markdown, write_report  # noq
 from unlearn_fast.train.trainer import TrainConfig  # noqa: E402
 import results_io  # noqa: E402
 
+CHAT_TEMPLATE_HELP = ("none (default): raw prompt + response, as the recorded results were measured; "
+                      "auto: the tokenizer's chat template")
+
 
 def settings() -> dict:
     layers = LayerConfig(rank=16, blocks=8)  # the demo's layout: rank 16 on the top 8 of 30 blocks
@@ -64,17 +67,20 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default="unlearning_results/real_capitals")
     ap.add_argument("--methods", nargs="+", default=["eul", "ga", "graddiff", "npo", "finetune"])
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--chat-template", choices=["auto", "none"], default="none", help=CHAT_TEMPLATE_HELP)
     results_io.add_argument(ap)
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     started = time.perf_counter()
     original, tokenizer, _ = load_model("smollm2", device="cpu")
-    sets = build_sets(original, tokenizer, log=print)
+    chat = args.chat_template
+    sets = build_sets(original, tokenizer, log=print, chat_template=chat)
     sets = {"forget": sets["forget"], "retain": sets["retain"], "test": sets["held_out"]}
     print({k: len(v) for k, v in sets.items()}, flush=True)
     conf = settings()
     results, times = {}, {}
-    results["original"] = evaluate_model(original, tokenizer, "causal", sets, general_text=GENERAL_TEXT)
+    results["original"] = evaluate_model(original, tokenizer, "causal", sets, general_text=GENERAL_TEXT,
+                                         chat_template=chat)
     times["original"] = None
     for name in args.methods:
         model = copy.deepcopy(original)
@@ -83,13 +89,14 @@ def main(argv=None) -> int:
             from unlearn_fast.api import unlearn
 
             r = unlearn(model, tokenizer, sets["forget"], sets["retain"], layers=s["layers"], objective=s["objective"],
-                        training=s["training"], evaluate=False, log=lambda m: None)
+                        training=s["training"], evaluate=False, log=lambda m: None, chat_template=chat)
             label, seconds = "eul", r.training.update_time_s
         else:
             r = run_baseline(model, tokenizer, sets["forget"], sets["retain"], s["config"], s["training"],
-                             log=lambda m: None)
+                             log=lambda m: None, chat_template=chat)
             label, seconds = s["config"].label, r.training.update_time_s
-        results[label] = evaluate_model(model, tokenizer, "causal", sets, general_text=GENERAL_TEXT)
+        results[label] = evaluate_model(model, tokenizer, "causal", sets, general_text=GENERAL_TEXT,
+                                        chat_template=chat)
         times[label] = seconds
         print(f"{label}: {seconds:.0f} s, {results[label]['figures']}", flush=True)
         del model

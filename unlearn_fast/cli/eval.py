@@ -5,18 +5,22 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
+from typing import Optional
 
 from ..api import example_labels
 from ..errors import UnlearnFastError
 from ..eval.evaluation import HELDOUT, evaluate_sets
 from ..eval.logs import as_result, check_logs_path, check_sets, load_logs, save_logs
 from ..eval.report import build_report, evaluate_for_report, write_report
-from ..io.artifacts import MANIFEST_FILE, WEIGHTS_FILE, LazyTensors, load_layers, load_layers_together, read_manifest
+from ..io.artifacts import (
+    BASELINE_FILE, MANIFEST_FILE, WEIGHTS_FILE, LazyTensors, load_layers, load_layers_together, read_manifest
+)
 from ..io.atomic import ensure_directory
 from ..model.family import detect_task
 from ..train.data import load_examples
+from ..train.encoding import mode_of_record, uses_chat_template
 from ..train.trainer import weight_damage
-from .common import data_columns, general_text, load_base, model_verb_parser, quiet_progress
+from .common import add_chat_template_arg, data_columns, general_text, load_base, model_verb_parser, quiet_progress
 
 
 def add_parser(sub) -> None:
@@ -27,6 +31,9 @@ def add_parser(sub) -> None:
     p.add_argument("--layers", metavar="DIR", nargs="+",
                    help="unlearning artifact(s) to attach; several are active together (summed in each "
                         "block), e.g. to compare K requests' layers with their fused layer")
+    add_chat_template_arg(p, default=None,
+                          default_help="default: as the --layers artifact's manifest records it was trained, a "
+                                       "warning where the option differs from it; auto without --layers")
     p.add_argument("--json", action="store_true", help="print the figures as JSON")
     p.add_argument("--no-progress", action="store_true", help="no progress bars (transformers' loading bars)")
     g = p.add_argument_group("report (membership inference, gold standard, comparison of methods)")
@@ -58,6 +65,9 @@ def run(args) -> int:
     if not (args.forget or args.retain or args.heldout):
         raise UnlearnFastError("eval needs --forget, --retain and/or --heldout data")
     reference_text = general_text(args)  # a bad --ppl-text fails before any model is loaded
+    compared = (path for _, sep, path in (c.partition("=") for c in args.compare) if sep and path)
+    artifacts = [*(args.layers or []), *compared]
+    args.chat_template, trained = resolve_chat_template(args.chat_template, artifacts)
     if args.report or args.test or args.retrained or args.compare or args.retain_logs or args.save_logs:
         return _eval_report(args, reference_text)
     model, tokenizer, _ = load_base(args)
@@ -69,13 +79,18 @@ def run(args) -> int:
         for artifact in args.layers:
             warn_if_damaged(artifact)
     task = detect_task(model)
+    if task == "causal" and args.chat_template == "auto" and "auto" in trained.values() \
+            and not uses_chat_template(tokenizer, "auto"):
+        warn("the layers were trained through a chat template, and this tokenizer has none: the figures use raw "
+             "prompt + response")
     sets, labels = {}, {}
     for name, source in (("forget", args.forget), ("retain", args.retain), (HELDOUT, args.heldout)):
         if source:
             sets[name] = load_examples(source, data_columns(args, f"{name} set"), name=f"{name} set")
             labels[name] = example_labels(model, task, sets[name], f"{name} set", required=name == HELDOUT)
     figures = evaluate_sets(model, tokenizer, task, sets, labels, general_text=reference_text,
-                            max_length=args.max_length, log=lambda m: print(m, file=sys.stderr))
+                            max_length=args.max_length, log=lambda m: print(m, file=sys.stderr),
+                            chat_template=args.chat_template)
     if args.json:
         print(json.dumps(figures, indent=2))
     else:
@@ -105,11 +120,13 @@ def _eval_report(args, reference_text) -> int:
     results, times, retrained = evaluate_for_report(
         lambda: load_base(args)[:2], sets, layers=_single_layers(args), retrained=args.retrained, compare=compare,
         labels_for=lambda model, task, name, ex: example_labels(model, task, ex, f"{name} set", required=False),
-        general_text=reference_text, max_length=args.max_length, max_new_tokens=args.max_new_tokens, log=lambda m: print(m, file=sys.stderr))
+        general_text=reference_text, max_length=args.max_length, max_new_tokens=args.max_new_tokens, log=lambda m: print(m, file=sys.stderr),
+        chat_template=args.chat_template)
     if args.save_logs:  # the model under --model (with its --layers): the first one after "original" if any
         subject = list(results)[1] if args.layers else "original"
         path = save_logs(results[subject], sets, args.save_logs,
-                         meta={"model": args.model, "layers": args.layers, "method": subject})
+                         meta={"model": args.model, "layers": args.layers, "method": subject,
+                               "chat_template": args.chat_template})
         print(f"retain logs written: {path}", file=sys.stderr)
     if logs is not None:
         results[RETRAINED], times[RETRAINED], retrained = as_result(logs), None, RETRAINED
@@ -126,6 +143,48 @@ def _eval_report(args, reference_text) -> int:
                                                  if q.startswith("forget_quality") or q == "privleak"}}
                           for k, v in report["methods"].items()}, indent=2))
     return 0
+
+
+def warn(message: str) -> None:
+    print(f"warning: {message}", file=sys.stderr)
+
+
+def trained_chat_template(path) -> Optional[str]:
+    """How an artifact's (or a full-model baseline's) rows were encoded, as its manifest records it
+    (:func:`unlearn_fast.train.encoding.mode_of_record`): ``auto`` / ``none``; ``?`` when unreadable; None
+    for a directory this package did not train (no manifest)."""
+    for name in (MANIFEST_FILE, BASELINE_FILE):
+        file = Path(path) / name
+        if file.is_file():
+            try:
+                record = json.loads(file.read_text()).get("chat_template")
+            except (OSError, ValueError, AttributeError):
+                return "?"
+            return mode_of_record(record) or "?"
+    return None
+
+
+def resolve_chat_template(given: Optional[str], artifacts) -> tuple[str, dict]:
+    """The chat-template mode to evaluate with, and each artifact's trained mode (:func:`trained_chat_template`).
+
+    ``given`` (--chat-template) wins, with a warning for each artifact trained otherwise; without it, the
+    artifacts' own mode where they agree, else ``auto`` with a warning; ``auto`` without artifacts."""
+    trained = {str(a): m for a in artifacts if (m := trained_chat_template(a)) is not None}
+    if given is not None:
+        for artifact, mode in trained.items():
+            if mode != given:
+                how = {"auto": "through the chat template", "none": "without a chat template"}.get(mode, "(unknown)")
+                warn(f"{artifact} was trained {how}; evaluating with --chat-template {given}, so the figures may "
+                     f"see other tokens than training did")
+        return given, trained
+    modes = set(trained.values())
+    if not modes:
+        return "auto", trained
+    if len(modes) == 1 and "?" not in modes:
+        return modes.pop(), trained
+    warn("the artifacts were trained with different or unknown chat-template settings ("
+         + ", ".join(f"{a}: {m}" for a, m in trained.items()) + "); evaluating with auto: choose with --chat-template")
+    return "auto", trained
 
 
 RETRAINED = "retrain"  # the gold standard's name in a report, live (--retrained) or from --retain-logs
@@ -145,6 +204,11 @@ def _retain_logs(args, sets, compare):
         raise UnlearnFastError(f"--compare names a method {RETRAINED!r}, the name of the retain logs' model")
     logs = load_logs(args.retain_logs)
     check_sets(logs, sets, ("forget", "test"), f"retain logs {args.retain_logs}")
+    meta = logs.get("meta")
+    logged = meta.get("chat_template") if isinstance(meta, dict) else None
+    if logged is not None and logged != args.chat_template:
+        warn(f"retain logs {args.retain_logs} were measured with --chat-template {logged}, this evaluation uses "
+             f"{args.chat_template}: forget quality and privleak compare different encodings")
     return logs
 
 

@@ -1,5 +1,6 @@
 """``unlearn-fast export``: a base model with its unlearning layers, as a directory that loads without
-this package (``--format hf``: a transformers model directory with its modelling code)."""
+this package (``--format hf``: a transformers model directory with its modelling code; ``--format adapters``:
+an AdapterHub ``adapters`` bottleneck adapter of the layers alone)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import sys
 import torch
 
 from ..api import export
+from ..io.adapters_export import ADAPTER_NAME, PLACEMENTS
 from ..io.export import AUTO_CLASSES, FORMATS
 
 
@@ -20,7 +22,10 @@ def add_parser(sub) -> None:
                     "weights of the base and the layers, tokenizer files, modelling code unlearning_layers.py); "
                     f"load it with {' / '.join(AUTO_CLASSES.values())}.from_pretrained(DIR, trust_remote_code=True). "
                     "The layers' provenance (base model fingerprint, request ids) goes into config.json and "
-                    "unlearning_export.json; no data, no Gram matrices.")
+                    "unlearning_export.json; no data, no Gram matrices. --format adapters: the layers alone as an "
+                    "AdapterHub adapters bottleneck adapter (adapter_config.json, pytorch_adapter.bin) for the same base "
+                    f"model: adapters.init(model); model.load_adapter(DIR); model.set_active_adapters('{ADAPTER_NAME}'); "
+                    f"for {', '.join(PLACEMENTS)} models (others are refused, saying why).")
     p.add_argument("--model", required=True,
                    help="local transformers model directory, or 'smollm2' for the embedded default")
     p.add_argument("--layers", required=True, nargs="+", metavar="DIR",

@@ -11,7 +11,8 @@ from ..io.base_model import SMOLLM2_ALIASES
 from ..model.layers import LayerConfig
 from ..train.plan import (PARTS, SMOLLM2_135M, PlanSettings, candidates, estimate, fit, format_size,
                           model_shape, parse_size)
-from .common import block_spec
+from ..train.step_cache import TEACHER_CACHES
+from .common import BASE_DTYPES, block_spec
 
 
 def add_parser(sub) -> None:
@@ -26,8 +27,9 @@ def add_parser(sub) -> None:
                    help="local transformers model directory (only its config.json is read), or 'smollm2'")
     p.add_argument("--device", default="cpu",
                    help="cpu or cuda (default cpu): picks the default dtype; cuda adds the CUDA context")
-    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
-                   help="base model dtype (default: float32 on cpu, bfloat16 on cuda)")
+    p.add_argument("--dtype", "--base-dtype", dest="dtype", choices=BASE_DTYPES,
+                   help="base model dtype (default: float32 on cpu, bfloat16 on cuda); int8 / nf4 (with --device "
+                        "cuda): the base's linear maps quantised by bitsandbytes, the rest and the activations bf16")
     p.add_argument("--batch-size", type=int, default=8,
                    help="rows per forward pass, per set in the mixed schedule (default 8)")
     p.add_argument("--max-length", type=int, default=256, help="tokens per row (default 256)")
@@ -41,6 +43,10 @@ def add_parser(sub) -> None:
                    help="'all' (default), 'top:K' for the top K blocks, or indices like 0,5,11")
     p.add_argument("--rows", type=int, default=1000,
                    help="training rows (forget + retain) the teacher cache holds (default 1000)")
+    p.add_argument("--teacher-cache", choices=list(TEACHER_CACHES), default="gpu",
+                   help="where the teacher cache is kept, as for `unlearn`: 'gpu' (default) counts it on the "
+                        "device; 'cpu' (on a GPU run) and 'disk' count it outside the device estimate; 'off' "
+                        "keeps none and adds the teacher's forward to every step")
     p.add_argument("--memory", metavar="SIZE",
                    help="memory available, e.g. 40GiB or 80GB: print the cheapest settings that fit (default: none)")
 
@@ -62,7 +68,7 @@ def run(args) -> int:
     shape = model_shape(load_config(args.model), layers)
     settings = PlanSettings(batch_size=args.batch_size, max_length=args.max_length, accumulate=args.accumulate,
                             gradient_checkpointing=args.gradient_checkpointing, schedule=args.schedule,
-                            device=args.device, dtype=args.dtype, rows=args.rows)
+                            device=args.device, dtype=args.dtype, rows=args.rows, teacher_cache=args.teacher_cache)
     plan = estimate(shape, settings)
     blocks = sorted({b for b, _ in shape.sites})
     ranks = sorted({r for _, r in shape.sites})
@@ -76,8 +82,12 @@ def run(args) -> int:
         if name == "CUDA context" and not plan.parts[name]:
             continue
         label = f"{name} ({settings.rows} rows)" if name == "teacher cache" else name
+        if name == "teacher cache" and settings.cache_place != "device":
+            label = f"{name} ({'off' if settings.teacher_cache == 'off' else settings.cache_place})"
         print(f"  {label:34}{format_size(plan.parts[name]):>12}")
     print(f"  {'estimated peak':34}{format_size(plan.total):>12}")
+    for place, size in plan.elsewhere.items():
+        print(f"  {'not on the device: teacher cache':34}{format_size(size):>12} in {place} ({settings.rows} rows)")
     print(f"\nFLOPs per optimiser step: {_tflop(plan.flops['step'])} (first epoch, with the teacher's forward: "
           f"{_tflop(plan.flops['first_epoch'])})")
     if not settings.device.startswith("cuda"):
@@ -96,8 +106,8 @@ def run(args) -> int:
     smallest = candidates(shape, settings)[-1]
     print(f"\ndoes not fit in {format_size(memory)} even with every saving ({smallest.settings.flags()}): that "
           f"needs {format_size(smallest.total)}, of which the frozen base {format_size(smallest.parts['frozen base'])}"
-          f" and the teacher cache {format_size(smallest.parts['teacher cache'])}. Try fewer or higher --blocks, "
-          f"a smaller --max-length, a 16-bit --dtype, or --shard-base over several GPUs")
+          f" and the teacher cache {format_size(smallest.parts['teacher cache'])} on the device. Try fewer or higher --blocks, "
+          f"a smaller --max-length, a 16-bit --dtype (int8 / nf4 on CUDA), or --shard-base over several GPUs")
     return 1
 
 

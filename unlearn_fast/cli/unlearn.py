@@ -6,14 +6,19 @@ from ..api import example_labels, unlearn
 from ..errors import UnlearnFastError
 from ..eval.baselines import METHODS, RMU_COEFFICIENT, BaselineConfig, run_baseline, save_baseline
 from ..io.artifacts import check_writable, model_fingerprint
+from ..io.quantised import BASE_QUANTISATIONS, check_quantised_base
 from ..model.family import detect_task
 from ..model.layers import LayerConfig
 from ..train import checkpoint, distributed
 from ..train.data import load_examples
 from ..train.set_checks import check_overlap
 from ..train.objective import FORGET_TARGETS, ObjectiveConfig
+from ..train.reporting import REPORTERS, default_report_dir
+from ..train.step_cache import TEACHER_CACHES
 from ..train.trainer import MAX_LR, WEIGHT_LIMIT, TrainConfig
-from .common import block_spec, data_columns, general_text, load_base, model_verb_parser, quiet_progress
+from .common import (
+    add_chat_template_arg, block_spec, data_columns, general_text, load_base, model_verb_parser, quiet_progress
+)
 from .config_file import resolved
 
 
@@ -24,6 +29,7 @@ def add_parser(sub) -> None:
                           data_required=True)
     p.add_argument("--out", "--output_dir", dest="out", required=True, help="artifact directory to create")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it is an unlearn-fast artifact")
+    add_chat_template_arg(p)
     p.add_argument("--drop-overlap", action="store_true",
                    help="drop retained examples that also appear in the forget set (default: error)")
     g = p.add_argument_group("unlearning layers")
@@ -68,6 +74,22 @@ def add_parser(sub) -> None:
                    help="recompute the activations of the blocks above the lowest unlearning layer in the "
                         "backward pass instead of keeping them: less memory, about one more forward of "
                         "those blocks per step, the same losses (default: off); see `unlearn-fast plan`")
+    g.add_argument("--teacher-cache", choices=list(TEACHER_CACHES), default="gpu",
+                   help="where the teacher's outputs for each training row (and, with --blocks above block 0, "
+                        "the frozen trunk's) are kept after their first step: 'gpu' (default): on the training "
+                        "device, whatever it is; 'cpu': in CPU memory (pinned with CUDA), copied back each step; "
+                        "'disk': a memory-mapped file in a temporary directory ($TMPDIR), removed after "
+                        "training; 'off': nothing is kept, the teacher runs every step. The same losses in "
+                        "every mode; see `unlearn-fast plan --teacher-cache`")
+    g.add_argument("--report-to", choices=list(REPORTERS), default="none",
+                   help="log every optimiser step's loss and terms (the effective forget-KL coefficient "
+                        "too), learning rate, tokens/s and memory to tensorboard or wandb (optional packages: "
+                        "pip install tensorboard / wandb; wandb honours WANDB_MODE=offline and WANDB_PROJECT) "
+                        "(default: none)")
+    g.add_argument("--report-dir", metavar="DIR",
+                   help="where --report-to writes (default: runs/<--out's name>-<YYYYmmdd-HHMMSS> in the "
+                        "current directory, beside the artifact rather than in it: --out is written whole at "
+                        "the end); view with tensorboard --logdir runs")
     g.add_argument("--lr", type=float, default=1e-3,
                    help=f"AdamW learning rate (default 1e-3; at most {MAX_LR:g}: AdamW moves every weight by about "
                         "lr per step)")
@@ -86,7 +108,8 @@ def add_parser(sub) -> None:
     g = p.add_argument_group("several processes and checkpoints",
                              "under torchrun (torchrun --nproc_per_node N -m unlearn_fast.cli unlearn ...) every "
                              "rank trains on its share of each global batch (the batch of one process), the "
-                             "layers' gradients and Gram matrices are summed, and rank 0 writes the artifact")
+                             "layers' gradients and Gram matrices are summed, and rank 0 writes the artifact; "
+                             "the baselines (--method) run the same way, with --train-params full or layers")
     g.add_argument("--compile", action="store_true",
                    help="torch.compile each transformer block while training (faster steps after a "
                         "compilation of minutes on a CPU; worth it for long runs)")
@@ -129,10 +152,22 @@ def run(args) -> int:
     options = resolved(args)  # as given (the run adjusts args.device below), for the manifest
     if args.no_progress:
         quiet_progress()
+    if args.dtype in BASE_QUANTISATIONS:  # before the data or any weight is read
+        if args.shard_base:
+            raise UnlearnFastError(f"--dtype {args.dtype} quantises the frozen base, which --shard-base cannot "
+                                   "shard: leave one of them out")
+        if args.method != "eul" and args.train_params == "full":
+            raise UnlearnFastError(f"--dtype {args.dtype} quantises the base's weights, which --method {args.method} "
+                                   "cannot then train (--train-params full, the default): add --train-params "
+                                   "layers, or use --dtype bfloat16")
+        check_quantised_base(args.dtype, args.device)
     if args.method != "eul":
-        if distributed.launched_world_size() > 1 or args.shard_base or args.checkpoint_dir:
-            raise UnlearnFastError("the baselines run in one process, without checkpoints: launch without "
-                                   "torchrun, and without --shard-base / --checkpoint-dir")
+        if args.shard_base or args.checkpoint_dir:
+            # under torchrun they run data parallel (every rank a share of each batch), with their whole
+            # model on every rank: a sharded base would leave a full-parameter baseline nothing to train
+            raise UnlearnFastError("the baselines run without checkpoints and with the whole model on every rank: "
+                                   "leave out --shard-base / --checkpoint-dir (under torchrun they run data "
+                                   "parallel)")
         if args.heldout or args.ppl_text:
             raise UnlearnFastError("the baselines do not evaluate: leave out --heldout / --ppl-text, and evaluate "
                                    "the output with 'unlearn-fast eval --heldout FILE'")
@@ -148,7 +183,8 @@ def run(args) -> int:
                            max_steps=args.max_steps, seed=args.seed, progress=not args.no_progress,
                            checkpoint_dir=args.checkpoint_dir, checkpoint_every=args.checkpoint_every,
                            resume=args.resume, shard_base=args.shard_base, compile_blocks=args.compile,
-                           accumulate=args.accumulate, gradient_checkpointing=args.gradient_checkpointing)
+                           accumulate=args.accumulate, gradient_checkpointing=args.gradient_checkpointing,
+                           teacher_cache=args.teacher_cache, **report_options(args))
 
     # the user's data is checked before a model is loaded (which can take a while)
     forget = load_examples(args.forget, data_columns(args, "forget set"), name="forget set")
@@ -170,6 +206,7 @@ def run(args) -> int:
         result = unlearn(model, tokenizer, forget, retain, out=args.out, overwrite=args.overwrite,
                          model_name=name, columns=data_columns(args, "forget set"), drop_overlap=args.drop_overlap, layers=layers,
                          objective=objective, training=training, max_length=args.max_length,
+                         chat_template=args.chat_template,
                          evaluate=not args.no_eval, allow_damage=args.allow_damage, heldout=heldout,
                          general_text=reference_text, run_config=options)
         if distributed.is_main():
@@ -178,6 +215,13 @@ def run(args) -> int:
     finally:
         distributed.shutdown()
     return 0
+
+
+def report_options(args) -> dict:
+    """TrainConfig's report_to / report_dir from --report-to / --report-dir (see train.reporting)."""
+    if args.report_to == "none":
+        return {"report_to": "none"}
+    return {"report_to": args.report_to, "report_dir": str(args.report_dir or default_report_dir(args.out))}
 
 
 def check_outputs(args) -> None:
@@ -198,22 +242,31 @@ def _cmd_baseline(args) -> int:
     training = TrainConfig(epochs=args.epochs, schedule=args.schedule, batch_size=args.batch_size, lr=args.lr,
                            max_steps=args.max_steps, seed=args.seed, progress=not args.no_progress,
                            compile_blocks=args.compile, accumulate=args.accumulate,
-                           gradient_checkpointing=args.gradient_checkpointing)
+                           gradient_checkpointing=args.gradient_checkpointing, **report_options(args))
     forget = load_examples(args.forget, data_columns(args, "forget set"), name="forget set")
     retain = load_examples(args.retain, data_columns(args, "retain set"), name="retain set")
     retain, _ = check_overlap(forget, retain, drop=args.drop_overlap)
-    model, tokenizer, name = load_base(args)
-    task = detect_task(model)
-    fingerprint = model_fingerprint(model)
-    result = run_baseline(model, tokenizer, forget, retain, config, training, max_length=args.max_length,
-                          forget_labels=example_labels(model, task, forget, "forget set", required=False),
-                          retain_labels=example_labels(model, task, retain, "retain set", required=False),
-                          allow_damage=args.allow_damage)
-    out = save_baseline(args.out, result, tokenizer, base_fingerprint=fingerprint, model_name=name,
-                        overwrite=args.overwrite)
-    t = result.training
-    print(f"{config.label}: {t.steps} steps in {t.update_time_s:.1f} s ({_rate(t.tokens, t.update_time_s)}); "
-          f"written to {out}")
+    # under torchrun: join the process group (data parallel, as EUL); this rank's device
+    device = distributed.init_from_env(args.device)
+    try:
+        if device is not None:
+            args.device = device
+        model, tokenizer, name = load_base(args)
+        task = detect_task(model)
+        fingerprint = model_fingerprint(model)
+        result = run_baseline(model, tokenizer, forget, retain, config, training, max_length=args.max_length,
+                              forget_labels=example_labels(model, task, forget, "forget set", required=False),
+                              retain_labels=example_labels(model, task, retain, "retain set", required=False),
+                              allow_damage=args.allow_damage, chat_template=args.chat_template)
+        out = save_baseline(args.out, result, tokenizer, base_fingerprint=fingerprint, model_name=name,
+                            overwrite=args.overwrite)
+        t = result.training
+        if distributed.is_main():
+            world = distributed.world_size()
+            print(f"{config.label}: {t.steps} steps in {t.update_time_s:.1f} s ({_rate(t.tokens, t.update_time_s)}"
+                  f"{f', {world} ranks' if world > 1 else ''}); written to {out}")
+    finally:
+        distributed.shutdown()
     return 0
 
 

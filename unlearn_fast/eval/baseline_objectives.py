@@ -1,6 +1,13 @@
 """The loss of each baseline method, on the fused loss head where the method's loss is linear in
 per-token coefficients (GA, GradDiff, finetune, NPO, SimNPO, IdK), and on one block's hidden states for
-RMU. :mod:`unlearn_fast.eval.baselines` builds them from a :class:`BaselineConfig` and runs them."""
+RMU. :mod:`unlearn_fast.eval.baselines` builds them from a :class:`BaselineConfig` and runs them.
+
+Every term is a mean over its own units (target tokens, forgotten answers, RMU rows) of the batch. When
+the trainer splits a global batch over ranks (torchrun) or micro-batches (``accumulate``), it passes the
+whole batch's counts (:func:`group_counts`, in ``batch["group_counts"]``): each part's loss is then its
+share of the one-batch loss, and the parts' gradients add up to the one-batch gradient, as EUL's do
+(``global_normalisers``; see :mod:`unlearn_fast.train.distributed`).
+"""
 
 from __future__ import annotations
 
@@ -45,9 +52,36 @@ REFUSALS = (
 )
 
 
-def _weighted(mask: Tensor, weight: float) -> Tensor:
-    n = int(mask.sum())
+def _weighted(mask: Tensor, weight: float, total: Optional[int] = None) -> Tensor:
+    """``mask`` × weight / n: a mean over the mask's positions, or over ``total`` positions (the whole
+    batch's, of which this part holds the mask's) when given."""
+    n = int(mask.sum()) if total is None else int(total)
     return mask.float() * (weight / n) if (n and weight) else torch.zeros(mask.shape, device=mask.device)
+
+
+# what :func:`group_counts` counts, the units each baseline term averages over
+COUNTS = ("retain_tokens", "forget_tokens", "retain_answers", "forget_answers", "retain_rmu_rows", "forget_rmu_rows")
+
+
+def group_counts(rows: Sequence[Row]) -> dict[str, int]:
+    """The units every baseline term is a mean over, counted in a whole (global) batch of ``rows``:
+    target tokens of the retained / forgotten rows (CE terms), rows with a target (NPO / SimNPO's
+    per-answer terms), rows with an answer position (RMU's per-row terms; an answer position holds a
+    target token, see :func:`answer_positions`)."""
+    out = dict.fromkeys(COUNTS, 0)
+    for r in rows:
+        side = "forget" if r.forget else "retain"
+        tokens = sum(1 for t in r.targets if t != IGNORE_INDEX)
+        out[f"{side}_tokens"] += tokens
+        out[f"{side}_answers"] += int(tokens > 0)
+        out[f"{side}_rmu_rows"] += int(any(t != IGNORE_INDEX for t in r.targets[:-1]))
+    return out
+
+
+def _total(batch: dict, name: str) -> Optional[int]:
+    """The whole batch's count ``name`` when the trainer passed them (a part of a batch), else None."""
+    counts = batch.get("group_counts")
+    return None if counts is None else int(counts[name])
 
 
 def _terms(**values: float) -> dict[str, float]:
@@ -59,6 +93,13 @@ def _terms(**values: float) -> dict[str, float]:
 
 class _HeadObjective:
     """Shared plumbing: states of the model, the frozen (or trained) head, the chunked loss head."""
+
+    # terms normalised by the whole batch's counts (batch["group_counts"]) when given: the trainer sums
+    # the parts of a batch split over ranks or micro-batches (see the module docstring)
+    global_normalisers = True
+
+    def group_counts(self, rows: Sequence[Row]) -> dict[str, int]:
+        return group_counts(rows)
 
     def __init__(self, model: nn.Module, task: str):
         self.model = model
@@ -89,7 +130,8 @@ class CrossEntropyObjective(_HeadObjective):
     def coefficients(self, batch: dict) -> Tensor:
         has_target = batch["targets"] != IGNORE_INDEX
         forget = batch["forget"].unsqueeze(1).expand_as(has_target)
-        return _weighted(has_target & ~forget, self.alpha) - _weighted(has_target & forget, self.gamma)
+        return (_weighted(has_target & ~forget, self.alpha, _total(batch, "retain_tokens"))
+                - _weighted(has_target & forget, self.gamma, _total(batch, "forget_tokens")))
 
     def __call__(self, batch: dict, rows: Optional[Sequence[Row]] = None) -> tuple[Tensor, dict[str, float]]:
         coef = self.coefficients(batch)
@@ -123,9 +165,9 @@ class SequenceObjective(_HeadObjective):
     """A forget term on each forgotten answer's summed CE c_s, plus α·mean CE_retain (NPO, SimNPO).
 
     The loss head is linear in per-token coefficients, so a first no-grad pass gets the per-token CE
-    (hence each c_s), :meth:`forget_term` turns them into the term's value and dL/dc_s, and a second
-    pass applies γ·dL/dc_s to every token of answer s; the returned loss carries the term's value
-    with its gradient.
+    (hence each c_s), :meth:`forget_term` turns them into each answer's term f_s and df_s/dc_s, and a
+    second pass applies γ·df_s/dc_s / S to every token of answer s (S answers: the batch's, or the whole
+    batch's when it is split); the returned loss carries the term's value with its gradient.
     """
 
     term = "forget_term"
@@ -134,8 +176,9 @@ class SequenceObjective(_HeadObjective):
         super().__init__(model, task)
         self.alpha, self.gamma = alpha, gamma
 
-    def forget_term(self, batch: dict, rows: list[int], sums: Tensor, counts: Tensor) -> tuple[Tensor, float]:
-        """(dL/dc_s per forgotten answer, the term's value) for the answers of batch rows ``rows``."""
+    def forget_term(self, batch: dict, rows: list[int], sums: Tensor, counts: Tensor) -> tuple[Tensor, Tensor]:
+        """(df_s/dc_s, f_s) per forgotten answer s of batch rows ``rows`` (summed CE c_s over ``counts``
+        tokens); the term is the mean of f_s over the answers."""
         raise NotImplementedError
 
     def __call__(self, batch: dict, rows: Optional[Sequence[Row]] = None) -> tuple[Tensor, dict[str, float]]:
@@ -156,15 +199,18 @@ class SequenceObjective(_HeadObjective):
         if idx:
             sums = torch.stack([ce[i][forget_pos[i]].sum() for i in idx])
             counts = torch.stack([forget_pos[i].sum() for i in idx]).double()
-            grads, term = self.forget_term(batch, idx, sums, counts)
+            grads, values = self.forget_term(batch, idx, sums, counts)
+            answers = _total(batch, "forget_answers") or len(idx)
             for g, i in zip(grads, idx):
-                coef[i][forget_pos[i]] = self.gamma * float(g)
-            value += self.gamma * term
+                coef[i][forget_pos[i]] = self.gamma * float(g) / answers
+            value += self.gamma * float(values.sum()) / answers
+            term = float(values.mean())
         retain_ce = math.nan
         if retain_pos.any():
             retain_ce = float(ce[retain_pos].mean())
-            coef += _weighted(retain_pos, self.alpha)
-            value += self.alpha * retain_ce
+            tokens = _total(batch, "retain_tokens") or int(retain_pos.sum())
+            coef += _weighted(retain_pos, self.alpha, tokens)
+            value += self.alpha * float(ce[retain_pos].sum()) / tokens
         out = self._head(states[sel], targets, coef[used], math.inf)
         loss = out.loss - out.loss.detach() + value
         forget_ce = float(ce[forget_pos].mean()) if forget_pos.any() else math.nan
@@ -185,11 +231,11 @@ class NPOObjective(SequenceObjective):
         super().__init__(model, task, alpha, gamma)
         self.reference, self.beta = reference, beta
 
-    def forget_term(self, batch: dict, rows: list[int], sums: Tensor, counts: Tensor) -> tuple[Tensor, float]:
+    def forget_term(self, batch: dict, rows: list[int], sums: Tensor, counts: Tensor) -> tuple[Tensor, Tensor]:
         ref = torch.tensor([self._reference(batch, i) for i in rows], dtype=torch.float64)
         ratio = -sums - ref  # r_s = log π_θ(y_s) − log π_ref(y_s), log π_θ(y_s) = −c_s
-        grads = -2.0 / len(rows) * torch.sigmoid(self.beta * ratio)  # dL/dc_s = −dL/d log π_θ(y_s)
-        return grads, float((2.0 / self.beta) * torch.nn.functional.softplus(self.beta * ratio).mean())
+        grads = -2.0 * torch.sigmoid(self.beta * ratio)  # df_s/dc_s = −df_s/d log π_θ(y_s)
+        return grads, (2.0 / self.beta) * torch.nn.functional.softplus(self.beta * ratio)
 
     def _reference(self, batch: dict, i: int) -> float:
         n = int(batch["attention_mask"][i].sum())
@@ -214,10 +260,10 @@ class SimNPOObjective(SequenceObjective):
         super().__init__(model, task, alpha, gamma)
         self.beta, self.margin = beta, margin
 
-    def forget_term(self, batch: dict, rows: list[int], sums: Tensor, counts: Tensor) -> tuple[Tensor, float]:
+    def forget_term(self, batch: dict, rows: list[int], sums: Tensor, counts: Tensor) -> tuple[Tensor, Tensor]:
         z = self.beta * (sums / counts - self.margin)  # β·(ℓ_s − δ)
-        grads = -2.0 / len(rows) * torch.sigmoid(-z) / counts  # dL/dℓ_s · dℓ_s/dc_s
-        return grads, float(-(2.0 / self.beta) * torch.nn.functional.logsigmoid(z).mean())
+        grads = -2.0 * torch.sigmoid(-z) / counts  # df_s/dℓ_s · dℓ_s/dc_s
+        return grads, -(2.0 / self.beta) * torch.nn.functional.logsigmoid(z)
 
 
 class IdKObjective(CrossEntropyObjective):
@@ -229,7 +275,8 @@ class IdKObjective(CrossEntropyObjective):
 
     def coefficients(self, batch: dict) -> Tensor:
         forget_pos, retain_pos = _parts(batch, self.alpha)
-        return _weighted(retain_pos, self.alpha) + _weighted(forget_pos, self.gamma)
+        return (_weighted(retain_pos, self.alpha, _total(batch, "retain_tokens"))
+                + _weighted(forget_pos, self.gamma, _total(batch, "forget_tokens")))
 
 
 def idk_examples(examples: Sequence[Example], seed: int = 0) -> list[Example]:
@@ -325,10 +372,15 @@ class RMUObjective:
     steering vector (:func:`rmu_control_vector`). open-unlearning's RMU loss with its EMBED_DIFF retain loss.
     """
 
+    global_normalisers = True  # each term is normalised by the whole batch's rows when split (group_counts)
+
     def __init__(self, model: nn.Module, block: nn.Module, control: Tensor, frozen: dict, alpha: float,
                  gamma: float):
         self.model, self.block, self.control, self.frozen = model, block, control, frozen
         self.alpha, self.gamma = alpha, gamma
+
+    def group_counts(self, rows: Sequence[Row]) -> dict[str, int]:
+        return group_counts(rows)
 
     def __call__(self, batch: dict, rows: Optional[Sequence[Row]] = None) -> tuple[Tensor, dict[str, float]]:
         h = block_output(self.model, self.block, batch).float()
@@ -352,13 +404,13 @@ class RMUObjective:
         loss = h.sum() * 0
         forget_value = retain_value = math.nan
         if forget_terms:
-            part = torch.stack(forget_terms).mean()
-            loss = loss + self.gamma * part
-            forget_value = float(part.detach())
+            part = torch.stack(forget_terms)
+            loss = loss + self.gamma * part.sum() / (_total(batch, "forget_rmu_rows") or len(forget_terms))
+            forget_value = float(part.detach().mean())
         if retain_terms:
-            part = torch.stack(retain_terms).mean()
-            loss = loss + self.alpha * part
-            retain_value = float(part.detach())
+            part = torch.stack(retain_terms)
+            loss = loss + self.alpha * part.sum() / (_total(batch, "retain_rmu_rows") or len(retain_terms))
+            retain_value = float(part.detach().mean())
         return loss, _terms(rmu_forget=forget_value, rmu_retain=retain_value)
 
     @staticmethod

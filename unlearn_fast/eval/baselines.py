@@ -46,18 +46,21 @@ import datetime
 import json
 import math
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Optional, Sequence
 
 import torch
 from torch import nn
 
 from ..errors import ModelError, UnlearnFastError
-from ..io.artifacts import BASELINE_FILE, DONE_FILES, check_writable, write_artifact
+from ..io.artifacts import BASELINE_FILE, DONE_FILES, check_writable, model_fingerprint, write_artifact
 from ..io.atomic import atomic_directory
 from ..model.family import detect_task
 from ..model.layers import LayerConfig, attach, describe, layer_state, unlearning_parameters
+from ..train import distributed
+from ..train.checkpoint import data_fingerprint
 from ..train.data import Example, load_examples
-from ..train.encoding import Row, encode, pad_token_id, truncation_note
+from ..train.encoding import Row, chat_template_record, check_chat_template_mode, encode, pad_token_id, truncation_note
 from ..train.set_checks import check_overlap
 from ..train.trainer import TrainConfig, TrainResult, train
 from ..version import __version__
@@ -190,14 +193,15 @@ def fresh_copy(model: nn.Module, seed: int = 0) -> nn.Module:
 
 
 def encode_for_baseline(examples: Sequence[Example], tokenizer, task: str, model_config, forget: bool,
-                        labels: Optional[Sequence[int]] = None, max_length: int = 256, name: str = "set") -> list[Row]:
+                        labels: Optional[Sequence[int]] = None, max_length: int = 256, name: str = "set",
+                        chat_template: str = "auto") -> list[Row]:
     """Rows with plain targets on the answer / text / label for both sets (the forget flag set as asked).
 
     Unlike EUL's forget rows (whose seq2seq LM term uses the masked-word view), a baseline's forget
     rows carry the same targets as a retained example would: GA / NPO push exactly that likelihood down.
     """
     rows = encode(examples, tokenizer, task, forget=False, name=name, model_config=model_config,
-                  labels=labels, max_length=max_length)
+                  labels=labels, max_length=max_length, chat_template=chat_template)
     for r in rows:
         r.forget = forget
     return rows
@@ -215,16 +219,25 @@ def run_baseline(model: nn.Module, tokenizer, forget, retain, config: BaselineCo
                  training: Optional[TrainConfig] = None, *, max_length: int = 256, columns=None,
                  drop_overlap: bool = False, forget_labels: Optional[Sequence[int]] = None,
                  retain_labels: Optional[Sequence[int]] = None, allow_damage: bool = False,
-                 log=print) -> BaselineResult:
+                 log=print, chat_template: str = "auto") -> BaselineResult:
     """Run one baseline on ``model`` (in place, except ``retrain``, which returns a new model).
 
     ``forget`` / ``retain`` are anything :func:`unlearn_fast.train.data.load_examples` takes. For
     classification models, pass integer labels for the sets the method trains on. Rows are cut at
     ``max_length``, capped at the model's context (one logged line says how many were). A NaN loss
     or out-of-range weights raise TrainingError unless ``allow_damage`` (see
-    :func:`unlearn_fast.train.trainer.train`); the damage is then in the metrics.
+    :func:`unlearn_fast.train.trainer.train`); the damage is then in the metrics. ``chat_template``: how
+    prompt/response rows are encoded (:func:`unlearn_fast.train.encoding.encode`); the metrics record it.
+
+    Under torchrun (a process group of N > 1 ranks) every rank loads the same model and data and
+    trains on its share of each global batch, the gradients summed (as EUL's; see
+    :mod:`unlearn_fast.train.distributed`), ``params="full"`` and ``"layers"`` alike; rank 0 logs, and
+    :func:`save_baseline` writes from rank 0.
     """
     training = training or TrainConfig()
+    check_chat_template_mode(chat_template)
+    if not distributed.is_main():  # under torchrun, rank 0 speaks for the job
+        log = lambda *args, **kwargs: None  # noqa: E731
     task = detect_task(model)
     forget_set = load_examples(forget, columns, name="forget set")
     retain_set = load_examples(retain, columns, name="retain set")
@@ -241,7 +254,7 @@ def run_baseline(model: nn.Module, tokenizer, forget, retain, config: BaselineCo
             raise ModelError(f"{config.method} on a classification model needs labels for the forget set")
         if config.uses_retain() and retain_labels is None:
             raise ModelError(f"{config.method} on a classification model needs labels for the retain set")
-    enc = dict(model_config=model.config, max_length=max_length)
+    enc = dict(model_config=model.config, max_length=max_length, chat_template=chat_template)
     forget_rows = encode_for_baseline(forget_set, tokenizer, task, forget=True, labels=forget_labels,
                                       name="forget set", **enc) if config.uses_forget() else []
     retain_rows = encode_for_baseline(retain_set, tokenizer, task, forget=False, labels=retain_labels,
@@ -250,8 +263,12 @@ def run_baseline(model: nn.Module, tokenizer, forget, retain, config: BaselineCo
     if note:
         log(note)
     pad = pad_token_id(tokenizer)
+    if distributed.world_size() > 1:  # every rank must train the same model on the same rows
+        distributed.check_same(model_fingerprint(model) + data_fingerprint(forget_rows, retain_rows),
+                               "base model and data")
     if config.method == "retrain":
         model = fresh_copy(model, training.seed)
+    torch.manual_seed(training.seed)  # the unlearning layers' initial weights (params="layers"), reproducibly
     params = trainable_parameters(model, config)
     objective = build_objective(model, task, config, forget_rows, pad, retain_rows, training.seed)
     result = train(model, objective, forget_rows, retain_rows, training, pad, params=params, allow_damage=allow_damage,
@@ -264,7 +281,8 @@ def run_baseline(model: nn.Module, tokenizer, forget, retain, config: BaselineCo
                           {"update_time_s": result.update_time_s, "steps": result.steps,
                            "train_tokens": result.tokens,
                            "final_terms": result.history[-1] if result.history else {},
-                           "damage": [result.damage] if result.damage else []})
+                           "damage": [result.damage] if result.damage else [],
+                           "chat_template": chat_template_record(tokenizer, chat_template, task)})
 
 
 BASELINE_MANIFEST = BASELINE_FILE  # io.artifacts knows it too: --overwrite may replace such a directory
@@ -277,8 +295,17 @@ def save_baseline(out, result: BaselineResult, tokenizer, *, base_fingerprint: s
     ``params="layers"``: an unlearning artifact like EUL's (``load_layers`` / ``eval --layers`` attach
     it; it has no Gram matrices, so it cannot be fused). ``params="full"``: a whole model directory
     (``save_pretrained`` + tokenizer, loadable with ``--model DIR``) with ``baseline.json`` saying how
-    it was made.
+    it was made. Under torchrun, rank 0 writes once every rank has finished; every rank returns ``out``.
     """
+    distributed.barrier()  # a rank that failed never gets here, and its peers fail in a collective
+    written = _save_baseline(out, result, tokenizer, base_fingerprint, model_name, overwrite, extra) \
+        if distributed.is_main() else None
+    distributed.barrier()
+    return Path(out) if written is None else written
+
+
+def _save_baseline(out, result: BaselineResult, tokenizer, base_fingerprint: str, model_name: str,
+                   overwrite: bool, extra: Optional[dict]):
     model, config = result.model, result.config
     record = {
         "package": {"name": "unlearn_fast", "version": __version__},
@@ -291,7 +318,10 @@ def save_baseline(out, result: BaselineResult, tokenizer, *, base_fingerprint: s
         "task": detect_task(model),
         "metrics": result.metrics,
         "damage": result.metrics.get("damage", []),  # what allow_damage let through; eval warns on it
+        "chat_template": result.metrics.get("chat_template"),  # how prompt/response rows were encoded
         "update_time_s": result.training.update_time_s,
+        # under torchrun: the ranks that trained it data parallel (see unlearn_fast.train.distributed)
+        "distributed": {"world_size": distributed.world_size(), "backend": distributed.backend_name()},
         **(extra or {}),
     }
     if config.params == "layers":

@@ -22,17 +22,22 @@ from ..model.family import context_length, output_head, output_states
 from ..ops import eul_loss_head
 from ..ops.loss_head import IGNORE_INDEX
 from ..train.data import Example
-from ..train.encoding import Row, collate, encode, fit_max_length, pad_token_id, truncation_note
+from ..train.encoding import (
+    Row, chat_prompt, collate, encode, fit_max_length, pad_token_id, truncation_note, uses_chat_template
+)
 from ..train.scoring import row_token_stats
 from .metrics import TRUTH_RATIO_AGGREGATORS, answer_found, truth_ratio, wilson_interval
 
 
 @torch.no_grad()
 def completions(model: nn.Module, tokenizer, prompts: Sequence[str], max_new_tokens: int = 8,
-                batch_size: int = 32) -> list[str]:
-    """Greedy completions (the new text only).
+                batch_size: int = 32, chat_template: str = "auto") -> list[str]:
+    """Greedy completions (the new text only, special tokens left out).
 
     A prompt that would not leave room in the model's context for the new tokens keeps only its end.
+    With ``chat_template="auto"`` and a tokenizer that has one, a decoder generates after the template's
+    user turn and generation prompt (:func:`unlearn_fast.train.encoding.chat_prompt`), which are the
+    tokens before the answer in training (:func:`unlearn_fast.train.encoding.chat_ids`).
     """
     device = next(model.parameters()).device
     limit = context_length(model.config, tokenizer)
@@ -42,10 +47,14 @@ def completions(model: nn.Module, tokenizer, prompts: Sequence[str], max_new_tok
     side, tokenizer.padding_side = tokenizer.padding_side, "left"
     cut_side, tokenizer.truncation_side = tokenizer.truncation_side, "left"
     pad = pad_token_id(tokenizer)
+    chat = not model.config.is_encoder_decoder and uses_chat_template(tokenizer, chat_template)
+    if chat:  # the template writes its own special tokens
+        prompts = [chat_prompt(tokenizer, p) for p in prompts]
     out: list[str] = []
     try:
         for i in range(0, len(prompts), batch_size):
-            enc = tokenizer(list(prompts[i:i + batch_size]), return_tensors="pt", padding=True, **cut).to(device)
+            enc = tokenizer(list(prompts[i:i + batch_size]), return_tensors="pt", padding=True,
+                            add_special_tokens=not chat, **cut).to(device)
             generated = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
                                        pad_token_id=pad)
             if not model.config.is_encoder_decoder:
@@ -57,20 +66,21 @@ def completions(model: nn.Module, tokenizer, prompts: Sequence[str], max_new_tok
 
 
 def answer_hits(model: nn.Module, tokenizer, examples: Sequence[Example], max_new_tokens: int = 8,
-                strict: bool = False) -> list[bool]:
+                strict: bool = False, chat_template: str = "auto") -> list[bool]:
     """For each prompt/response example: does the greedy completion contain the response or one of its
     other acceptable ``answers``? With ``strict``, the response only (see
     :func:`unlearn_fast.eval.metrics.answer_found` for the normalisation of each)."""
-    return [s if strict else v for s, v in answer_matches(model, tokenizer, examples, max_new_tokens)]
+    return [s if strict else v for s, v in answer_matches(model, tokenizer, examples, max_new_tokens, chat_template)]
 
 
 def answer_matches(model: nn.Module, tokenizer, examples: Sequence[Example],
-                   max_new_tokens: int = 8) -> list[tuple[bool, bool]]:
+                   max_new_tokens: int = 8, chat_template: str = "auto") -> list[tuple[bool, bool]]:
     """(strict, variant) hit of each prompt/response example's greedy completion, from one generation
-    (:func:`unlearn_fast.eval.metrics.answer_found`)."""
+    (:func:`unlearn_fast.eval.metrics.answer_found`); the completion is the generated answer text (with a
+    chat template: the assistant turn, see :func:`completions`)."""
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    texts = completions(model, tokenizer, [e.prompt for e in examples], max_new_tokens)
+    texts = completions(model, tokenizer, [e.prompt for e in examples], max_new_tokens, chat_template=chat_template)
     return [answer_found(t, e.response, e.answers) for e, t in zip(examples, texts)]
 
 
@@ -138,7 +148,7 @@ def perplexity(model: nn.Module, tokenizer, texts: Sequence[str], max_length: in
 
 def evaluate_sets(model: nn.Module, tokenizer, task: str, sets: dict[str, Sequence[Example]],
                   labels: Optional[dict[str, Sequence[int]]] = None, general_text: Optional[Sequence[str]] = None,
-                  max_length: int = 256, log=None) -> dict[str, float]:
+                  max_length: int = 256, log=None, chat_template: str = "auto") -> dict[str, float]:
     """Accuracy and mean loss for each named set, plus general-text perplexity for causal LMs.
 
     Accuracy is answer accuracy for prompt/response sets (with ``<set>_accuracy_strict`` beside it
@@ -147,7 +157,9 @@ def evaluate_sets(model: nn.Module, tokenizer, task: str, sets: dict[str, Sequen
     a truth-ratio figure too (:func:`aggregate_truth_ratios`, named by :func:`truth_ratio_figure`; the set
     named ``forget`` is the forget set).
     Rows are cut at ``max_length``, capped at the model's context; with ``log``, one line says how
-    many were cut (:func:`unlearn_fast.train.encoding.truncation_note`).
+    many were cut (:func:`unlearn_fast.train.encoding.truncation_note`). ``chat_template``: how prompt/response
+    rows are encoded and prompts generated from (:func:`unlearn_fast.train.encoding.encode`); general text
+    never goes through a template.
     """
     was_training = model.training
     model.eval()
@@ -166,12 +178,14 @@ def evaluate_sets(model: nn.Module, tokenizer, task: str, sets: dict[str, Sequen
                 metrics[f"{name}_loss"] = mean_loss(model, task, rows, pad)
             continue
         if examples[0].prompt is not None:
-            metrics.update(accuracy_figures(examples, answer_matches(model, tokenizer, examples), f"{name}_"))
+            metrics.update(accuracy_figures(examples, answer_matches(model, tokenizer, examples,
+                                                                     chat_template=chat_template), f"{name}_"))
         rows = encode(examples, tokenizer, task, forget=False, name=name, model_config=model.config,
-                      max_length=max_length)
+                      max_length=max_length, chat_template=chat_template)
         encoded[f"{name} set"] = rows
         metrics[f"{name}_loss"] = mean_loss(model, task, rows, pad)
-        ratios = [r["truth_ratio"] for r in truth_ratios(model, tokenizer, task, examples, max_length=max_length) if r]
+        ratios = [r["truth_ratio"] for r in truth_ratios(model, tokenizer, task, examples, max_length=max_length,
+                                                         chat_template=chat_template) if r]
         if ratios:
             is_forget = name == "forget"
             metrics[truth_ratio_figure(name, is_forget)] = aggregate_truth_ratios(ratios, forget=is_forget)
@@ -257,7 +271,7 @@ def retain_damage(before: dict, after: dict) -> Optional[str]:
 @torch.no_grad()
 def truth_ratios(model: nn.Module, tokenizer, task: str, examples: Sequence[Example],
                  response_losses: Optional[Sequence[float]] = None, max_length: int = 256,
-                 batch_size: int = 16, vocab_chunk: int = 8192) -> list[Optional[dict]]:
+                 batch_size: int = 16, vocab_chunk: int = 8192, chat_template: str = "auto") -> list[Optional[dict]]:
     """TOFU's truth ratio of each prompt/response example that has perturbed answers (else None).
 
     Each answer (the paraphrased one, or the response when the example has none, and every perturbed
@@ -265,7 +279,8 @@ def truth_ratios(model: nn.Module, tokenizer, task: str, examples: Sequence[Exam
     :func:`example_stats`; all answers of all examples go through in shared batches. A record holds
     ``truth_ratio`` (:func:`unlearn_fast.eval.metrics.truth_ratio`), ``paraphrased_loss`` and
     ``perturbed_losses`` (mean per-token NLLs, nats). ``response_losses``: the examples' response
-    losses when already known (they stand in for a missing paraphrase, saving its pass).
+    losses when already known (they stand in for a missing paraphrase, saving its pass). ``chat_template``:
+    as :func:`unlearn_fast.train.encoding.encode` (each answer is the assistant turn).
     """
 
     wanted = [i for i, e in enumerate(examples) if e.perturbed and e.prompt is not None]
@@ -281,7 +296,7 @@ def truth_ratios(model: nn.Module, tokenizer, task: str, examples: Sequence[Exam
     model.eval()
     try:
         rows = encode(answers, tokenizer, task, forget=False, name="paraphrased / perturbed answers",
-                      model_config=model.config, max_length=max_length)
+                      model_config=model.config, max_length=max_length, chat_template=chat_template)
         if len(rows) != len(answers):
             raise ValueError("truth ratios need one row per answer")
         losses = iter([-float(s.logprob.sum()) / len(s.logprob)

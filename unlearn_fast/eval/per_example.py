@@ -26,7 +26,7 @@ from .metrics import (
 @torch.no_grad()
 def example_stats(model: nn.Module, tokenizer, task: str, examples: Sequence[Example],
                   labels: Optional[Sequence[int]] = None, max_length: int = 256, batch_size: int = 16,
-                  k: float = 0.4, vocab_chunk: int = 8192) -> list[dict]:
+                  k: float = 0.4, vocab_chunk: int = 8192, chat_template: str = "auto") -> list[dict]:
     """Teacher-forced statistics of each example's target tokens, one dict per example.
 
     Keys: ``loss`` (mean NLL, nats), ``tokens``, ``exact_memorization`` (open-unlearning's: the share
@@ -37,12 +37,13 @@ def example_stats(model: nn.Module, tokenizer, task: str, examples: Sequence[Exa
     ``perturbed_losses`` (:func:`truth_ratios`).
     Uses :func:`unlearn_fast.model.family.output_states` and the output head in row and vocabulary chunks
     (:func:`unlearn_fast.train.scoring.token_stats`): no [tokens × vocab] logits are held.
+    ``chat_template``: how prompt/response rows are encoded (:func:`unlearn_fast.train.encoding.encode`).
     """
 
     was_training = model.training
     model.eval()
     rows = encode(examples, tokenizer, task, forget=False, name="evaluated set", model_config=model.config,
-                  labels=labels, max_length=max_length)
+                  labels=labels, max_length=max_length, chat_template=chat_template)
     if len(rows) != len(examples):
         raise ValueError("per-example statistics need one row per example")
     out: list[dict] = []
@@ -57,7 +58,7 @@ def example_stats(model: nn.Module, tokenizer, task: str, examples: Sequence[Exa
                                      stats.var_logprob.tolist(), k))
             out.append(record)
         for record, tr in zip(out, truth_ratios(model, tokenizer, task, examples, [r["loss"] for r in out],
-                                                max_length, batch_size, vocab_chunk)):
+                                                max_length, batch_size, vocab_chunk, chat_template)):
             if tr is not None:
                 record.update(tr)
     finally:
@@ -72,7 +73,8 @@ def membership_inference(forget_stats: Sequence[dict], holdout_stats: Sequence[d
             for a in ATTACKS if forget_stats and a in forget_stats[0]}
 
 
-def generation_scores(model: nn.Module, tokenizer, examples: Sequence[Example], max_new_tokens: int = 8) -> dict:
+def generation_scores(model: nn.Module, tokenizer, examples: Sequence[Example], max_new_tokens: int = 8,
+                      chat_template: str = "auto") -> dict:
     """Greedy-completion figures of prompt/response examples, averaged over the set.
 
     ``accuracy``: the completion contains the response or another acceptable answer (as
@@ -86,7 +88,7 @@ def generation_scores(model: nn.Module, tokenizer, examples: Sequence[Example], 
 
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    texts = completions(model, tokenizer, [e.prompt for e in examples], max_new_tokens)
+    texts = completions(model, tokenizer, [e.prompt for e in examples], max_new_tokens, chat_template=chat_template)
     em = recall = f1 = 0.0
     matches = []
     for e, t in zip(examples, texts):
@@ -128,7 +130,8 @@ def _mean(values) -> float:
 def evaluate_model(model: nn.Module, tokenizer, task: str, sets: dict[str, Sequence[Example]],
                    labels: Optional[dict[str, Optional[Sequence[int]]]] = None, *, forget: str = "forget",
                    holdout: Optional[str] = "test", general_text: Optional[Sequence[str]] = None,
-                   max_length: int = 256, max_new_tokens: int = 8, k: float = 0.4) -> dict:
+                   max_length: int = 256, max_new_tokens: int = 8, k: float = 0.4,
+                   chat_template: str = "auto") -> dict:
     """Every figure of one model on named sets (forget / retain / test ...), for the report.
 
     Returns ``{"figures": {...}, "per_example": {set: [stats dict, ...]}}``. Figures, per set S:
@@ -146,6 +149,8 @@ def evaluate_model(model: nn.Module, tokenizer, task: str, sets: dict[str, Seque
     i.e. ``forget_loss``); with a ``holdout`` set, ``mia`` = AUC per attack of forget against
     held-out (see :func:`membership_inference`);
     ``general_perplexity`` with ``general_text`` (causal LMs).
+    ``chat_template``: how prompt/response rows are encoded and generated from (``auto``: through the
+    tokenizer's chat template where it has one; :func:`unlearn_fast.train.encoding.encode`).
     """
     labels = labels or {}
     was_training = model.training
@@ -163,9 +168,11 @@ def evaluate_model(model: nn.Module, tokenizer, task: str, sets: dict[str, Seque
                 # accuracy below, from the same forward pass: one label position per example,
                 # so its argmax hit is the prediction being right
             elif examples[0].prompt is not None:
-                for key, value in generation_scores(model, tokenizer, examples, max_new_tokens).items():
+                for key, value in generation_scores(model, tokenizer, examples, max_new_tokens,
+                                                    chat_template).items():
                     figures[f"{name}_{key}"] = value
-            stats = example_stats(model, tokenizer, task, examples, labels=set_labels, max_length=max_length, k=k)
+            stats = example_stats(model, tokenizer, task, examples, labels=set_labels, max_length=max_length, k=k,
+                                  chat_template=chat_template)
             per_example[name] = stats
             figures[f"{name}_loss"] = _mean(s["loss"] for s in stats)
             tokens = sum(s["tokens"] for s in stats)

@@ -137,6 +137,8 @@ def markdown(report: dict) -> str:
         lines.append(f"- {k}: {v}")
     if meta:
         lines.append("")
+    for section in report.get("sections") or []:  # a caller's own Markdown sections (e.g. TOFU's headline table)
+        lines += [section.rstrip("\n"), ""]
     # the reference columns (held-out set, general-text perplexity) where any method has them
     extra = [(head, key, k) for head, key, k in (("Held-out ↑", f"heldout_{metric}", kind),
                                                  ("General ppl", "general_perplexity", "f"))
@@ -334,7 +336,7 @@ def _method_name(path: Union[str, Path], default: str) -> str:
 def evaluate_for_report(load_base, sets: dict, *, layers: Optional[Union[str, Path]] = None,
                         retrained: Optional[Union[str, Path]] = None, compare: Optional[dict] = None,
                         labels_for=None, general_text=None, max_length: int = 256, max_new_tokens: int = 8,
-                        log=print) -> tuple[dict, dict, Optional[str]]:
+                        log=print, chat_template: str = "auto") -> tuple[dict, dict, Optional[str]]:
     """Evaluate the original model, its unlearned versions and the retrained model on the same sets.
 
     ``load_base()`` returns a fresh (model, tokenizer) of the original model; it is called once: the
@@ -343,7 +345,8 @@ def evaluate_for_report(load_base, sets: dict, *, layers: Optional[Union[str, Pa
     named by its manifest, ``eul`` by default); ``compare``: name → artifact or model directory (a
     model directory, e.g. a full-model baseline, is loaded on its own); ``retrained``: a model
     directory (the gold standard). ``labels_for(model, task, name, examples)`` gives classification
-    labels. Returns (results, times, retrained name).
+    labels. Returns (results, times, retrained name). Every model is evaluated with the same
+    ``chat_template`` (see :func:`unlearn_fast.eval.per_example.evaluate_model`).
     """
 
     candidates: list[tuple[str, Optional[Path], str]] = [("original", None, "base")]
@@ -373,7 +376,8 @@ def evaluate_for_report(load_base, sets: dict, *, layers: Optional[Union[str, Pa
             labels = {s: labels_for(model, task, s, ex) for s, ex in sets.items()} if labels_for else None
             log(f"evaluating {name} ...")
             results[name] = evaluate_model(model, tokenizer, task, sets, labels, general_text=general_text,
-                                           max_length=max_length, max_new_tokens=max_new_tokens)
+                                           max_length=max_length, max_new_tokens=max_new_tokens,
+                                           chat_template=chat_template)
         finally:
             if kind == "layers":
                 detach(model)  # back to the original for the next artifact

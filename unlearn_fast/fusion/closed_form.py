@@ -339,6 +339,10 @@ def fused_manifest(manifests: Sequence[dict], sources: Sequence[str], layout: li
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "base_model": first["base_model"],
         "task": first.get("task"),
+        # how the requests' prompt/response rows were encoded (train.encoding.chat_template_record), where
+        # they agree; "mixed" where not (eval --layers then warns)
+        "chat_template": (first.get("chat_template")
+                          if all(m.get("chat_template") == first.get("chat_template") for m in manifests) else "mixed"),
         "layers": {"config": first["layers"].get("config"), "sites": layout},
         "grams": {"tokens": sum(int(m["grams"].get("tokens") or 0) for m in manifests),
                   "augmented_with_bias_column": True, "dtype": "float64", "cross_terms": True},

@@ -28,6 +28,7 @@ from torch import nn
 from ..errors import ArtifactError, OutputError
 from ..model.layers import UnlearningSite, attach_from_description, sites
 from .atomic import atomic_directory, ensure_directory, remove_stale
+from .quantised import base_quantisation
 
 FORMAT_VERSION = 1
 WEIGHTS_FILE = "unlearning_layers.safetensors"
@@ -57,6 +58,16 @@ def model_fingerprint(model: nn.Module) -> str:
         digest.update(f"{name}:{tuple(p.shape)};".encode())
         digest.update(sample.numpy().tobytes())
     return digest.hexdigest()
+
+
+def quantisation_hint(manifest: dict, model: nn.Module) -> str:
+    """What to add to a fingerprint refusal when the base was loaded quantised in one run and not the
+    other (the fingerprint is of the weights as loaded: an int8 / nf4 base has its own)."""
+    trained, here = manifest.get("base_model", {}).get("quantization"), base_quantisation(model)
+    if trained == here:
+        return ""
+    return (f" (they were trained on a base loaded {f'as --dtype {trained}' if trained else 'unquantised'}, this "
+            f"one is {f'--dtype {here}' if here else 'unquantised'}: load the base as they were trained)")
 
 
 def sha256_file(path: Path) -> str:
@@ -287,7 +298,8 @@ def load_layers(model: nn.Module, artifact: Union[str, Path], check_base: bool =
         expected = manifest["base_model"]["fingerprint"]
         if model_fingerprint(model) != expected:
             raise ArtifactError(f"{artifact}: these layers were trained on a different base model "
-                                f"({manifest['base_model'].get('name_or_path')}); refusing to attach them")
+                                f"({manifest['base_model'].get('name_or_path')}); refusing to attach them"
+                                f"{quantisation_hint(manifest, model)}")
     attach_from_description(model, manifest["layers"]["sites"])
     for s in sites(model):
         for k, layer in enumerate(s.layers):
@@ -353,7 +365,8 @@ def load_layers_together(model: nn.Module, artifacts, check_base: bool = True) -
         check_layers(artifact, manifest, tensors)
         if check_base and manifest["base_model"]["fingerprint"] != fingerprint:
             raise ArtifactError(f"{artifact}: these layers were trained on a different base model "
-                                f"({manifest['base_model'].get('name_or_path')}); refusing to attach them")
+                                f"({manifest['base_model'].get('name_or_path')}); refusing to attach them"
+                                f"{quantisation_hint(manifest, model)}")
         for rec in manifest["layers"]["sites"]:
             for k, act in enumerate(rec["activations"]):
                 seen = activation.setdefault(rec["path"], (act, artifact))

@@ -22,6 +22,8 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from ..errors import ModelError
 from .atomic import atomic_directory
+from .quantised import (check_not_prequantised, check_quantised_base, is_quantised, load_kwargs,
+                        silence_int8_cast_warning)
 
 SMOLLM2_ALIASES = ("smollm2", "smollm2-135m-instruct")
 _SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -104,16 +106,31 @@ def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def load_model(spec: str, *, task: Optional[str] = None, dtype: Optional[torch.dtype] = None,
+def load_model(spec: str, *, task: Optional[str] = None, dtype=None,
                device: Optional[torch.device] = None):
-    """(model, tokenizer, name) for a local model directory or ``smollm2``; the model is in eval mode."""
+    """(model, tokenizer, name) for a local model directory or ``smollm2``; the model is in eval mode.
+
+    ``dtype``: a torch dtype (default: :func:`default_dtype`), or ``"int8"`` / ``"nf4"`` for a base
+    quantised by bitsandbytes on CUDA (see :mod:`unlearn_fast.io.quantised`; checked before anything
+    is read, the SmolLM2 conversion included)."""
+    quantised = dtype if is_quantised(dtype) else None
+    if quantised:
+        device = check_quantised_base(quantised, device)
     path = resolve(spec)
     device = torch.device(device) if device is not None else default_device()
     config = AutoConfig.from_pretrained(path, local_files_only=True)
     _drop_gguf_quantization(config)
     task = task or _task_from_config(config)
     cls = getattr(transformers, _TASK_CLASSES[task])
-    model = cls.from_pretrained(path, config=config, local_files_only=True, dtype=dtype or default_dtype(device))
+    if quantised:
+        check_not_prequantised(config, quantised)
+        if quantised == "int8":
+            silence_int8_cast_warning()
+        model = cls.from_pretrained(path, config=config, local_files_only=True,
+                                    **load_kwargs(quantised, cls, config, device))  # placed on device as it loads
+    else:
+        model = cls.from_pretrained(path, config=config, local_files_only=True, dtype=dtype or default_dtype(device))
+        model.to(device)
     tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
-    model.to(device).eval()
+    model.eval()
     return model, tokenizer, str(spec)

@@ -45,7 +45,7 @@ from .artifacts import DONE_FILES, EXPORT_FILE, check_writable, sha256_file
 from .atomic import atomic_directory
 from .hf_modelling import LAYERS_ATTRIBUTE
 
-FORMATS = ("hf",)
+FORMATS = ("hf", "adapters")  # adapters: io.adapters_export
 HF_FORMAT = "unlearn_fast.hf/1"
 MODELLING_FILE = "unlearning_layers.py"
 HF_WEIGHTS_FILE = "model.safetensors"

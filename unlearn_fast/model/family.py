@@ -90,6 +90,10 @@ def output_head(model: nn.Module, task: str) -> Head:
         return Head(torch.eye(n, device=device, dtype=torch.float32))
     emb = model.get_output_embeddings()
     config = model.config
+    if not emb.weight.is_floating_point():  # e.g. a bitsandbytes Linear8bitLt / Linear4bit: no [V, d] matrix
+        raise ModelError(f"{model.__class__.__name__}: the output head is quantised ({type(emb).__name__}, "
+                         f"{emb.weight.dtype}); the loss head reads it as a float matrix: load the base with the "
+                         "head left unquantised (load_model(..., dtype='nf4') does)")
     return Head(emb.weight, getattr(emb, "bias", None),
                 float(getattr(config, "logit_scale", None) or 1.0),
                 getattr(config, "final_logit_softcapping", None))

@@ -100,11 +100,13 @@ def row_losses(kl: Tensor, ce: Tensor, kl_coef: Tensor, ce_coef: Tensor, kl_boun
 
 @dataclass
 class LossHeadOutput:
-    """The scalar loss (differentiable) and each row's KL and CE (detached, for logging)."""
+    """The scalar loss (differentiable) and each row's KL and CE (detached, for logging); ``kl_weight``:
+    each row's effective KL coefficient (kl_coef, or 0 where the sharpening guard dropped the term)."""
 
     loss: Tensor
     kl: Tensor
     ce: Tensor
+    kl_weight: Optional[Tensor] = None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -253,8 +255,8 @@ def _loss_head_fwd(
     targets: Tensor, kl_coef: Tensor, ce_coef: Tensor, kl_bound: float, ce_bound: float, temperature: float,
     logit_scale: float, logit_softcap: Optional[float], chunk_rows: int, backend: str, want_w_grad: bool,
     sharpening_guard: bool,
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """(loss, kl, ce, grad_hidden, grad_weight); grad_weight is empty unless ``want_w_grad``."""
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """(loss, kl, ce, grad_hidden, grad_weight, kl_weight); grad_weight is empty unless ``want_w_grad``."""
     n, V = student_hidden.shape[0], weight.shape[0]
     device = student_hidden.device
     head = _Head(backend, weight, bias, logit_scale, student_hidden.dtype)
@@ -289,7 +291,7 @@ def _loss_head_fwd(
             grad_weight.addmm_(g.t(), hs.float(), alpha=logit_scale)
     # the loss from the per-row terms, once for all rows (float64 sum: N terms of mixed sign)
     total = row_losses(kl_all, ce_all, kl_weight_all, ce_coef, kl_bound, ce_bound).double().sum().float()
-    return total, kl_all, ce_all, grad_hidden, grad_weight
+    return total, kl_all, ce_all, grad_hidden, grad_weight, kl_weight_all
 
 
 @_loss_head_fwd.register_fake
@@ -299,7 +301,8 @@ def _(student_hidden, teacher_hidden, weight, bias, targets, kl_coef, ce_coef, k
     f32 = dict(dtype=torch.float32, device=student_hidden.device)
     return (student_hidden.new_empty((), **f32), student_hidden.new_empty((n,), **f32),
             student_hidden.new_empty((n,), **f32), torch.empty_like(student_hidden, memory_format=torch.contiguous_format),
-            student_hidden.new_empty(weight.shape if want_w_grad else (0,), **f32))
+            student_hidden.new_empty(weight.shape if want_w_grad else (0,), **f32),
+            student_hidden.new_empty((n,), **f32))
 
 
 def _setup_context(ctx, inputs, output):
@@ -308,7 +311,7 @@ def _setup_context(ctx, inputs, output):
     ctx.weight_dtype = inputs[2].dtype
 
 
-def _backward(ctx, grad_loss, _grad_kl, _grad_ce, _grad_gh, _grad_gw):
+def _backward(ctx, grad_loss, _grad_kl, _grad_ce, _grad_gh, _grad_gw, _grad_kw):
     grad_hidden, grad_weight = ctx.saved_tensors
     gh = grad_hidden * grad_loss.to(grad_hidden.dtype)
     gw = (grad_weight * grad_loss).to(ctx.weight_dtype) if ctx.want_w_grad else None
@@ -345,12 +348,12 @@ def _run(backend: str, student_hidden: Tensor, teacher_hidden: Optional[Tensor],
     teacher = None if teacher_hidden is None else teacher_hidden.detach()
     if bias is not None and bias.requires_grad:
         bias = bias.detach()  # the head is frozen: no bias gradient (as before)
-    loss, kl, ce, _, _ = _loss_head_fwd(
+    loss, kl, ce, _, _, kl_weight = _loss_head_fwd(
         student_hidden, teacher, weight, bias, targets.long(), kl_coef.float(), ce_coef.float(),
         float(kl_bound), float(ce_bound), float(temperature), float(logit_scale),
         None if logit_softcap is None else float(logit_softcap), int(chunk_rows), backend,
         bool(weight.requires_grad), bool(sharpening_guard))
-    return LossHeadOutput(loss, kl.detach(), ce.detach())
+    return LossHeadOutput(loss, kl.detach(), ce.detach(), kl_weight.detach())
 
 
 def eul_loss_head_reference(student_hidden, teacher_hidden, weight, targets, kl_coef, ce_coef, **kwargs) -> LossHeadOutput:

@@ -45,7 +45,7 @@ _NAME = re.compile(r"^step-(\d+)$")
 _TEMPORARY = re.compile(r"^\.(step-\d+)\.")  # a checkpoint being written (or left by a killed run)
 # settings that may change between an interrupted run and its resumption
 _FREE = ("progress", "checkpoint_dir", "checkpoint_every", "resume", "backend", "teacher_cache", "shared_trunk",
-         "shard_base", "fused_trunk", "gradient_checkpointing")
+         "shard_base", "fused_trunk", "gradient_checkpointing", "report_to", "report_dir")
 
 
 def data_fingerprint(*sets) -> str:

@@ -1,12 +1,14 @@
 """Loading and checking the forget and retain sets (files or in-memory data; no tokenisation).
 
-A set is a list of :class:`Example`. It comes from a ``.csv``, ``.jsonl`` or ``.json`` file, from
-an in-memory list (of strings, dicts or :class:`Example`), or from a ``datasets.Dataset``-like
-object (anything with ``column_names`` that iterates over dict rows; ``datasets`` is not imported).
+A set is a list of :class:`Example`. It comes from a ``.csv``, ``.jsonl``, ``.json`` or ``.parquet``
+file, a directory written by ``datasets``' ``save_to_disk`` (both read with pyarrow: the ``data``
+extra; see :mod:`unlearn_fast.train.readers`), an in-memory list (of strings, dicts or
+:class:`Example`), or a ``datasets.Dataset``-like object (anything with ``column_names`` that
+iterates over dict rows; ``datasets`` is not imported).
 
 Each example is either plain text (optionally with a classification label) or a prompt with its
-response. Which columns hold them is picked automatically (``prompt`` + ``response``, else
-``text`` and ``label``) or given explicitly with :class:`Columns`.
+response. Which columns hold them is picked automatically (``prompt`` + ``response``, else TOFU's
+``question`` + ``answer``, else ``text`` and ``label``) or given explicitly with :class:`Columns`.
 
 A prompt/response example may also carry what TOFU's truth ratio needs (see
 :func:`unlearn_fast.eval.metrics.truth_ratio`): a ``paraphrased`` correct answer and a list of
@@ -55,6 +57,10 @@ _OPTIONS = {
     "generic_prompts": "--generic-prompts-column",
     "answers": "--answers-column",
 }
+# TOFU's columns of the prompt and response, used when there are no prompt / response columns and no
+# other is given.
+QUESTION_COLUMN = "question"
+ANSWER_COLUMN = "answer"
 # TOFU's column names for the truth-ratio answers, used when present and no other is given.
 PERTURBED_COLUMN = "perturbed_answer"
 PARAPHRASED_COLUMN = "paraphrased_answer"
@@ -64,7 +70,8 @@ GENERIC_PROMPTS_COLUMN = "generic_prompts"
 ANSWERS_COLUMN = "answers"
 _PICK_COLUMNS_HINT = (
     "name them with --text-column (and --label-column for labels), "
-    "or --prompt-column and --response-column"
+    "or --prompt-column and --response-column (found without them: prompt and response, TOFU's question and "
+    "answer, text)"
 )
 
 
@@ -147,12 +154,14 @@ def load_examples(source: Any, columns: Optional[Columns] = None, *, name: str) 
     """Load and check one set of examples.
 
     Args:
-        source: a path (``str`` or ``pathlib.Path``) to a ``.csv``, ``.jsonl`` or ``.json`` file
-            (a JSON list of objects); a list of strings (each one a text example), of dicts, or of
+        source: a path (``str`` or ``pathlib.Path``) to a ``.csv``, ``.jsonl``, ``.json`` (a JSON
+            list of objects) or ``.parquet`` file, or to a directory written by ``datasets``'
+            ``save_to_disk`` (one split); a list of strings (each one a text example), of dicts, or of
             :class:`Example`; or a ``datasets.Dataset``-like object (has ``column_names`` and
             iterates over dict rows).
         columns: which columns hold the fields. Without it (or with every field None): ``prompt``
-            and ``response`` when both exist, else ``text`` (with ``label`` when that exists).
+            and ``response`` when both exist, else TOFU's ``question`` and ``answer``, else ``text``
+            (with ``label`` when that exists).
             With prompt and response columns, ``perturbed_answer`` and ``paraphrased_answer`` are
             read too when they exist (or the columns ``columns.perturbed`` / ``columns.paraphrased``
             name). Perturbed answers: a list of strings (a JSON-encoded list in a CSV cell), at
@@ -178,7 +187,8 @@ def load_examples(source: Any, columns: Optional[Columns] = None, *, name: str) 
     else:
         raise DataError(
             f"{name}: unsupported source of type {type(source).__name__}; give a path to a "
-            f".csv, .jsonl or .json file, a list of strings or dicts, or a datasets.Dataset"
+            f".csv, .jsonl, .json or .parquet file or a save_to_disk directory, a list of strings or dicts, "
+            f"or a datasets.Dataset"
         )
 
     if not table.rows:
@@ -223,6 +233,8 @@ def _pick_kind_columns(columns: Columns, table: Table, name: str) -> Columns:
     if columns == Columns():
         if "prompt" in existing and "response" in existing:
             return Columns(prompt="prompt", response="response")
+        if QUESTION_COLUMN in existing and ANSWER_COLUMN in existing:  # TOFU
+            return Columns(prompt=QUESTION_COLUMN, response=ANSWER_COLUMN)
         if "text" in existing:
             return Columns(text="text", label="label" if "label" in existing else None)
         raise DataError(

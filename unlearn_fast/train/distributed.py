@@ -52,6 +52,14 @@ from .encoding import Row
 
 # the order of the four normalisers in ``batch["term_counts"]`` (see objective.coefficients)
 COUNT_TERMS = ("retain_kl", "forget_kl", "task_loss", "forget_lm_loss")
+# figures reported beside the terms that are means over one term's positions too
+COUNTED_LIKE = {"forget_kl_coef": "forget_kl"}
+
+
+def count_index(name: str) -> Optional[int]:
+    """The index in :data:`COUNT_TERMS` of the positions ``name`` is a mean over (None: another figure)."""
+    name = COUNTED_LIKE.get(name, name)
+    return COUNT_TERMS.index(name) if name in COUNT_TERMS else None
 
 _OWNED = False  # whether this module created the process group (and so destroys it)
 
@@ -291,8 +299,8 @@ class DataParallel:
         names = list(terms)
         stats = [loss.detach().float().item() if counts else 0.0]
         for k in names:
-            if k in COUNT_TERMS:  # a mean over the term's own positions: add value × count
-                c = float(local[COUNT_TERMS.index(k)])
+            if count_index(k) is not None:  # a mean over the term's own positions: add value × count
+                c = float(local[count_index(k)])
                 stats.append(terms[k] * c if c else 0.0)
             else:  # another objective's figure: average over the ranks that ran rows
                 stats.append(terms[k] if counts else 0.0)
@@ -321,8 +329,8 @@ class DataParallel:
         reduced = {}
         for i, k in enumerate(names):
             v = tail[1 + i]
-            if k in COUNT_TERMS:
-                n = int(global_counts[COUNT_TERMS.index(k)])
+            if count_index(k) is not None:
+                n = int(global_counts[count_index(k)])
                 reduced[k] = v / n if n else float("nan")
             else:
                 reduced[k] = v / ran if ran else float("nan")

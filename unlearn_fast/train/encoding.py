@@ -13,6 +13,13 @@ Which positions carry which term:
   LM term of a forgotten example, use the paper's masked-word view: "Predict the masked word: …"
   with one word replaced by a sentinel, the target being that word.
 - classification: one output position, the label (no LM term: there is no LM head).
+
+Chat templates (causal LMs, ``prompt`` + ``response`` rows): with ``chat_template="auto"`` (the default)
+and a tokenizer that has a chat template, a row is the conversation user turn = prompt, assistant
+turn = response, exactly as ``tokenizer.apply_chat_template`` writes and tokenises it; the targets are
+the answer's tokens only (:func:`chat_ids`). Generation (evaluation) starts from the same template with
+the generation prompt (:func:`chat_prompt`), i.e. from the tokens that precede the answer in training.
+``"none"``: raw prompt + response, as without a template. ``text`` rows are never templated.
 """
 
 from __future__ import annotations
@@ -23,12 +30,13 @@ from typing import Optional, Sequence
 
 import torch
 
-from ..errors import DataError
+from ..errors import DataError, UnlearnFastError
 from ..model.family import context_length
 from ..ops.loss_head import IGNORE_INDEX
 from .data import Example
 
 MASKED_WORD_PREFIX = "Predict the masked word: "
+CHAT_TEMPLATE_MODES = ("auto", "none")  # --chat-template: use the tokenizer's template if it has one / never
 
 
 @dataclass
@@ -52,10 +60,108 @@ def _join(prompt: str, response: str) -> tuple[str, str]:
     return prompt, response
 
 
-def _causal(example: Example, tokenizer, forget: bool, max_length: int) -> Row:
+def check_chat_template_mode(mode: str) -> str:
+    """``mode`` if it is one of :data:`CHAT_TEMPLATE_MODES`, else a one-line error."""
+    if mode not in CHAT_TEMPLATE_MODES:
+        raise UnlearnFastError(f"chat template must be one of {', '.join(CHAT_TEMPLATE_MODES)}, got {mode!r}")
+    return mode
+
+
+def uses_chat_template(tokenizer, mode: str = "auto") -> bool:
+    """Are prompt/response rows encoded through the tokenizer's chat template? ``auto``: when it has one."""
+    return check_chat_template_mode(mode) == "auto" and bool(getattr(tokenizer, "chat_template", None))
+
+
+def chat_template_record(tokenizer, mode: str, task: str) -> dict:
+    """What a manifest records of the encoding: ``mode`` as asked and whether prompt/response rows went
+    through the tokenizer's chat template (``applied``; only causal LMs use one)."""
+    return {"mode": mode, "applied": task == "causal" and uses_chat_template(tokenizer, mode)}
+
+
+def mode_of_record(record) -> Optional[str]:
+    """The ``mode`` that encodes rows as a manifest's :func:`chat_template_record` says they were:
+    ``auto`` where the template was applied, ``none`` where not (and for a manifest written before chat
+    templates, which has no record: its rows were raw); None when the record is unreadable."""
+    if record is None:
+        return "none"
+    if isinstance(record, dict) and isinstance(record.get("applied"), bool):
+        return "auto" if record["applied"] else "none"
+    return None
+
+
+def chat_conversation(prompt: str, response: Optional[str] = None) -> list[dict]:
+    """The conversation a prompt/response row is: user turn = prompt, assistant turn = response (None:
+    the user turn alone). Both are stripped: surrounding whitespace separates prompt and response in a
+    raw row (" Paris" after "The capital of France is"), and means nothing inside a turn."""
+    turns = [{"role": "user", "content": prompt.strip()}]
+    return turns if response is None else turns + [{"role": "assistant", "content": response.strip()}]
+
+
+def _render(tokenizer, conversation: list[dict], generation_prompt: bool) -> str:
+    try:
+        return tokenizer.apply_chat_template(conversation, tokenize=False, add_generation_prompt=generation_prompt)
+    except Exception as err:  # a Jinja error, or a template that refuses these roles
+        raise ValueError(f"the chat template cannot write this conversation: {err}") from None
+
+
+def chat_prompt(tokenizer, prompt: str) -> str:
+    """The text a model generates the answer to ``prompt`` after: the chat template of the user turn with
+    the generation prompt (``add_generation_prompt=True``). Tokenise it without special tokens (the
+    template writes its own)."""
+    return _render(tokenizer, chat_conversation(prompt), True)
+
+
+def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def chat_ids(tokenizer, prompt: str, response: str) -> tuple[list[int], int, int]:
+    """(ids, start, end): the conversation user = ``prompt``, assistant = ``response``
+    (:func:`chat_conversation`) as ``tokenizer.apply_chat_template`` tokenises it, and the answer's
+    tokens ``ids[start:end]``.
+
+    The answer is found in the text, after the generation prompt (the template must write the user turn
+    with the generation prompt as the start of the whole conversation, or training and generation would
+    see different prompts), and mapped to the tokens that overlap it: a token that runs over the answer's
+    edge counts as the answer's.
+
+    The template's closing tokens after the answer (``<|im_end|>``, a newline, an end-of-sequence token)
+    are inputs, not targets. They say that the turn ended, not what the answer was: pushing them away on
+    a forgotten row would teach the model not to end its turn, on any subject; and the answer loss that
+    evaluation reports then measures the same tokens with and without a template. Retained rows keep
+    them under the KL term (it covers every position of a retained row), so the model still ends its
+    turns as the teacher does.
+    """
+    text = _render(tokenizer, chat_conversation(prompt, response), False)
+    head = chat_prompt(tokenizer, prompt)
+    if not text.startswith(head):
+        raise ValueError("the chat template does not start the conversation with the user turn and generation "
+                         "prompt it generates from (use chat template 'none')")
+    answer = response.strip()
+    first = text.find(answer, len(head))
+    if not answer or first < 0:
+        raise ValueError("the chat template does not write the response as given (use chat template 'none')")
+    ids = _ids(tokenizer, text, special=False)
+    start = _common_prefix(_ids(tokenizer, text[:first], special=False), ids)
+    upto = _ids(tokenizer, text[:first + len(answer)], special=False)
+    end = _common_prefix(upto, ids)
+    if end < len(upto):  # the answer's last token is merged with the text after it
+        end += 1
+    return ids, start, end
+
+
+def _causal(example: Example, tokenizer, forget: bool, max_length: int, chat: bool = False) -> Row:
+    end = None  # where the targets stop (None: at the end of the row)
     if example.text is not None:
         full = _ids(tokenizer, example.text)
         first_target = 1
+    elif chat:
+        full, first_target, end = chat_ids(tokenizer, example.prompt, example.response)
     else:
         prompt, response = _join(example.prompt, example.response)
         p = _ids(tokenizer, prompt)
@@ -63,11 +169,12 @@ def _causal(example: Example, tokenizer, forget: bool, max_length: int) -> Row:
         first_target = len(p)
     ids = full[:max_length]
     n = len(ids)
+    stop = n if end is None else min(end, n)
     if first_target >= n and len(full) > n:
         raise ValueError(f"the prompt alone fills the max length of {max_length} tokens")
-    if n < 2 or first_target >= n:
+    if n < 2 or first_target >= stop:
         raise ValueError("no target tokens")
-    targets = [ids[t + 1] if t + 1 >= first_target else IGNORE_INDEX for t in range(n - 1)] + [IGNORE_INDEX]
+    targets = [ids[t + 1] if first_target <= t + 1 < stop else IGNORE_INDEX for t in range(n - 1)] + [IGNORE_INDEX]
     if forget:
         kl_mask = [tgt != IGNORE_INDEX for tgt in targets]
     else:
@@ -125,18 +232,22 @@ def _classification(example: Example, label: Optional[int], tokenizer, forget: b
 
 
 def encode(examples: Sequence[Example], tokenizer, task: str, *, forget: bool, name: str,
-           model_config=None, labels: Optional[Sequence[int]] = None, max_length: int = 256) -> list[Row]:
+           model_config=None, labels: Optional[Sequence[int]] = None, max_length: int = 256,
+           chat_template: str = "auto") -> list[Row]:
     """Rows for every example of one set; a row that tokenises to nothing is a DataError.
 
     Rows are cut at ``max_length`` tokens, itself capped at the model's context as ``model_config``
     and the tokenizer tell it (:func:`fit_max_length`); a cut row has ``truncated`` set.
+    ``chat_template`` (causal LMs, prompt/response rows): ``auto`` encodes them through the tokenizer's
+    chat template where it has one (:func:`chat_ids`), ``none`` as raw prompt + response.
     """
     max_length = fit_max_length(max_length, model_config, tokenizer)
+    chat = task == "causal" and uses_chat_template(tokenizer, chat_template)
     rows: list[Row] = []
     for i, example in enumerate(examples):
         try:
             if task == "causal":
-                rows.append(_causal(example, tokenizer, forget, max_length))
+                rows.append(_causal(example, tokenizer, forget, max_length, chat))
             elif task == "seq2seq":
                 rows.extend(_seq2seq(example, tokenizer, model_config, forget, max_length))
             else:

@@ -47,6 +47,9 @@ from .encoding import collate
 from .step_cache import StepCache
 
 TERMS = ("retain_kl", "forget_kl", "task_loss", "forget_lm_loss")
+# reported beside the terms: the forget KL's weight as applied, forget_kl_weight × the share of the
+# forgotten KL positions the sharpening guard kept (a mean over the forget KL's positions, like it)
+FORGET_KL_COEF = "forget_kl_coef"
 FORGET_TARGETS = ("bound", "heldout")
 
 
@@ -262,5 +265,22 @@ class EULObjective:
         full_ce[rows_used] = out.ce.cpu()
         full_kl[kl_off] = float("nan")  # a switched-off term is not computed: report it absent,
         full_ce[ce_off] = float("nan")  # not as 0
+        if cache is not None:
+            cache.end_step()
+        terms = term_means(batch, full_kl, full_ce)
+        terms[FORGET_KL_COEF] = self._forget_kl_coef(batch, rows_used, out.kl_weight)
+        return out.loss, terms
 
-        return out.loss, term_means(batch, full_kl, full_ce)
+    def _forget_kl_coef(self, batch: dict, rows_used: Tensor, kl_weight: Optional[Tensor]) -> float:
+        """The forget KL's weight as the loss head applied it: ``forget_kl_weight`` times the share of
+        the batch's forgotten KL positions where the sharpening guard kept the term (NaN: none)."""
+        positions = (batch["kl_mask"] & batch["forget"].unsqueeze(1).expand_as(batch["kl_mask"])).cpu()
+        if not bool(positions.any()):
+            return float("nan")
+        weight = float(self.config.forget_kl_weight)
+        if not weight or kl_weight is None:
+            return weight
+        full = torch.zeros(rows_used.shape, dtype=torch.float32)
+        full[rows_used.cpu()] = kl_weight.float().cpu()
+        kept = (full[positions] != 0).double().mean()
+        return float(weight * kept)

@@ -5,11 +5,19 @@ attaches the unlearning layers there; :func:`estimate` then gives the peak memor
 step, by part, and its FLOPs; :func:`fit` finds settings that fit a memory budget. The parts, at
 the step's peak (what is alive at once):
 
-- **frozen base**: every base parameter in the model's dtype (tied embeddings once).
+- **frozen base**: every base parameter in the model's dtype (tied embeddings once). A quantised base
+  (``--dtype int8`` / ``nf4``, bitsandbytes on CUDA) holds each linear map of the blocks quantised (int8: a
+  byte a weight + an fp32 scale a row; nf4: half a byte a weight + an fp32 absmax a block of 64) and the
+  rest (embeddings, norms, biases, the output head) in bf16, the dtype of its activations too (see
+  :func:`base_bytes`).
 - **unlearning layers + AdamW**: fp32 weights, gradients and AdamW's two moments (16 bytes a weight).
 - **teacher cache**: the teacher's final hidden states of every training row, and, when the lowest
   unlearning layer is above block 0, the trunk output replayed in later epochs (see
-  :mod:`unlearn_fast.train.step_cache`); ``rows × max_length × d`` each, in the model's dtype.
+  :mod:`unlearn_fast.train.step_cache`); ``rows × max_length × d`` each, in the model's dtype. Only
+  ``--teacher-cache gpu`` (the default) keeps them on the device; ``cpu`` keeps them in CPU memory (on
+  a CPU run that is the same memory), ``disk`` in a memory-mapped file (:attr:`Plan.elsewhere` says
+  where, and how much); ``off`` keeps nothing between steps: the step's trunk outputs (N·d, shared by
+  teacher and student) when the layers start above block 0, and the teacher's forward every step.
 - **loss-head chunk**: the fp32 student and teacher logits of one chunk (``2 × 512 × V × 4`` bytes),
   held for the whole run (see :func:`unlearn_fast.ops.loss_head.reused_logit_buffers`).
 - **activations for the backward**: what the student's forward keeps for the backward pass, only
@@ -36,8 +44,8 @@ freed blocks at once). tests/train/test_plan.py checks the estimate against a me
 FLOPs per optimiser step: matmuls count 2·m·n·k; frozen blocks backpropagate only to their input
 (one forward's matmul FLOPs, twice the attention's); gradient checkpointing adds one forward of
 the trained blocks; the loss head makes three [N × V] products (teacher logits, student logits,
-the hidden-state gradient). ``step`` is the steady state (teacher cached, trunk replayed);
-``first_epoch`` adds the teacher's full forward.
+the hidden-state gradient). ``step`` is the steady state (teacher cached, trunk replayed; with
+``--teacher-cache off`` the teacher's forward every step); ``first_epoch`` adds the teacher's full forward.
 """
 
 from __future__ import annotations
@@ -52,10 +60,12 @@ from torch import nn
 from transformers import AutoModelForCausalLM
 
 from ..errors import UnlearnFastError
+from ..io.quantised import BASE_QUANTISATIONS, quantised_bytes, quantised_linears
 from ..model.family import detect_task
 from ..model.fused_trunk import RMS_NORM_CLASSES, SWIGLU_MLP_CLASSES
 from ..model.layers import LayerConfig, attach, block_lists, sites
 from ..ops.loss_head import DEFAULT_CHUNK_ROWS
+from .step_cache import teacher_cache_mode
 
 GiB = 1024 ** 3
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
@@ -85,6 +95,7 @@ class ModelShape:
     sites: list[tuple[int, int]]  # (block index, rank) of each unlearning layer
     mlp: str  # "swiglu" (fused), "gated" (unfused gated) or "plain" (one activation, e.g. GELU)
     fused_norms: bool
+    linears: list[tuple[int, int]] = field(default_factory=list)  # (out, in) of each map a quantised base quantises
 
     @property
     def lowest(self) -> int:
@@ -110,6 +121,7 @@ def model_shape(config, layers: Optional[LayerConfig] = None) -> ModelShape:
         raise UnlearnFastError(f"{type(model).__name__}: expected one stack of transformer blocks")
     blocks = lists[0][1]
     base_params = sum(p.numel() for p in model.parameters())  # parameters() yields tied weights once
+    linears = quantised_linears(model)  # before the unlearning layers (linear maps too) are attached
     attach(model, layers or LayerConfig())
     block = blocks[0]
     mlp = _mlp_kind(block)
@@ -122,7 +134,7 @@ def model_shape(config, layers: Optional[LayerConfig] = None) -> ModelShape:
         vocab=int(config.vocab_size), params=base_params,
         block_params=sum(p.numel() for p in block.parameters() if not p.requires_grad),  # not the layers
         sites=[(s.block, layer.down.out_features) for s in sites(model) for layer in s.layers],
-        mlp=mlp, fused_norms=any(type(m).__name__ in RMS_NORM_CLASSES for m in block.modules()))
+        mlp=mlp, fused_norms=any(type(m).__name__ in RMS_NORM_CLASSES for m in block.modules()), linears=linears)
 
 
 def _intermediate(config, d: int) -> int:
@@ -153,15 +165,32 @@ class PlanSettings:
     device: str = "cpu"
     dtype: Optional[str] = None  # default: float32 on the CPU, bfloat16 on a GPU
     rows: int = 1000  # training rows (forget + retain) the teacher cache holds
-    teacher_cache: bool = True
+    teacher_cache: str = "gpu"  # where it is kept: gpu / cpu / disk / off (True / False: gpu / off)
 
     def __post_init__(self):
         if self.batch_size < 1 or self.max_length < 1 or self.accumulate < 1 or self.rows < 0:
             raise UnlearnFastError("batch size, max length and accumulate must be ≥ 1, rows ≥ 0")
         if self.dtype is None:
             self.dtype = "bfloat16" if self.device.startswith("cuda") else "float32"
-        if self.dtype not in DTYPE_BYTES:
-            raise UnlearnFastError(f"dtype must be one of {', '.join(DTYPE_BYTES)}, got {self.dtype!r}")
+        if self.dtype not in DTYPE_BYTES and self.dtype not in BASE_QUANTISATIONS:
+            raise UnlearnFastError(f"dtype must be one of {', '.join([*DTYPE_BYTES, *BASE_QUANTISATIONS])}, "
+                                   f"got {self.dtype!r}")
+        if self.dtype in BASE_QUANTISATIONS and not self.device.startswith("cuda"):
+            raise UnlearnFastError(f"--dtype {self.dtype} is a base quantised by bitsandbytes on CUDA: "
+                                   "plan it with --device cuda")
+        self.teacher_cache = teacher_cache_mode(self.teacher_cache)
+
+    @property
+    def cache_place(self) -> str:
+        """Where the teacher cache lives: "device", "CPU memory", "disk" or "nowhere" (off)."""
+        if self.teacher_cache == "gpu" or (self.teacher_cache == "cpu" and not self.device.startswith("cuda")):
+            return "device"
+        return {"cpu": "CPU memory", "disk": "disk", "off": "nowhere"}[self.teacher_cache]
+
+    @property
+    def compute_dtype(self) -> str:
+        """The dtype of the activations and the unquantised weights: bf16 under a quantised base."""
+        return "bfloat16" if self.dtype in BASE_QUANTISATIONS else self.dtype
 
     @property
     def rows_per_forward(self) -> int:
@@ -174,6 +203,8 @@ class PlanSettings:
             out += f" --accumulate {self.accumulate}"
         if self.gradient_checkpointing:
             out += " --gradient-checkpointing"
+        if self.teacher_cache != "gpu":
+            out += f" --teacher-cache {self.teacher_cache}"
         return out
 
 
@@ -185,6 +216,7 @@ class Plan:
     settings: PlanSettings
     parts: dict[str, int] = field(default_factory=dict)
     flops: dict[str, float] = field(default_factory=dict)
+    elsewhere: dict[str, int] = field(default_factory=dict)  # bytes kept off the device, by place
 
     @property
     def total(self) -> int:
@@ -196,7 +228,7 @@ class Plan:
 
 def estimate(shape: ModelShape, settings: PlanSettings) -> Plan:
     """Peak memory of one training step, by part, and the FLOPs of one optimiser step."""
-    s, b = settings, DTYPE_BYTES[settings.dtype]
+    s, b = settings, DTYPE_BYTES[settings.compute_dtype]
     d, ff, V, T = shape.hidden, shape.intermediate, shape.vocab, settings.max_length
     attention = shape.heads * shape.head_dim
     n = s.rows_per_forward * T  # tokens of one forward pass
@@ -221,17 +253,34 @@ def estimate(shape: ModelShape, settings: PlanSettings) -> Plan:
         saved, working = 0, teacher
     else:
         working = max(loss_head, backward)
-    cache_tables = (1 if s.teacher_cache else 0) + (1 if shape.lowest > 0 else 0)
+    cache = s.rows * T * d * b * (1 + (1 if shape.lowest > 0 else 0))  # the teacher's table + the trunk's
+    if s.teacher_cache == "off":  # only the step's trunk outputs, shared by teacher and student
+        on_device, elsewhere = (n * d * b if shape.lowest > 0 else 0), {}
+    elif s.cache_place == "device":
+        on_device, elsewhere = cache, {}
+    else:
+        on_device, elsewhere = 0, {s.cache_place: cache}
     parts = {
-        "frozen base": shape.params * b,
+        "frozen base": base_bytes(shape, s.dtype),
         "unlearning layers + AdamW": shape.layer_params * 16,
-        "teacher cache": s.rows * T * d * b * cache_tables,
+        "teacher cache": on_device,
         "loss-head chunk": 2 * chunk * V * 4,
         "activations for the backward": saved,
         "working memory": working,
         "CUDA context": CUDA_CONTEXT if s.device.startswith("cuda") else 0,
     }
-    return Plan(shape, settings, parts, _flops(shape, settings, n))
+    return Plan(shape, settings, parts, _flops(shape, settings, n), elsewhere)
+
+
+def base_bytes(shape: ModelShape, dtype: str) -> int:
+    """Bytes of the frozen base's weights in ``dtype``: a float dtype's size for every parameter; for
+    a quantised base (int8 / nf4), the quantised linear maps (:func:`unlearn_fast.io.quantised.quantised_bytes`)
+    plus every other parameter in bf16."""
+    if dtype not in BASE_QUANTISATIONS:
+        return shape.params * DTYPE_BYTES[dtype]
+    quantised = sum(rows * cols for rows, cols in shape.linears)
+    return (sum(quantised_bytes(rows, cols, dtype) for rows, cols in shape.linears)
+            + (shape.params - quantised) * DTYPE_BYTES["bfloat16"])
 
 
 def _flops(shape: ModelShape, s: PlanSettings, n: int) -> dict[str, float]:
@@ -248,19 +297,27 @@ def _flops(shape: ModelShape, s: PlanSettings, n: int) -> dict[str, float]:
     head = 3 * 2.0 * n * d * shape.vocab
     step = forward + backward + recompute + head
     teacher = shape.layers * (matmul + attention)
+    if s.teacher_cache == "off":  # the teacher runs every step
+        return {"step": s.accumulate * (step + teacher), "first_epoch": s.accumulate * (step + teacher)}
     return {"step": s.accumulate * step, "first_epoch": s.accumulate * (step + teacher)}
 
 
 def candidates(shape: ModelShape, settings: PlanSettings) -> list[Plan]:
     """Settings with the same rows per optimiser step, cheapest first: the whole batch per forward,
     then half of it (twice as many micro-batches), ... down to one row; each without gradient
-    checkpointing, then with it. The last one is every saving at once."""
+    checkpointing, then with it; and, where the teacher cache is on the device (``gpu``), each with
+    it there, then moved off it (to pinned CPU memory on a GPU, to a memory-mapped file on a CPU: one
+    batch's rows copied back per step). The last one is every saving at once."""
     total_rows = settings.batch_size * settings.accumulate
+    caches = [settings.teacher_cache]
+    if settings.cache_place == "device":
+        caches.append("cpu" if settings.device.startswith("cuda") else "disk")
     out, size = [], total_rows
     while True:
         for checkpointing in (False, True):
-            out.append(estimate(shape, replace(settings, batch_size=size, accumulate=math.ceil(total_rows / size),
-                                               gradient_checkpointing=checkpointing)))
+            for cache in caches:
+                out.append(estimate(shape, replace(settings, batch_size=size, accumulate=math.ceil(total_rows / size),
+                                                   gradient_checkpointing=checkpointing, teacher_cache=cache)))
         if size == 1:
             return out
         size = math.ceil(size / 2)

@@ -1,7 +1,15 @@
 """Reading a data source into a table of raw rows, before columns are picked (see
 :mod:`unlearn_fast.train.data`): ``.csv`` (with a header), ``.jsonl``, ``.json`` (a list of objects),
-an in-memory list, or a ``datasets.Dataset``-like object. Every problem raises
-:class:`~unlearn_fast.errors.DataError` naming the set, the source and the row or line."""
+``.parquet``, a directory written by ``datasets``' ``save_to_disk``, an in-memory list, or a
+``datasets.Dataset``-like object. Every problem raises :class:`~unlearn_fast.errors.DataError` naming
+the set, the source and the row or line.
+
+Parquet files and ``save_to_disk`` directories are read with pyarrow alone (the ``data`` extra), not
+with ``datasets``: Parquet needs pyarrow anyway, and a ``save_to_disk`` directory is Arrow stream files
+listed in its ``state.json`` (``_data_files``, in row order; the selected rows already written out),
+which pyarrow reads as they are; ``datasets`` would add pandas, dill, multiprocess, fsspec and a
+pinned huggingface-hub to read the same bytes.
+"""
 
 from __future__ import annotations
 
@@ -13,7 +21,12 @@ from typing import Any, NamedTuple, Optional
 
 from ..errors import DataError
 
-SUPPORTED_SUFFIXES = (".csv", ".jsonl", ".json")
+SUPPORTED_SUFFIXES = (".csv", ".jsonl", ".json", ".parquet")
+SUPPORTED_HINT = ("supported: .csv, .jsonl (one JSON object per line), .json (a JSON list of objects), .parquet, "
+                  "or a directory written by datasets' save_to_disk")
+SAVED_STATE = "state.json"  # save_to_disk: the Arrow files of a Dataset, in order
+SAVED_SPLITS = "dataset_dict.json"  # save_to_disk of a DatasetDict: one folder per split
+PYARROW_INSTALL = "pip install 'unlearn-fast[data]' (or pip install pyarrow)"
 CSV_HEADER_HINT = "the first line of a CSV file must be a header naming the columns"
 
 
@@ -32,13 +45,12 @@ def read_file(path: Path, name: str) -> Table:
     if not path.exists():
         raise DataError(f"{name}: file not found: {path}")
     if path.is_dir():
-        raise DataError(f"{name}: {path} is a directory; give the path of a .csv, .jsonl or .json file")
+        return read_saved_dataset(path, name)
     suffix = path.suffix.lower()
     if suffix not in SUPPORTED_SUFFIXES:
-        raise DataError(
-            f"{name}: unsupported file type {suffix or '(no extension)'!r} for {path}; "
-            f"supported: .csv, .jsonl (one JSON object per line), .json (a JSON list of objects)"
-        )
+        raise DataError(f"{name}: unsupported file type {suffix or '(no extension)'!r} for {path}; {SUPPORTED_HINT}")
+    if suffix == ".parquet":
+        return read_parquet(path, name)
     try:
         # utf-8-sig reads plain UTF-8 too, and drops a byte-order mark when there is one.
         with open(path, encoding="utf-8-sig", newline="") as f:
@@ -51,6 +63,77 @@ def read_file(path: Path, name: str) -> Table:
         raise DataError(f"{name}: {path} is not UTF-8 text ({e.reason} at byte {e.start}); save it as UTF-8") from None
     except OSError as e:
         raise DataError(f"{name}: cannot read {path}: {e.strerror or e}") from None
+
+
+def _pyarrow(name: str, path: Path, what: str):
+    """pyarrow, or a one-line DataError saying how to install it."""
+    try:
+        import pyarrow
+        import pyarrow.ipc  # noqa: F401  (save_to_disk's Arrow stream files)
+        import pyarrow.parquet  # noqa: F401
+    except ImportError:
+        raise DataError(f"{name}: reading {what} ({path}) needs pyarrow: {PYARROW_INSTALL}") from None
+    return pyarrow
+
+
+def read_parquet(path: Path, name: str) -> Table:
+    pa = _pyarrow(name, path, "a Parquet file")
+    try:
+        table = pa.parquet.read_table(path)
+    except (OSError, ValueError, pa.ArrowException) as e:
+        raise DataError(f"{name}: {path} is not a readable Parquet file: {_first_line(e)}") from None
+    return Table(list(table.column_names), table.to_pylist(), str(path), None)
+
+
+def read_saved_dataset(path: Path, name: str) -> Table:
+    """The rows of a ``datasets.Dataset`` written by ``save_to_disk`` (one split)."""
+    if (path / SAVED_SPLITS).is_file():
+        splits = _json_file(path / SAVED_SPLITS, name).get("splits") or []
+        example = f", e.g. {path / str(splits[0])}" if splits else ""
+        raise DataError(f"{name}: {path} holds a DatasetDict of several splits ({', '.join(map(str, splits))}); "
+                        f"give one split's directory{example}")
+    if not (path / SAVED_STATE).is_file():
+        raise DataError(f"{name}: {path} is a directory but not a dataset written by datasets' save_to_disk (no "
+                        f"{SAVED_STATE}); {SUPPORTED_HINT}")
+    state = _json_file(path / SAVED_STATE, name)
+    files = state.get("_data_files")
+    if not isinstance(files, list) or not all(isinstance(f, dict) and isinstance(f.get("filename"), str) for f in files):
+        raise DataError(f"{name}: {path / SAVED_STATE} does not list the dataset's files (_data_files); save the "
+                        f"dataset again with save_to_disk")
+    pa = _pyarrow(name, path, "a save_to_disk directory")
+    columns: list = []
+    rows: list = []
+    for entry in files:
+        file = path / entry["filename"]
+        if Path(entry["filename"]).name != entry["filename"] or not file.is_file():
+            raise DataError(f"{name}: {path} lacks {entry['filename']!r}, a data file its {SAVED_STATE} lists")
+        try:
+            with open(file, "rb") as f:
+                table = pa.ipc.open_stream(f).read_all()
+        except (OSError, ValueError, pa.ArrowException) as e:
+            raise DataError(f"{name}: {file} is not a readable Arrow file: {_first_line(e)}") from None
+        columns = columns or list(table.column_names)
+        rows += table.to_pylist()
+    shown = state.get("_format_columns")  # set_format(columns=...): the dataset shows those columns only
+    if isinstance(shown, list) and not state.get("_output_all_columns"):
+        columns = [c for c in columns if c in shown]
+        rows = [{c: row.get(c) for c in columns} for row in rows]
+    return Table(columns, rows, str(path), None)
+
+
+def _first_line(error: Exception) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
+def _json_file(path: Path, name: str) -> dict:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise DataError(f"{name}: cannot read {path}: {e}") from None
+    if not isinstance(data, dict):
+        raise DataError(f"{name}: {path} holds {value_kind(data)}, not the JSON object save_to_disk writes")
+    return data
 
 
 def read_csv(f, origin: str, name: str) -> Table:

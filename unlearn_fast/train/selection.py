@@ -62,12 +62,14 @@ def _target_logprobs(model: nn.Module, task: str, rows: Sequence[Row], pad: int,
 
 @torch.no_grad()
 def select_subject_tokens(model: nn.Module, tokenizer, task: str, examples: Sequence[Example], rows: Sequence[Row],
-                          margin: float, max_length: int = 256, batch_size: int = 16) -> tuple[list[Row], Selection]:
+                          margin: float, max_length: int = 256, batch_size: int = 16,
+                          chat_template: str = "auto") -> tuple[list[Row], Selection]:
     """The forget rows with only their subject-specific response tokens left as forget targets.
 
     ``rows`` are ``examples`` encoded as the forget set (one row per example). The teacher is
     ``model`` with any unlearning layers switched off. Returns the rows to train on (rows without
     generic prompts unchanged, rows with no subject-specific token dropped) and what was kept.
+    ``chat_template``: as the rows were encoded (:func:`unlearn_fast.train.encoding.encode`).
     """
     wanted = [i for i, e in enumerate(examples) if e.generic_prompts]
     if not wanted:
@@ -80,9 +82,10 @@ def select_subject_tokens(model: nn.Module, tokenizer, task: str, examples: Sequ
     generic = [Example(prompt=g, response=examples[i].response) for i in wanted for g in examples[i].generic_prompts]
     # not cut at max_length: the real row may be cut inside its response, and its first response
     # tokens are compared with the same tokens after each generic prompt (response tokens are
-    # encoded on their own, so they are the same after any prompt)
+    # encoded on their own, so they are the same after any prompt; with a chat template they follow
+    # the same assistant header)
     generic_rows = encode(generic, tokenizer, task, forget=True, name="forget set (generic prompts)",
-                          model_config=model.config, max_length=1 << 30)
+                          model_config=model.config, max_length=1 << 30, chat_template=chat_template)
     pad = pad_token_id(tokenizer)
     was_training = model.training
     model.eval()

@@ -26,9 +26,11 @@ from ..ops.backend import BACKENDS, ENV_VAR
 from ..ops.loss_head import reused_logit_buffers
 from . import checkpoint
 from .batching import batches, count_steps
-from .distributed import COUNT_TERMS, DataParallel, all_gather_floats, split_rows, term_counts
+from .distributed import DataParallel, all_gather_floats, count_index, is_main, split_rows, term_counts
 from .encoding import Row, collate, token_count
 from .objective import TERMS, EULObjective
+from .reporting import check_reporter, reporting, start_step, step_values
+from .step_cache import teacher_cache_mode
 
 SCHEDULES = ("alternate", "mixed")
 # AdamW moves every weight by about lr on each step, whatever the gradient's scale: above 1 a weight moves
@@ -56,7 +58,10 @@ class TrainConfig:
     seed: int = 0
     max_steps: Optional[int] = None
     progress: bool = True
-    teacher_cache: bool = True
+    # where the teacher's per-row outputs (and the replayed trunk) are kept: gpu (the training device),
+    # cpu (pinned with CUDA), disk (a memory-mapped temporary file) or off (the teacher runs every
+    # step); see unlearn_fast.train.step_cache. True / False mean gpu / off. Same losses in every mode.
+    teacher_cache: str = "gpu"
     shared_trunk: bool = True
     bucket_by_length: bool = True
     backend: str = "auto"
@@ -77,6 +82,10 @@ class TrainConfig:
     # micro-batches per optimiser step: each step takes ``batch_size * accumulate`` rows (per set in
     # the mixed schedule) and runs them ``batch_size`` at a time; the update is the larger batch's
     accumulate: int = 1
+    # per-step figures for tensorboard or wandb (see unlearn_fast.train.reporting), into report_dir
+    # (default: runs/unlearn-<timestamp>)
+    report_to: str = "none"
+    report_dir: Optional[str] = None
 
     def __post_init__(self):
         if self.schedule not in SCHEDULES:
@@ -104,6 +113,10 @@ class TrainConfig:
             raise UnlearnFastError(f"checkpoint interval must be ≥ 0 steps, got {self.checkpoint_every}")
         if self.resume and not self.checkpoint_dir:
             raise UnlearnFastError("resume needs a checkpoint directory (--checkpoint-dir)")
+        self.teacher_cache = teacher_cache_mode(self.teacher_cache)
+        check_reporter(self.report_to)  # a missing package is said now, before anything is loaded
+        if self.report_dir is not None:
+            self.report_dir = str(self.report_dir)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -184,14 +197,17 @@ def train(model: nn.Module, objective: EULObjective, forget: Sequence[Row], reta
     training stops there instead and the result's ``damage`` says why.
     With ``log`` (a print-like callable): one line before the first step says what trains and for how
     many steps (:func:`training_line`), and one after :data:`ESTIMATE_AFTER` steps the time left.
+    With ``config.report_to`` (``tensorboard`` / ``wandb``) every step's loss, terms, learning rate,
+    tokens/s and memory go to ``config.report_dir`` (see :mod:`unlearn_fast.train.reporting`; rank 0).
     """
     with compiled_blocks(model, config.compile_blocks), fused_trunk(model, config.fused_trunk), \
-            checkpointed_blocks(model, config.gradient_checkpointing), reused_logit_buffers():
-        return _train(model, objective, forget, retain, config, pad_id, params, allow_damage, log)
+            checkpointed_blocks(model, config.gradient_checkpointing), reused_logit_buffers(), \
+            reporting(config.report_to, config.report_dir, config.to_dict(), is_main(), log) as reporter:
+        return _train(model, objective, forget, retain, config, pad_id, params, allow_damage, log, reporter)
 
 
 def _train(model, objective, forget, retain, config: TrainConfig, pad_id: int, params,
-           allow_damage: bool, log=None) -> TrainResult:
+           allow_damage: bool, log=None, reporter=None) -> TrainResult:
     torch.manual_seed(config.seed)
     params = unlearning_parameters(model) if params is None else list(params)
     if not params:
@@ -227,6 +243,9 @@ def _train(model, objective, forget, retain, config: TrainConfig, pad_id: int, p
             break
         if step < first:  # finished before the checkpoint we resumed from
             continue
+        if reporter is not None:
+            step_start = time.perf_counter()
+            start_step(device)
         rows, counted = (group, True) if dp is None else dp.share(group)
         # with several ranks or micro-batches, each term is normalised by its positions in the whole
         # group (the global batch): the parts' gradients then add up to the whole batch's
@@ -245,12 +264,16 @@ def _train(model, objective, forget, retain, config: TrainConfig, pad_id: int, p
                 damage = _not_finite(value, step, terms)
                 break
         torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
+        lr = scheduler.get_last_lr()[0]  # this step's
         optimizer.step()
         scheduler.step()
         tokens += step_tokens
         elapsed = time.perf_counter() - start
         record = {"step": step + 1, "loss": value, **terms}
         history.append(record)
+        if reporter is not None:
+            reporter.log(step + 1, step_values(value, terms, lr, step_tokens, time.perf_counter() - step_start,
+                                               device))
         found = weight_damage(params, limit)
         if found is not None:  # stop before a checkpoint keeps the damaged weights
             damage = f"the weights left the sane range at step {step + 1}: {found}"
@@ -287,13 +310,17 @@ def _accumulate(objective, rows: Sequence[Row], counted: bool, group: Sequence[R
     gradients add up in ``.grad``. Returns the summed loss (detached), the terms over all the rows
     and their tokens.
 
-    Terms normalised by ``global_counts`` (the EUL objective's) make each micro-batch's loss its part
-    of the whole batch's; another objective's micro-batch means are averaged. Under ``shard_base``
+    Terms normalised by ``global_counts`` (the EUL objective's), or by the counts an objective's
+    ``group_counts(group)`` gives (passed as ``batch["group_counts"]``; the baselines'), make each
+    micro-batch's loss its part of the whole batch's; another objective's micro-batch means are averaged. Under ``shard_base``
     every rank runs all its micro-batches, an empty one as a zero-weight forward of a borrowed row
     (the sharded forwards must run in lockstep); otherwise empty ones are skipped."""
     micros = [split_rows(rows, config.accumulate, i) for i in range(config.accumulate)]
     micros = micros if config.shard_base else [m for m in micros if m]
     scale = 1.0 if getattr(objective, "global_normalisers", False) else 1.0 / len(micros)
+    # an objective with its own normalisers (the baselines') counts them on the whole group
+    counts_of = getattr(objective, "group_counts", None)
+    group_counts = counts_of(group) if global_counts is not None and counts_of is not None else None
     total, parts, tokens, terms = None, [], 0, {}
     for micro in micros:
         live = counted and bool(micro)
@@ -301,6 +328,8 @@ def _accumulate(objective, rows: Sequence[Row], counted: bool, group: Sequence[R
         batch = {k: v.to(device) for k, v in collate(micro, pad_id).items()}
         if global_counts is not None:
             batch["term_counts"] = global_counts
+        if group_counts is not None:
+            batch["group_counts"] = group_counts
         with forced_backend(config.backend):
             loss, terms = objective(batch, micro)
         loss = loss * scale if scale != 1.0 else loss
@@ -319,7 +348,8 @@ def _combine_terms(parts: Sequence[tuple[dict, Sequence[Row]]]) -> dict:
     counts = [term_counts(rows).double() for _, rows in parts]
     out = {}
     for name in parts[0][0]:
-        values = [(terms[name], float(c[COUNT_TERMS.index(name)]) if name in COUNT_TERMS else 1.0)
+        index = count_index(name)
+        values = [(terms[name], float(c[index]) if index is not None else 1.0)
                   for (terms, _), c in zip(parts, counts)]
         values = [(v, n) for v, n in values if n and not math.isnan(v)]
         weight = sum(n for _, n in values)
