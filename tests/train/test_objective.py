@@ -177,7 +177,8 @@ def trained_like(arch, seed=1, scale=0.5):
 def compare(model, task, batch, **weights):
     """Loss and gradients of EULObjective vs the hand computation; returns the hand parts."""
     config = ObjectiveConfig(**{"alpha": 0.0, "lam": 0.0, "gamma": 0.0, "forget_kl_weight": 0.0,
-                                "sharpening_guard": False, **weights})
+                                "sharpening_guard": False, "forget_margin": None, "retain_output_weight": 0.0,
+                                **weights})
     objective = EULObjective(model, task, config)
     params = [p for p in model.parameters() if p.requires_grad]
     loss, terms = objective(batch)
@@ -185,7 +186,8 @@ def compare(model, task, batch, **weights):
     # the subject margin and the forget target act before training (unlearn_fast.train.selection,
     # objective.heldout_bounds), not in a batch's loss
     kwargs = {k: v for k, v in config.to_dict().items()
-              if k not in ("sharpening_guard", "subject_margin", "forget_target")}
+              if k not in ("sharpening_guard", "subject_margin", "forget_target", "forget_margin",
+                           "retain_output_weight")}
     kwargs["gamma"] = objective.gamma
     expected, parts = hand_loss(model, task, batch, **kwargs)
     want_grads = torch.autograd.grad(expected, params, allow_unused=True)
@@ -303,7 +305,7 @@ def test_each_term_switches_off_with_weight_zero(arch, off):
 def test_all_weights_zero_is_a_zero_loss():
     model = trained_like("llama")
     batch = objective_batch("llama")
-    config = ObjectiveConfig(alpha=0.0, lam=0.0, gamma=0.0, forget_kl_weight=0.0)
+    config = ObjectiveConfig(alpha=0.0, lam=0.0, gamma=0.0, forget_kl_weight=0.0, retain_output_weight=0.0)
     loss, _ = EULObjective(model, "causal", config)(batch)
     assert loss.item() == 0.0
 
@@ -369,7 +371,8 @@ def test_gamma_on_classification_is_negated_label_ce_capped():
     assert loss.item() == pytest.approx(-0.4 * float(values.clamp(max=bound).mean()), rel=1e-5, abs=1e-7)
     # one small descent step on the layers raises the (uncapped) forgotten rows' label loss
     objective = EULObjective(model, "classification", ObjectiveConfig(alpha=0.0, lam=0.0, gamma=1.0,
-                                                                      forget_kl_weight=0.0))
+                                                                      forget_kl_weight=0.0, forget_margin=None,
+                                                                      retain_output_weight=0.0))
     params = [p for p in model.parameters() if p.requires_grad]
     loss, terms = objective(batch)
     grads = torch.autograd.grad(loss, params)
@@ -380,7 +383,8 @@ def test_gamma_on_classification_is_negated_label_ce_capped():
     assert after["forget_lm_loss"] > terms["forget_lm_loss"]
     # every forgotten row above the cap: a constant loss, no gradient
     capped = EULObjective(model, "classification", ObjectiveConfig(alpha=0.0, lam=0.0, gamma=1.0,
-                                                                   forget_kl_weight=0.0, forget_lm_bound=1e-6))
+                                                                   forget_kl_weight=0.0, forget_lm_bound=1e-6,
+                                                                   forget_margin=None, retain_output_weight=0.0))
     loss, _ = capped(batch)
     assert loss.item() == pytest.approx(-1e-6, abs=1e-9)
     assert all(torch.count_nonzero(g) == 0 for g in torch.autograd.grad(loss, params, allow_unused=True)

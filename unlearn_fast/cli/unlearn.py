@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import argparse
+import math
+from dataclasses import replace
+from typing import Optional
+
 from ..api import example_labels, unlearn
 from ..errors import UnlearnFastError
 from ..eval.baselines import METHODS, RMU_COEFFICIENT, BaselineConfig, run_baseline, save_baseline
@@ -20,6 +25,19 @@ from .common import (
     add_chat_template_arg, block_spec, data_columns, general_text, load_base, model_verb_parser, quiet_progress
 )
 from .config_file import resolved
+
+
+def margin_value(text: str) -> Optional[float]:
+    """``--forget-margin``: a number of nats >= 0, or ``off``."""
+    if text.strip().lower() == "off":
+        return None
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of nats or 'off', got {text!r}") from None
+    if not (math.isfinite(value) and value >= 0):
+        raise argparse.ArgumentTypeError(f"expected a number of nats >= 0 or 'off', got {text!r}")
+    return value
 
 
 def add_parser(sub) -> None:
@@ -56,6 +74,17 @@ def add_parser(sub) -> None:
                         "unlikely (the two given bounds are then ignored; see docs/design.md). With --heldout, a "
                         "warning reports over-forgetting: forget accuracy after below the lower end of the "
                         "95 %% Wilson interval of the held-out accuracy after")
+    g.add_argument("--forget-margin", type=margin_value, default=1.0, metavar="NATS|off",
+                   help="stop pushing a forgotten answer token once it is NATS below the model's most likely "
+                        "other token, i.e. once the model would no longer give it, as a model that never saw "
+                        "the fact would not (default 1; 'off': push up to the bounds)")
+    g.add_argument("--retain-output-weight", type=float, default=10.0, metavar="MU",
+                   help="weight of a penalty on the mean square of what the unlearning layers add on "
+                        "retained inputs (default 10; 0: off): the layers then act on the forgotten facts "
+                        "rather than on every fact of their kind (measured on the demo: see docs/design.md)")
+    g.add_argument("--paper-objective", action="store_true",
+                   help="the paper's objective exactly: no sharpening guard, no forget margin, no "
+                        "retained-output penalty (overrides --forget-margin and --retain-output-weight)")
     g.add_argument("--subject-margin", type=float, default=1.0, metavar="NATS",
                    help="forgotten examples with generic prompts (--generic-prompts-column): forget only the "
                         "response tokens the real subject makes this many nats likelier than the generic "
@@ -178,7 +207,10 @@ def run(args) -> int:
     objective = ObjectiveConfig(alpha=args.alpha, lam=args.lam, gamma=args.gamma,
                                 forget_kl_weight=args.forget_kl_weight, forget_kl_bound=args.forget_kl_bound,
                                 forget_lm_bound=args.forget_lm_bound, temperature=args.temperature,
-                                subject_margin=args.subject_margin, forget_target=args.forget_target)
+                                subject_margin=args.subject_margin, forget_target=args.forget_target,
+                                forget_margin=args.forget_margin, retain_output_weight=args.retain_output_weight)
+    if args.paper_objective:
+        objective = replace(objective, sharpening_guard=False, forget_margin=None, retain_output_weight=0.0)
     training = TrainConfig(epochs=args.epochs, schedule=args.schedule, batch_size=args.batch_size, lr=args.lr,
                            max_steps=args.max_steps, seed=args.seed, progress=not args.no_progress,
                            checkpoint_dir=args.checkpoint_dir, checkpoint_every=args.checkpoint_every,

@@ -86,6 +86,7 @@ class UnlearningSite(nn.Module):
         self.layers = nn.ModuleList()
         self.enabled = True
         self.observer = None  # set while Gram matrices are collected (see fusion statistics)
+        self.recorder = None  # a list while recording_outputs is open: (site, output added) per forward
 
     def forward(self, *args, **kwargs):
         out = self.base(*args, **kwargs)
@@ -97,8 +98,11 @@ class UnlearningSite(nn.Module):
         activations = {layer.activation for layer in ls}
         if len(activations) != 1:
             raise ModelError(f"{self.path}: layers with different activations cannot run together")
-        return unlearning_layer(out, [l.down.weight for l in ls], [l.down.bias for l in ls],
-                                [l.up.weight for l in ls], [l.up.bias for l in ls], ls[0].activation)
+        result = unlearning_layer(out, [l.down.weight for l in ls], [l.down.bias for l in ls],
+                                  [l.up.weight for l in ls], [l.up.bias for l in ls], ls[0].activation)
+        if self.recorder is not None:
+            self.recorder.append((self, result - out))
+        return result
 
 
 # How to find a block's feed-forward output, per structural pattern. Each entry: a test on the
@@ -234,6 +238,21 @@ def layers_disabled(model: nn.Module) -> Iterator[None]:
     finally:
         for s, was in states:
             s.enabled = was
+
+
+@contextlib.contextmanager
+def recording_outputs(model: nn.Module) -> Iterator[list[tuple[UnlearningSite, torch.Tensor]]]:
+    """While open, every enabled site's forward appends ``(site, what its layers added)`` to the
+    yielded list (differentiable w.r.t. the layers; the objective's retained-output penalty)."""
+    found = sites(model)
+    outputs: list = []
+    for site in found:
+        site.recorder = outputs
+    try:
+        yield outputs
+    finally:
+        for site in found:
+            site.recorder = None
 
 
 def unlearning_parameters(model: nn.Module) -> list[nn.Parameter]:

@@ -53,7 +53,7 @@ from .encoding import Row
 # the order of the four normalisers in ``batch["term_counts"]`` (see objective.coefficients)
 COUNT_TERMS = ("retain_kl", "forget_kl", "task_loss", "forget_lm_loss")
 # figures reported beside the terms that are means over one term's positions too
-COUNTED_LIKE = {"forget_kl_coef": "forget_kl"}
+COUNTED_LIKE = {"forget_kl_coef": "forget_kl", "retain_output": "retain_kl"}
 
 
 def count_index(name: str) -> Optional[int]:

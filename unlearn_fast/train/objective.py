@@ -31,6 +31,7 @@ forget — instead of a fixed 5 nats.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import asdict, dataclass, replace
 from typing import Optional, Sequence
@@ -40,13 +41,17 @@ from torch import Tensor, nn
 
 from ..errors import ModelError
 from ..model.family import Head, output_head, output_states
-from ..model.layers import layers_disabled
+from ..model.layers import layers_disabled, recording_outputs
 from ..ops import eul_loss_head
 from ..ops.loss_head import IGNORE_INDEX
 from .encoding import collate
 from .step_cache import StepCache
 
 TERMS = ("retain_kl", "forget_kl", "task_loss", "forget_lm_loss")
+# reported beside the terms: the retained-output penalty (mean over the retain KL's positions of the mean
+# square of what the unlearning layers add to the feed-forward output, summed over the layers' sites)
+RETAIN_OUTPUT = "retain_output"
+GATE_CHUNK_ROWS = 64  # forget-margin positions per logits chunk: 12 MiB of fp32 logits at V = 49152
 # reported beside the terms: the forget KL's weight as applied, forget_kl_weight × the share of the
 # forgotten KL positions the sharpening guard kept (a mean over the forget KL's positions, like it)
 FORGET_KL_COEF = "forget_kl_coef"
@@ -74,10 +79,26 @@ class ObjectiveConfig:
     # "bound": the bounds above as given; "heldout": both bounds derived from the teacher's loss on a
     # held-out set before training (heldout_bounds; needs unlearn(heldout=...))
     forget_target: str = "bound"
+    # stop pushing a forgotten target token once it is this many nats below the student's most likely
+    # other token (where a model that never saw the fact would have it: not its answer); None: off
+    forget_margin: Optional[float] = 1.0
+    # weight of the retained-output penalty: keeps the layers' output near zero on retained inputs, so
+    # they act on what is forgotten rather than on every fact of its kind; 0: off
+    retain_output_weight: float = 10.0
 
     def __post_init__(self):
         if self.forget_target not in FORGET_TARGETS:
             raise ModelError(f"forget_target must be one of {', '.join(FORGET_TARGETS)} (got {self.forget_target!r})")
+        if self.forget_margin is not None and not (math.isfinite(self.forget_margin) and self.forget_margin >= 0):
+            raise ModelError(f"forget_margin must be a number of nats >= 0, or None to switch it off "
+                             f"(got {self.forget_margin})")
+        if not (math.isfinite(self.retain_output_weight) and self.retain_output_weight >= 0):
+            raise ModelError(f"retain_output_weight must be >= 0 (got {self.retain_output_weight})")
+
+    @classmethod
+    def paper(cls, **overrides) -> "ObjectiveConfig":
+        """The paper's objective: no sharpening guard, no forget margin, no retained-output penalty."""
+        return cls(**{"sharpening_guard": False, "forget_margin": None, "retain_output_weight": 0.0, **overrides})
 
     def resolved_gamma(self, task: str) -> float:
         """The weight γ of the maximised forget term for ``task``.
@@ -174,6 +195,39 @@ def term_means(batch: dict, kl: Tensor, ce: Tensor) -> dict[str, float]:
     return out
 
 
+def retained_output_penalty(batch: dict, added: Sequence[tuple]) -> tuple[Tensor, float]:
+    """The retained-output penalty: for each site's recorded output (what its layers added, [B, T, d]),
+    the mean square over d at the retained rows' positions, averaged over those positions and summed
+    over the sites; and its value as a float (for logging).
+
+    Where a site's positions are the output positions (decoder-only models, a seq2seq decoder), they
+    are the retain KL's, normalised like it (``batch["term_counts"]`` under data parallelism or
+    accumulation). A classifier's sites (one output position per row) count each retained row's mean over
+    its tokens, normalised by the retained rows (the retain KL's count there too). A seq2seq encoder's
+    sites are left out: no global count of their positions exists, and the decoder's sites see the forgotten
+    and retained answers."""
+    kept = ~batch["forget"]
+    kl_positions = batch["kl_mask"] & kept.unsqueeze(1).expand_as(batch["kl_mask"])
+    totals = batch.get("term_counts")
+    n = int(totals[0]) if totals is not None else int(kl_positions.sum())
+    total = None
+    for site, delta in added:
+        square = delta.float().pow(2).mean(-1)  # [B, T]
+        if tuple(square.shape) == tuple(kl_positions.shape):
+            part = (square * kl_positions.to(square.device)).sum()
+        elif kl_positions.shape[1] == 1 and site.stack != "encoder":  # a classifier: per-row means
+            mask = batch["attention_mask"].to(square.device).float()
+            rows = (square * mask).sum(1) / mask.sum(1).clamp(min=1)
+            part = (rows * kl_positions[:, 0].to(square.device)).sum()
+        else:
+            continue
+        total = part if total is None else total + part.to(total.device)
+    if total is None or not n:
+        return torch.zeros(()), float("nan")
+    total = total / n
+    return total, float(total.detach())
+
+
 def _output_lengths(task: str, batch: dict) -> list[int]:
     if task == "classification":
         return [1] * batch["input_ids"].shape[0]
@@ -241,8 +295,14 @@ class EULObjective:
         kl_off, ce_off = kl_coef == 0, ce_coef == 0  # switched off by the config (not by the guard)
         cache = self.cache if rows is not None else None
         teacher = self._teacher(batch, rows, cache) if bool((kl_coef != 0).any()) else None
-        student = self._student(batch, rows, cache)
+        penalty_on = self.config.retain_output_weight > 0 and not bool(batch["forget"].all())
+        with (recording_outputs(self.model) if penalty_on else contextlib.nullcontext([])) as added:
+            student = self._student(batch, rows, cache)
         device = student.device
+        if self.config.forget_margin is not None:  # gated positions stay in the head, with weight 0
+            done = self._forgotten_positions(batch, student)
+            kl_coef = kl_coef.masked_fill(done, 0.0)
+            ce_coef = ce_coef.masked_fill(done, 0.0)
         sel = rows_used.to(device)
         out = eul_loss_head(
             student[sel],
@@ -269,7 +329,40 @@ class EULObjective:
             cache.end_step()
         terms = term_means(batch, full_kl, full_ce)
         terms[FORGET_KL_COEF] = self._forget_kl_coef(batch, rows_used, out.kl_weight)
-        return out.loss, terms
+        loss = out.loss
+        if self.config.retain_output_weight > 0:  # the same figures on every rank (NaN: no retained rows)
+            terms[RETAIN_OUTPUT] = float("nan")
+        if penalty_on:
+            penalty, terms[RETAIN_OUTPUT] = retained_output_penalty(batch, added)
+            loss = loss + self.config.retain_output_weight * penalty.to(loss.device)
+        return loss, terms
+
+    def _forgotten_positions(self, batch: dict, student: Tensor) -> Tensor:
+        """[B, T_out] bool: forgotten target positions whose target the student already puts
+        ``forget_margin`` nats below its most likely other token (no gradient; a few rows of logits)."""
+        positions = batch["forget"].unsqueeze(1).expand_as(batch["targets"]) & (batch["targets"] != IGNORE_INDEX)
+        done = torch.zeros_like(positions)
+        if not bool(positions.any()):
+            return done
+        head = self.head
+        states = student[positions.to(student.device)]
+        targets = batch["targets"][positions].to(states.device)
+        flags = []
+        with torch.no_grad():
+            for start in range(0, states.shape[0], GATE_CHUNK_ROWS):  # a chunk of rows of logits at a time
+                logits = states[start: start + GATE_CHUNK_ROWS].float() @ head.weight.float().t()
+                if head.bias is not None:
+                    logits = logits + head.bias.float()
+                logits = logits * head.logit_scale
+                if head.logit_softcap is not None:
+                    logits = head.logit_softcap * torch.tanh(logits / head.logit_softcap)
+                t = targets[start: start + GATE_CHUNK_ROWS].unsqueeze(-1)
+                target_logit = logits.gather(-1, t).squeeze(-1)
+                best_other = logits.scatter_(-1, t, float("-inf")).max(-1).values
+                # log-probabilities differ as the logits do: no softmax needed
+                flags.append(target_logit < best_other - self.config.forget_margin)
+        done[positions] = torch.cat(flags).cpu()
+        return done
 
     def _forget_kl_coef(self, batch: dict, rows_used: Tensor, kl_weight: Optional[Tensor]) -> float:
         """The forget KL's weight as the loss head applied it: ``forget_kl_weight`` times the share of
