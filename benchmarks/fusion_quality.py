@@ -81,7 +81,7 @@ def main() -> None:
     print(f"{len(known)} capitals known; {args.requests} requests x {args.per_request}; retain {len(retain)}; "
           f"held out {len(held_out)}", flush=True)
 
-    config = dict(layers=LayerConfig(rank=16, blocks=8), objective=ObjectiveConfig(gamma=1.0),
+    config = dict(layers=LayerConfig(rank=16, blocks=8), objective=ObjectiveConfig(gamma=1.0, forget_margin=None, retain_output_weight=0.0),
                   training=TrainConfig(epochs=args.epochs, batch_size=8, lr=2e-3, progress=False),
                   evaluate=False, overwrite=True, model_name=name, log=lambda *a: None, chat_template=chat)
     jobs = [(f"req{i}", f) for i, f in enumerate(forget_sets)]

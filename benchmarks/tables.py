@@ -65,12 +65,29 @@ BENCHMARKS = {
                     "(mixed schedule), 1000 rows cached; cache off device: the teacher cache kept in CPU memory; "
                     "tflop step: FLOPs per optimiser step (steady state); fits: within 40 / 80 GiB; the "
                     "`plan --memory` rows: the cheapest settings that fit."),
+    "savings_cpu": (MAIN, "Memory savings measured on the CPU, SmolLM2-135M (`savings.py`)",
+                    "One short `unlearn` run per configuration, each in a fresh process, in one run: fp32, the "
+                    "demo's sets, rank 16 on the top 8 blocks. peak mib: measured peak RSS above the loaded model "
+                    "during training; plan mib: `unlearn-fast plan`'s estimate for the same settings minus the "
+                    "frozen base (at T = the longest row: an upper bound); s per step: mean ± sd over the steps "
+                    "after the first, later epochs: after the first epoch (teacher cache and trunk replayed); "
+                    "x base: ratio to the baseline of the same run; plan gflop step: the plan's FLOPs per "
+                    "optimiser step."),
     "cpu_breakdown": (MAIN, "Breakdowns from scratch harnesses and profiles",
                       "Figures measured outside this folder's scripts (no command re-runs them)."),
     "fictitious_facts": (UNLEARNING, "Scenario 1: fictitious facts (`fictitious_facts.py`)",
-                         "Accuracies in %; forget delta pts: forget accuracy minus the retrained model's; "
-                         "losses in nats; forget quality: KS p-value against the retrained model "
-                         "(truth ratio / loss); time: update time (retrain: training the gold standard)."),
+                         "Columns of the newest run: open-unlearning's metric names (underscores shown as "
+                         "spaces): forget quality: KS p-value (scipy ks_2samp) of the forget truth ratios "
+                         "against the retrained model's; model utility: harmonic mean of the retain set's "
+                         "Q_A_Prob, Q_A_ROUGE and Truth_Ratio and the test set's Q_A_Prob_normalised, "
+                         "Q_A_ROUGE and Truth_Ratio (as TOFU scores its real-authors and world-facts sets); "
+                         "forget truth ratio: closer_to_1_better; privleak: "
+                         "relative Min-K % MIA AUC gap to the retrained model (%, 0 = as retraining); forget "
+                         "Q A Prob / ROUGE: length-normalised answer probability, ROUGE-L recall (stemmed); "
+                         "extraction strength: on the forget set. Accuracies in %; forget delta pts: forget "
+                         "accuracy minus the retrained model's; time: update time in s (retrain: training the "
+                         "gold standard). Undated runs: the earlier definitions (truth ratio averaged "
+                         "arithmetically, hand-written KS; forget quality tr / loss, MIA AUCs, losses in nats)."),
     "fictitious_facts_sweep": (UNLEARNING, "Scenario 1: recipe sweeps",
                                "Means over 3 seeds: forget accuracy minus the retrained model's (points) "
                                "and retain accuracy (%)."),

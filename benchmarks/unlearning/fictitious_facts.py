@@ -16,13 +16,17 @@
    (1 %, 5 %, 10 % of the people) a *retrained* model is trained the same way (same recipe, same seed)
    on all but the forget people: the gold standard.
 4. Every method unlearns the forget people from a copy of the original: EUL (unlearning layers) and the
-   baselines of :mod:`unlearn_fast.eval.baselines` (finetune, ga, graddiff, npo; full-parameter, as in the
-   paper), all through the same trainer.
+   baselines of :mod:`unlearn_fast.eval.baselines` (finetune, ga, graddiff, npo, simnpo, rmu, idk;
+   full-parameter, as in the paper and open-unlearning), all through the same trainer. A method that
+   fails is reported (stdout, the results notes) and the others go on.
 5. Each model is evaluated by :func:`unlearn_fast.eval.per_example.evaluate_model`: forget / retain sets (the
    people's four facts), *test* = the rule facts of the held-out people (the model can only answer them by
    generalising), membership inference = forget set against the held-out people's facts; forget quality
    and gaps against the retrained model. One report per fraction (JSON, Table-2 Markdown, PNG) under
-   ``--out``, and a summary table on stdout.
+   ``--out``, and a summary table on stdout whose columns (and the results file's keys) are
+   open-unlearning's metric names: forget_quality (KS p-value of the forget truth ratios against the
+   retrained model's), model_utility, forget_truth_ratio, privleak, forget_Q_A_Prob, forget_Q_A_ROUGE,
+   extraction_strength, beside the accuracies and the update time.
 
 The retrained model cannot know a forgotten person's memorised facts, but still answers their rule fact:
 its forget accuracy is ≈ (1 + 3·chance)/4, so forgetting *too much* shows as a forget accuracy below it.
@@ -37,6 +41,7 @@ import json
 import random
 import sys
 import time
+import traceback
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -101,7 +106,7 @@ class Person:
 
 EUL_SUBJECT_EPOCHS = 40
 GENERIC_PER_FACT = 3  # generic prompts per forgotten fact
-EUL_METHODS = ("eul", "eul-subject")  # run with every --eul-seeds seed
+EUL_METHODS = ("eul", "eul-subject", "eul-margin", "eul-subject-margin")  # run with every --eul-seeds seed
 KINDS = ("city", "colour", "pet", "workplace")  # facts() order; the workplace follows a rule
 
 
@@ -232,10 +237,25 @@ def method_settings(quick: bool) -> dict:
         # (γ = 2, lr 2e-2, 40 epochs; chosen on the 10 % split) does not cost the retained facts
         "eul-subject": {"layers": LayerConfig(rank=16), "objective": ObjectiveConfig(gamma=2.0, lam=2.0),
                         "training": t(EUL_SUBJECT_EPOCHS, 2e-2)},
+        # eul's and eul-subject's recipes with the demo's forget margin (1 nat) and retained-output penalty
+        # (10), opt-in since issue 27: they kept the demo's held-out facts but left these barely forgotten
+        "eul-margin": {"layers": LayerConfig(rank=16),
+                       "objective": ObjectiveConfig(gamma=1.0, lam=2.0, forget_margin=1.0, retain_output_weight=10.0),
+                       "training": t(20, 1e-2)},
+        "eul-subject-margin": {"layers": LayerConfig(rank=16),
+                               "objective": ObjectiveConfig(gamma=2.0, lam=2.0, forget_margin=1.0,
+                                                            retain_output_weight=10.0),
+                               "training": t(EUL_SUBJECT_EPOCHS, 2e-2)},
         "finetune": {"config": BaselineConfig(method="finetune"), "training": t(5, 1e-4)},
         "ga": {"config": BaselineConfig(method="ga"), "training": t(10, 3e-4, 2)},
         "graddiff": {"config": BaselineConfig(method="graddiff"), "training": t(5, 1e-4)},
         "npo": {"config": BaselineConfig(method="npo"), "training": t(5, 1e-4)},
+        # issue 24's baselines, at the other full-parameter baselines' recipe (5 epochs, lr 1e-4), the
+        # library's defaults otherwise: SimNPO β 0.1, margin 0; RMU on the middle block (here the
+        # second of two), coefficient 20; IdK with the shipped refusals; α = γ = 1
+        "simnpo": {"config": BaselineConfig(method="simnpo"), "training": t(5, 1e-4)},
+        "rmu": {"config": BaselineConfig(method="rmu"), "training": t(5, 1e-4)},
+        "idk": {"config": BaselineConfig(method="idk"), "training": t(5, 1e-4)},
     }
 
 
@@ -251,94 +271,70 @@ def add_kind_accuracies(figures: dict, model, tokenizer, forget: list[Example], 
     figures["forget_accuracy_rule"] = sum(rule) / len(rule)
 
 
-SUMMARY_COLUMNS = ("| Forget | Method | Test acc | Retain acc | Forget acc (Δ retrained) | memorised / rule | "
-                   "Forget LM loss | Forget truth ratio | MIA AUC LOSS | MIA AUC Min-K%++ | Forget quality (TR / loss) | "
-                   "Time (s) |")
+# the results rows' keys (the README table's columns): open-unlearning's metric names
+# (unlearn_fast.eval.report.OPEN_UNLEARNING_COLUMNS), then accuracies (%) and the update time
+COLUMNS = ("forget_quality", "model_utility", "forget_truth_ratio", "privleak", "forget_Q_A_Prob",
+           "forget_Q_A_ROUGE", "extraction_strength", "forget_acc_pct", "forget_delta_pts", "retain_acc_pct",
+           "test_acc_pct", "forget_memorised_pct", "forget_rule_pct", "time_s")
 
 
-def summary_rows(fraction: float, report: dict) -> list[str]:
-    """The summary table's rows for one split, plus a mean ± sd row where EUL ran with several seeds."""
-    gold = report["methods"]["retrain"]["figures"]["forget_accuracy"]
-    rows = []
+def method_row(m: dict, gold: float) -> dict:
+    """One method's figures under COLUMNS' names (None where a figure does not apply)."""
+    f, vs = m["figures"], m.get("vs_retrained") or {}
+    sig = results_io.sig
 
     def pct(v):
-        return f"{100 * v:.1f}"
+        return None if v is None else round(100 * v, 1)
 
-    for name, m in report["methods"].items():
-        f = m["figures"]
-        vs = m.get("vs_retrained") or {}
-        rows.append(f"| {fraction:.0%} | {name} | {pct(f['test_accuracy'])} | {pct(f['retain_accuracy'])} | "
-                    f"{pct(f['forget_accuracy'])} ({100 * (f['forget_accuracy'] - gold):+.1f}) | "
-                    f"{pct(f['forget_accuracy_memorised'])} / {pct(f['forget_accuracy_rule'])} | "
-                    f"{f['forget_lm_loss']:.2f} | {f.get('forget_truth_ratio', float('nan')):.2f} | "
-                    f"{f['mia']['mia_loss']:.2f} | {f['mia']['mia_min_k_plus_plus']:.2f} | "
-                    + (f"{vs.get('forget_quality_truth_ratio', float('nan')):.3g} / {vs['forget_quality_loss']:.3g} | "
-                       if "forget_quality_loss" in vs else "– | ")
-                    + (f"{m['time_s']:.1f}" if m.get("time_s") is not None else "–") + " |")
-    for method in EUL_METHODS:
-        rows += _seed_mean_row(fraction, report, method, gold)
-    return rows
+    return {"forget_quality": sig(vs.get("forget_quality"), 3), "model_utility": sig(f.get("model_utility"), 3),
+            "forget_truth_ratio": sig(f.get("forget_truth_ratio"), 3), "privleak": sig(vs.get("privleak"), 3),
+            "forget_Q_A_Prob": sig(f.get("forget_Q_A_Prob"), 3), "forget_Q_A_ROUGE": sig(f.get("forget_Q_A_ROUGE"), 3),
+            "extraction_strength": sig(f.get("forget_extraction_strength"), 3),
+            "forget_acc_pct": pct(f["forget_accuracy"]), "forget_delta_pts": round(100 * (f["forget_accuracy"] - gold), 1),
+            "retain_acc_pct": pct(f["retain_accuracy"]), "test_acc_pct": pct(f["test_accuracy"]),
+            "forget_memorised_pct": pct(f["forget_accuracy_memorised"]), "forget_rule_pct": pct(f["forget_accuracy_rule"]),
+            "time_s": None if m.get("time_s") is None else round(m["time_s"], 1)}
 
 
 def results_rows(fraction: float, report: dict) -> list[dict]:
-    """The summary table's rows as results-file rows (accuracies in %, mean ± sd rows as {"mean", "sd"})."""
+    """A row per method ({"split", "method", *COLUMNS}), plus a mean ± sd row (cells {"mean", "sd"}) per EUL
+    method that ran with several seeds."""
     gold = report["methods"]["retrain"]["figures"]["forget_accuracy"]
-    sig = results_io.sig
-
-    rows = []
-    for name, m in report["methods"].items():
-        f, vs = m["figures"], m.get("vs_retrained") or {}
-        rows.append({"split": f"{fraction:.0%}", "method": name, "test_acc_pct": round(100 * f["test_accuracy"], 1),
-                     "retain_acc_pct": round(100 * f["retain_accuracy"], 1),
-                     "forget_acc_pct": round(100 * f["forget_accuracy"], 1),
-                     "forget_delta_pts": round(100 * (f["forget_accuracy"] - gold), 1),
-                     "forget_memorised_pct": round(100 * f["forget_accuracy_memorised"], 1),
-                     "forget_rule_pct": round(100 * f["forget_accuracy_rule"], 1),
-                     "forget_lm_loss": round(f["forget_lm_loss"], 3),
-                     "forget_truth_ratio": sig(f.get("forget_truth_ratio"), 3),
-                     "mia_auc_loss": round(f["mia"]["mia_loss"], 3),
-                     "mia_auc_min_k_pp": round(f["mia"]["mia_min_k_plus_plus"], 3),
-                     "forget_quality_tr": sig(vs.get("forget_quality_truth_ratio"), 3),
-                     "forget_quality_loss": sig(vs.get("forget_quality_loss"), 3),
-                     "time_s": None if m.get("time_s") is None else round(m["time_s"], 1)})
+    split = f"{fraction:.0%}"
+    rows = [{"split": split, "method": name, **method_row(m, gold)} for name, m in report["methods"].items()]
     for method in EUL_METHODS:
-        seeds = [m["figures"] for n, m in report["methods"].items() if n == method or n.startswith(method + "[")]
+        seeds = [method_row(m, gold) for n, m in report["methods"].items() if n == method or n.startswith(method + "[")]
         if len(seeds) < 2:
             continue
-
-        def ms(get, scale=1.0, digits=3):
-            values = torch.tensor([scale * get(f) for f in seeds], dtype=torch.float64)
-            return {"mean": round(values.mean().item(), digits), "sd": round(values.std().item(), digits)}
-
-        forget = sum(f["forget_accuracy"] for f in seeds) / len(seeds)
-        rows.append({"split": f"{fraction:.0%}", "method": f"{method}, mean ± sd of {len(seeds)} seeds",
-                     "test_acc_pct": ms(lambda f: f["test_accuracy"], 100, 1),
-                     "retain_acc_pct": ms(lambda f: f["retain_accuracy"], 100, 1),
-                     "forget_acc_pct": ms(lambda f: f["forget_accuracy"], 100, 1),
-                     "forget_delta_pts": round(100 * (forget - gold), 1),
-                     "forget_memorised_pct": ms(lambda f: f["forget_accuracy_memorised"], 100, 1),
-                     "forget_rule_pct": ms(lambda f: f["forget_accuracy_rule"], 100, 1),
-                     "forget_lm_loss": ms(lambda f: f["forget_lm_loss"]),
-                     "forget_truth_ratio": ms(lambda f: f.get("forget_truth_ratio", float("nan"))),
-                     "mia_auc_loss": ms(lambda f: f["mia"]["mia_loss"]),
-                     "mia_auc_min_k_pp": ms(lambda f: f["mia"]["mia_min_k_plus_plus"])})
+        row = {"split": split, "method": f"{method}, mean ± sd of {len(seeds)} seeds"}
+        for key in COLUMNS:
+            values = [r[key] for r in seeds if r[key] is not None]
+            if len(values) == len(seeds):
+                t = torch.tensor(values, dtype=torch.float64)
+                if key.endswith(("_pct", "_pts", "_s")):
+                    row[key] = {"mean": round(t.mean().item(), 1), "sd": round(t.std().item(), 1)}
+                else:  # significant digits: p-values are small
+                    row[key] = {"mean": results_io.sig(t.mean().item(), 3), "sd": results_io.sig(t.std().item(), 2)}
+            else:
+                row[key] = None
+        rows.append(row)
     return rows
 
 
-def _seed_mean_row(fraction: float, report: dict, method: str, gold: float) -> list[str]:
-    """A mean ± sd row over the seeds ``method`` ran with (none if it ran with one)."""
-    seeds = [m["figures"] for n, m in report["methods"].items() if n == method or n.startswith(method + "[")]
-    rows = []
-    if len(seeds) > 1:
-        def ms(key, scale=100.0, sub=None):
-            values = torch.tensor([scale * (f[key] if sub is None else f[key][sub]) for f in seeds], dtype=torch.float64)
-            return f"{values.mean():.{1 if scale == 100 else 2}f} ± {values.std():.{1 if scale == 100 else 2}f}"
-        forget = torch.tensor([f["forget_accuracy"] for f in seeds], dtype=torch.float64)
-        rows.append(f"| {fraction:.0%} | **{method}, mean ± sd of {len(seeds)} seeds** | {ms('test_accuracy')} | "
-                    f"{ms('retain_accuracy')} | {ms('forget_accuracy')} ({100 * (forget.mean() - gold):+.1f}) | "
-                    f"{ms('forget_accuracy_memorised')} / {ms('forget_accuracy_rule')} | {ms('forget_lm_loss', 1)} | "
-                    f"{ms('forget_truth_ratio', 1)} | {ms('mia', 1, 'mia_loss')} | {ms('mia', 1, 'mia_min_k_plus_plus')} | – | – |")
-    return rows
+def markdown_rows(rows: list[dict]) -> list[str]:
+    """The summary table (header first) of results rows; mean ± sd rows in bold."""
+    def cell(v):
+        if v is None:
+            return "–"
+        if isinstance(v, dict):
+            return f"{cell(v['mean'])} ± {cell(v['sd'])}"
+        return f"{v:.3g}" if isinstance(v, float) and abs(v) < 1 else str(v)
+
+    out = ["| Forget | Method | " + " | ".join(COLUMNS) + " |", "|---|---|" + "---:|" * len(COLUMNS)]
+    for r in rows:
+        name = f"**{r['method']}**" if "mean ± sd" in r["method"] else r["method"]
+        out.append(f"| {r['split']} | {name} | " + " | ".join(cell(r.get(k)) for k in COLUMNS) + " |")
+    return out
 
 
 def main(argv=None) -> int:
@@ -347,7 +343,10 @@ def main(argv=None) -> int:
     ap.add_argument("--people", type=int, default=200)
     ap.add_argument("--holdout-people", type=int, default=40)
     ap.add_argument("--fractions", type=float, nargs="+", default=[0.01, 0.05, 0.10])
-    ap.add_argument("--methods", nargs="+", default=["eul", "eul-subject", "finetune", "ga", "graddiff", "npo"])
+    ap.add_argument("--methods", nargs="+",
+                    default=["eul", "eul-subject", "finetune", "ga", "graddiff", "npo", "simnpo", "rmu", "idk"],
+                    help="also: eul-margin, eul-subject-margin (those recipes with the forget margin and the "
+                         "retained-output penalty on)")
     ap.add_argument("--pretrain-epochs", type=int, default=60)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--eul-seeds", type=int, nargs="+", default=[0, 1, 2],
@@ -376,8 +375,8 @@ def main(argv=None) -> int:
     settings = method_settings(args.quick)
     out = Path(args.out)
     order = random.Random(args.seed + 1).sample(range(args.people), args.people)
-    table = [SUMMARY_COLUMNS, "|---|---|" + "---:|" * (SUMMARY_COLUMNS.count("|") - 3)]
     result_rows = []
+    failures: dict[str, str] = {}
     summary = {"machine_note": "2-core CPU", "people": args.people, "holdout_people": args.holdout_people,
                "fractions": {}}
     for fraction in args.fractions:
@@ -391,23 +390,45 @@ def main(argv=None) -> int:
         sets = {"forget": forget, "retain": retain, "test": test, "holdout": holdout}
         retrained, retrain_time = pretrain(vocab, tokenizer, retain, pre, args.seed, args.chat_template)
         models = {"original": (original, None)}
+
+        def attempt(label, fn):
+            """fn() or, where it raises, None with the error reported (the other methods go on)."""
+            try:
+                return fn()
+            except Exception as err:  # noqa: BLE001 - one method's failure must not stop the comparison
+                traceback.print_exc()
+                failures[f"{label} at {fraction:.0%}"] = f"{type(err).__name__}: {err}"
+                print(f"method {label} failed at {fraction:.0%}: {type(err).__name__}: {err}", flush=True)
+                return None
+
         for name in args.methods:
             if name in EUL_METHODS:
-                data = forget_subject if name == "eul-subject" else forget
+                data = forget_subject if name.startswith("eul-subject") else forget
                 for seed in args.eul_seeds:
                     seeded = dict(settings, **{name: dict(settings[name], training=dataclasses.replace(
                         settings[name]["training"], seed=seed))})
-                    models[name if seed == args.eul_seeds[0] else f"{name}[s{seed}]"] = run_method(
-                        name, original, tokenizer, data, retain, seeded, args.chat_template)
+                    label = name if seed == args.eul_seeds[0] else f"{name}[s{seed}]"
+                    done = attempt(label, lambda: run_method(name, original, tokenizer, data, retain, seeded,
+                                                             args.chat_template))
+                    if done is not None:
+                        models[label] = done
             else:
-                models[name] = run_method(name, original, tokenizer, forget, retain, settings, args.chat_template)
+                done = attempt(name, lambda: run_method(name, original, tokenizer, forget, retain, settings,
+                                                        args.chat_template))
+                if done is not None:
+                    models[name] = done
         models["retrain"] = (retrained, retrain_time)
         results, times = {}, {}
         for name, (model, seconds) in models.items():
-            results[name] = evaluate_model(model, tokenizer, "causal", sets, holdout="holdout", max_new_tokens=3,
-                                           chat_template=args.chat_template)
-            add_kind_accuracies(results[name]["figures"], model, tokenizer, forget, args.chat_template)
-            times[name] = seconds
+            def evaluate():
+                res = evaluate_model(model, tokenizer, "causal", sets, holdout="holdout", max_new_tokens=3,
+                                     chat_template=args.chat_template)
+                add_kind_accuracies(res["figures"], model, tokenizer, forget, args.chat_template)
+                return res
+
+            res = evaluate() if name in ("original", "retrain") else attempt(f"{name} (evaluation)", evaluate)
+            if res is not None:
+                results[name], times[name] = res, seconds
         report = build_report(results, times=times, retrained="retrain",
                               title=f"Scenario 1, fictitious facts: forget {k} of {args.people} people ({fraction:.0%})",
                               meta={"forget facts": len(forget), "retain facts": len(retain),
@@ -420,7 +441,6 @@ def main(argv=None) -> int:
                                     "methods": json.dumps(describe_methods(settings))})
         write_report(report, out / f"forget_{round(100 * fraction)}pct")
         print(markdown(report), flush=True)
-        table += summary_rows(fraction, report)
         result_rows += results_rows(fraction, report)
         summary["fractions"][f"{fraction:g}"] = {n: {"figures": {k_: v for k_, v in m["figures"].items()},
                                                      "time_s": m.get("time_s"),
@@ -428,15 +448,25 @@ def main(argv=None) -> int:
                                                                       if k_ != "gap"}}
                                                  for n, m in report["methods"].items()}
     total = time.perf_counter() - started
-    text = "\n".join(table) + f"\n\nwhole scenario: {total:.0f} s\n"
+    text = "\n".join(markdown_rows(result_rows)) + f"\n\nwhole scenario: {total:.0f} s\n" + "".join(
+        f"failed: {k}: {v}\n" for k, v in failures.items())
     print(text)
     out.mkdir(parents=True, exist_ok=True)
     (out / "summary.md").write_text(text)
     (out / "summary.json").write_text(json.dumps(summary, indent=2, default=lambda v: None))
     where = results_io.results_dir(args.results, dry_run=args.quick)
     if where:
+        def recipe(name):
+            o, t = settings[name]["objective"], settings[name]["training"]
+            return (f"{name}: gamma {o.gamma}, lam {o.lam}, forget_margin {o.forget_margin}, retain_output_weight "
+                    f"{o.retain_output_weight}, rank {settings[name]['layers'].rank}, {t.epochs} epochs, lr {t.lr}")
+
         notes = (f"whole run {total:.0f} s wall; EUL seeds {' '.join(map(str, args.eul_seeds))}, the rest seed "
-                 f"{args.seed}; {args.threads} thread(s)")
+                 f"{args.seed}; {args.threads} thread(s); EUL objectives (forget_margin 1.0 and retain_output_weight "
+                 f"10 are ObjectiveConfig's defaults since issue 27, the other fields the script's recipe): "
+                 + "; ".join(recipe(n) for n in EUL_METHODS if n in args.methods)
+                 + "; baselines full-parameter (recipes: method_settings)"
+                 + "".join(f"; FAILED {k}: {v}" for k, v in failures.items()))
         path = results_io.write_results(where, results_io.make_results(
             "fictitious_facts", result_rows, results_io.command_line(__file__, argv), notes))
         print(f"results: {path}")

@@ -1,7 +1,7 @@
 """Issue 27 / issue 31 item 3: where a forgotten fact stops being pushed, and what that costs other facts.
 
     python benchmarks/unlearning/forget_target.py [--split capitals|reverse] [--seeds 0 1 2 3 4]
-        [--targets previous default margin-only penalty-only heldout unknown] [--epochs 12]
+        [--targets bounds margin-penalty margin-only penalty-only heldout unknown] [--epochs 12]
 
 SmolLM2-135M-Instruct, raw prompt + response (no chat template, as the demo). Splits:
 - ``capitals``: the demo's (:func:`unlearn_fast.demo.build_sets`, split seed 0: forget the capitals of France,
@@ -11,8 +11,8 @@ SmolLM2-135M-Instruct, raw prompt + response (no chat template, as the demo). Sp
   held-out set of another kind.
 Per training seed and target one ``unlearn`` run with rank 16 on the top 8 blocks, lr 2e-3, batch 8 and
 ``--epochs``. Targets (objective variants):
-- ``previous``: the default before issue 27 (bounds 5 / 5 nats, no forget margin, no retained-output penalty);
-- ``default``: the current default (forget margin 1 nat + retained-output penalty 10);
+- ``bounds``: the library's default (bounds 5 / 5 nats, no forget margin, no retained-output penalty);
+- ``margin-penalty``: the demo's (forget margin 1 nat + retained-output penalty 10);
 - ``margin-only`` / ``penalty-only``: one of the two;
 - ``heldout``: forget_target="heldout" (bounds from the held-out facts' loss), no margin, no penalty;
 - ``unknown``: the heldout bounds at the original's loss on the facts of that kind it does *not* know.
@@ -58,10 +58,10 @@ import results_io  # noqa: E402
 CHAT = "none"  # raw prompt + response, as the demo
 OFF = dict(forget_margin=None, retain_output_weight=0.0)
 OBJECTIVES = {
-    "previous": ObjectiveConfig(**OFF),
-    "default": ObjectiveConfig(),
-    "margin-only": ObjectiveConfig(retain_output_weight=0.0),
-    "penalty-only": ObjectiveConfig(forget_margin=None),
+    "bounds": ObjectiveConfig(**OFF),  # the library's default
+    "margin-penalty": ObjectiveConfig(forget_margin=1.0, retain_output_weight=10.0),  # the demo's
+    "margin-only": ObjectiveConfig(forget_margin=1.0, **{k: v for k, v in OFF.items() if k != "forget_margin"}),
+    "penalty-only": ObjectiveConfig(retain_output_weight=10.0, forget_margin=None),
     "heldout": ObjectiveConfig(forget_target="heldout", **OFF),
 }
 # three paraphrases of "The capital of X is" and of "C is the capital of"
@@ -134,8 +134,8 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--split", choices=["capitals", "reverse"], default="capitals")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4], help="training seeds (default 0-4)")
-    ap.add_argument("--targets", nargs="+", default=["previous", "default"],
-                    choices=[*OBJECTIVES, "unknown"], help="objective variants (default: previous default)")
+    ap.add_argument("--targets", nargs="+", default=["bounds", "margin-penalty"],
+                    choices=[*OBJECTIVES, "unknown"], help="objective variants (default: bounds margin-penalty)")
     ap.add_argument("--epochs", type=int, default=12, help="training epochs (default 12, the demo's)")
     ap.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
     results_io.add_argument(ap)

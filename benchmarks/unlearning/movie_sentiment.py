@@ -270,8 +270,10 @@ def method_settings(eul_gamma: float = 1.0, eul_forget_target: str = "bound") ->
 
     return {
         "eul": {"layers": LayerConfig(rank=16, blocks=2),
+                # the recorded recipe: without issue 27's forget margin and retained-output penalty
                 "objective": ObjectiveConfig(gamma=eul_gamma, forget_lm_bound=0.69, forget_kl_bound=0.3,
-                                             forget_target=eul_forget_target),
+                                             forget_target=eul_forget_target, forget_margin=None,
+                                             retain_output_weight=0.0),
                 "training": t(5, 1e-3)},
         "finetune": {"config": BaselineConfig(method="finetune"), "training": t(2, 2e-5)},
         "ga": {"config": BaselineConfig(method="ga"), "training": t(2, 5e-6)},

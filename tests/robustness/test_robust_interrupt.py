@@ -31,8 +31,10 @@ def test_sigint_says_where_the_run_stopped_and_resume_finishes_it(tmp_path):
     for name, rows in (("f", FORGET), ("r", RETAIN)):
         (tmp_path / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     ckpt = tmp_path / "ckpt"
+    # many steps after the first checkpoint: under load the run must not finish before the signal lands
+    steps = "300"
     resumable = command(tmp_path, tmp_path / "out", "--checkpoint-dir", str(ckpt), "--checkpoint-every", "5",
-                        "--max-steps", "30")
+                        "--max-steps", steps)
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     run = subprocess.Popen(resumable, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     deadline = time.monotonic() + 240
@@ -49,7 +51,7 @@ def test_sigint_says_where_the_run_stopped_and_resume_finishes_it(tmp_path):
 
     resumed = subprocess.run(resumable + ["--resume"], capture_output=True, text=True, env=env, timeout=600)
     assert resumed.returncode == 0, resumed.stderr
-    straight = subprocess.run(command(tmp_path, tmp_path / "straight", "--max-steps", "30"), capture_output=True,
+    straight = subprocess.run(command(tmp_path, tmp_path / "straight", "--max-steps", steps), capture_output=True,
                               text=True, env=env, timeout=600)
     assert straight.returncode == 0, straight.stderr
     a, b = load_file(tmp_path / "out" / WEIGHTS_FILE), load_file(tmp_path / "straight" / WEIGHTS_FILE)

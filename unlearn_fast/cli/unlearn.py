@@ -74,14 +74,16 @@ def add_parser(sub) -> None:
                         "unlikely (the two given bounds are then ignored; see docs/design.md). With --heldout, a "
                         "warning reports over-forgetting: forget accuracy after below the lower end of the "
                         "95 %% Wilson interval of the held-out accuracy after")
-    g.add_argument("--forget-margin", type=margin_value, default=1.0, metavar="NATS|off",
+    g.add_argument("--forget-margin", type=margin_value, default=None, metavar="NATS|off",
                    help="stop pushing a forgotten answer token once it is NATS below the model's most likely "
                         "other token, i.e. once the model would no longer give it, as a model that never saw "
-                        "the fact would not (default 1; 'off': push up to the bounds)")
-    g.add_argument("--retain-output-weight", type=float, default=10.0, metavar="MU",
+                        "the fact would not (default off: push up to the bounds; the demo uses 1 with "
+                        "--retain-output-weight 10: less damage to facts not forgotten, but fictitious facts "
+                        "were barely forgotten with it; see docs/design.md)")
+    g.add_argument("--retain-output-weight", type=float, default=0.0, metavar="MU",
                    help="weight of a penalty on the mean square of what the unlearning layers add on "
-                        "retained inputs (default 10; 0: off): the layers then act on the forgotten facts "
-                        "rather than on every fact of their kind (measured on the demo: see docs/design.md)")
+                        "retained inputs (default 0: off; the demo uses 10): the layers then act on the "
+                        "forgotten facts rather than on every fact of their kind")
     g.add_argument("--paper-objective", action="store_true",
                    help="the paper's objective exactly: no sharpening guard, no forget margin, no "
                         "retained-output penalty (overrides --forget-margin and --retain-output-weight)")
