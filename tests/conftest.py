@@ -250,3 +250,23 @@ def encode_sets(model, arch, forget, retain, max_length=64):
     kw = dict(model_config=model.config, max_length=max_length)
     return (encode(forget, tokenizer, TASK_OF[arch], forget=True, name="forget", **kw),
             encode(retain, tokenizer, TASK_OF[arch], forget=False, name="retain", **kw))
+
+
+# The start of a script run in a fresh `python -I` that must not see unlearn_fast (an export is loaded
+# the way a user without the package would): any import of it fails, and the script checks that.
+HIDE_UNLEARN_FAST = r'''
+import importlib.abc, sys
+
+class HideUnlearnFast(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] == "unlearn_fast":
+            raise ModuleNotFoundError(f"No module named {name!r}")
+        return None
+
+sys.meta_path.insert(0, HideUnlearnFast())
+try:
+    import unlearn_fast  # noqa: F401
+    raise SystemExit("unlearn_fast is importable in the interpreter that must not see it")
+except ImportError:
+    pass
+'''

@@ -15,7 +15,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ALL_ARCHS, FACTS_FORGET, TASK_OF, logits_of, make_model, perturb, sample_batch, save_model_dir, tokenizer_for
+from conftest import (HIDE_UNLEARN_FAST, ALL_ARCHS, FACTS_FORGET, TASK_OF, logits_of, make_model, perturb,
+                      sample_batch, save_model_dir, tokenizer_for)
 from safetensors import safe_open
 
 from unlearn_fast.api import export, unlearn
@@ -36,21 +37,8 @@ QUIET = lambda *a, **k: None  # noqa: E731
 
 # Runs in a fresh `python -I` with unlearn_fast hidden: loads each exported directory with the Auto class
 # its config names, and returns logits, greedy generations and loading info.
-ISOLATED = r'''
-import importlib.abc, json, sys
-
-class HideUnlearnFast(importlib.abc.MetaPathFinder):
-    def find_spec(self, name, path=None, target=None):
-        if name.split(".")[0] == "unlearn_fast":
-            raise ModuleNotFoundError(f"No module named {name!r}")
-        return None
-
-sys.meta_path.insert(0, HideUnlearnFast())
-try:
-    import unlearn_fast  # noqa: F401
-    raise SystemExit("unlearn_fast is importable in the isolated interpreter")
-except ImportError:
-    pass
+ISOLATED = HIDE_UNLEARN_FAST + r'''
+import json, sys
 
 import torch
 import transformers

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import (
-    FACTS_FORGET, REPO_ROOT, TASK_OF, logits_of, make_model, perturb, sample_batch, save_model_dir, tokenizer_for
+    HIDE_UNLEARN_FAST, FACTS_FORGET, REPO_ROOT, TASK_OF, logits_of, make_model, perturb, sample_batch, save_model_dir, tokenizer_for
 )
 
 from unlearn_fast.api import export, unlearn
@@ -47,21 +47,8 @@ needs_adapters = pytest.mark.skipif(
 
 # Runs in the adapters environment, in `python -I` (unlearn_fast hidden as well): loads each base model
 # directory, takes its logits, then adapters.init + load_adapter + set_active_adapters and the logits again.
-LOADER = r'''
-import importlib.abc, json, sys
-
-class HideUnlearnFast(importlib.abc.MetaPathFinder):
-    def find_spec(self, name, path=None, target=None):
-        if name.split(".")[0] == "unlearn_fast":
-            raise ModuleNotFoundError(f"No module named {name!r}")
-        return None
-
-sys.meta_path.insert(0, HideUnlearnFast())
-try:
-    import unlearn_fast  # noqa: F401
-    raise SystemExit("unlearn_fast is importable in the adapters interpreter")
-except ImportError:
-    pass
+LOADER = HIDE_UNLEARN_FAST + r'''
+import json, sys
 
 import adapters
 import torch
