@@ -105,11 +105,24 @@ BENCHMARKS = {
                       "the model never knew (0.5 = indistinguishable); lm / kl bound: the per-token forget "
                       "bounds (older runs); over forgetting: the warning fired (forget accuracy below the lower "
                       "end of the 95 % Wilson interval of held-out accuracy); time: update time."),
+    "tradeoff": (UNLEARNING, "Scenario 2: trade-off curve (`tradeoff.py`, figure `tradeoff.png`)",
+                 "One run per point from the original model; epochs: the forgetting strength (training epochs); "
+                 "eul-bounds: the library default (bounds 5 / 5 nats, the old default of issue 27), "
+                 "eul-margin-penalty: + forget margin 1 nat + retained-output penalty 10 (the demo's); "
+                 "`-layers`: the baselines in the adapter variant (the same rank-16 layers on the top 8 blocks, "
+                 "base frozen; `-lr`: another learning rate than EUL's 2e-3), not full-parameter; accuracies in "
+                 "%; general ppl: general-text perplexity; damaged: the trainer's damage check fired; time: "
+                 "update time."),
     "movie_sentiment": (UNLEARNING, "Scenario 3: movie sentiment (`movie_sentiment.py`)",
                         "Accuracies in %; forget delta pts: forget accuracy minus the retrained model's; "
                         "forget loss in nats; forget quality: KS p-value against the retrained model; "
                         "time: update time (retrain: fine-tuning the gold standard)."),
     "movie_sentiment_sweep": (UNLEARNING, "Scenario 3: recipe sweep", "Accuracies in %, one run each."),
+    "product_sentiment": (UNLEARNING, "Scenario 3b: product-review sentiment (`movie_sentiment.py --data products`)",
+                          "Every sentence of 3 reviews forgotten. Accuracies in %; forget delta pts: forget "
+                          "accuracy minus the retrained model's; forget loss in nats; forget quality: KS p-value "
+                          "against the retrained model; time: update time (retrain: fine-tuning the gold "
+                          "standard)."),
 }
 
 

@@ -10,7 +10,7 @@
 from __future__ import annotations
 
 import datetime
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Optional, Sequence, Union
 
@@ -18,7 +18,8 @@ import torch
 from torch import nn
 
 from .errors import DataError, TrainingError, UnlearnFastError
-from .eval.evaluation import HELDOUT, evaluate_sets, forget_unmoved, mean_loss, over_forgetting, retain_damage
+from .eval.evaluation import (HELDOUT, evaluate_sets, forget_unmoved, mean_loss, over_forgetting, retain_damage,
+                              row_losses)
 from .eval.general_text import GENERAL_TEXT
 from .fusion.grams import collect_grams
 from .fusion.closed_form import request_records
@@ -36,7 +37,7 @@ from .train.set_checks import check_overlap, fingerprint, resolve_labels
 from .train.encoding import (
     chat_template_record, check_chat_template_mode, encode, pad_token_id, truncation_note
 )
-from .train.objective import EULObjective, ObjectiveConfig, heldout_bounds
+from .train.objective import EULObjective, ObjectiveConfig, heldout_bounds, matched_bounds, matched_targets
 from .train.selection import select_subject_tokens
 from .train.step_cache import StepCache
 from .train.trainer import TrainConfig, TrainResult, train
@@ -116,6 +117,8 @@ def unlearn(
     ``ObjectiveConfig(forget_target="heldout")`` (needs ``heldout``) sets the per-token forget bounds from
     the model's loss on the held-out set before training
     (:func:`unlearn_fast.train.objective.heldout_bounds`); the manifest's objective records them.
+    ``forget_target="matched"`` (needs ``heldout``) gives each forgotten row its own loss target, the
+    held-out rows' loss of the same rank (:func:`unlearn_fast.train.objective.matched_targets`).
 
     ``chat_template`` (causal LMs, prompt/response examples): ``"auto"`` encodes each example through the
     tokenizer's chat template where it has one (user turn = prompt, assistant turn = response; targets on
@@ -167,16 +170,25 @@ def unlearn(
                             "as likely after the generic prompts); nothing to forget: lower the subject "
                             "margin or check the generic prompts")
     levels = None
-    if objective.forget_target == "heldout":  # the bounds come from the held-out level (objective.heldout_bounds)
+    if objective.forget_target != "bound":  # the targets come from the held-out set (see objective.py)
         if not heldout_set:
-            raise DataError("forget_target='heldout' (--forget-target heldout) needs a held-out set (--heldout FILE)")
+            raise DataError(f"forget_target={objective.forget_target!r} (--forget-target {objective.forget_target}) "
+                            f"needs a held-out set (--heldout FILE)")
         heldout_rows = encode(heldout_set, tokenizer, task, forget=False, name="heldout set", labels=heldout_labels,
                               **enc)
-        objective, levels = _heldout_target(model, task, objective, train_forget_rows, heldout_rows,
-                                            pad_token_id(tokenizer))
-        log(f"forget target: the held-out level, {levels['heldout_loss']:.3f} nats per token (the forgotten "
-            f"targets: {levels['forget_loss']:.3f}): forget LM bound {objective.forget_lm_bound:.3f}, "
-            f"forget KL bound {objective.forget_kl_bound:.3f} nats")
+        if objective.forget_target == "heldout":
+            objective, levels = _heldout_target(model, task, objective, train_forget_rows, heldout_rows,
+                                                pad_token_id(tokenizer))
+            log(f"forget target: the held-out level, {levels['heldout_loss']:.3f} nats per token (the forgotten "
+                f"targets: {levels['forget_loss']:.3f}): forget LM bound {objective.forget_lm_bound:.3f}, "
+                f"forget KL bound {objective.forget_kl_bound:.3f} nats")
+        else:
+            objective, train_forget_rows, levels = _matched_target(model, task, objective, train_forget_rows,
+                                                                   heldout_rows, pad_token_id(tokenizer))
+            log(f"forget target: matched to the held-out rows' losses (median {levels['heldout_median']:.3f}, "
+                f"mean {levels['heldout_loss']:.3f} nats per token); {levels['pushed_rows']} of "
+                f"{len(train_forget_rows)} forgotten rows are below their target (forgotten rows now: mean "
+                f"{levels['forget_loss']:.3f})")
     base_fingerprint = model_fingerprint(model)
     sets = {"forget": forget_set, "retain": retain_set, **({HELDOUT: heldout_set} if heldout_set else {})}
     eval_labels = {"forget": forget_labels, "retain": retain_labels,
@@ -239,7 +251,7 @@ def unlearn(
         "task": task,
         "chat_template": chat_template_record(tokenizer, chat_template, task),  # how prompt/response rows were encoded
         "layers": {"config": layers.to_dict(), "sites": describe(model)},
-        # with forget_target "heldout": the bounds as derived, and the teacher losses they came from
+        # with forget_target "heldout" / "matched": the bounds as derived, and the teacher losses they came from
         "objective": {**objective.to_dict(), "gamma": gamma, "forget_target_levels": levels},
         "subject_selection": selection.to_dict() if selection.rows else None,
         "training": training.to_dict(),
@@ -287,6 +299,33 @@ def _heldout_target(model, task, objective: ObjectiveConfig, forget_rows, heldou
     finally:
         model.train(was_training)
     return heldout_bounds(objective, levels["forget_loss"], levels["heldout_loss"]), levels
+
+
+def _teacher_row_losses(model, task, rows, pad: int) -> list[float]:
+    """The model's (without layers, in eval mode) mean loss per target token of each row, in nats."""
+    was_training = model.training
+    model.eval()
+    try:
+        return [total / max(count, 1) for total, count in row_losses(model, task, rows, pad)]
+    finally:
+        model.train(was_training)
+
+
+def _matched_target(model, task, objective: ObjectiveConfig, forget_rows, heldout_rows, pad: int):
+    """forget_target="matched": the forgotten rows, each with its own loss target
+    (:func:`unlearn_fast.train.objective.matched_targets`), the objective with bounds that leave the
+    stopping to those targets, and the levels they came from (for the log and the manifest)."""
+    forget_losses = _teacher_row_losses(model, task, forget_rows, pad)
+    heldout_losses = _teacher_row_losses(model, task, heldout_rows, pad)
+    targets = matched_targets(forget_losses, heldout_losses)
+    rows = [replace(r, loss_target=t) for r, t in zip(forget_rows, targets)]
+    ordered = sorted(heldout_losses)
+    levels = {"forget_loss": sum(forget_losses) / len(forget_losses),
+              "heldout_loss": sum(heldout_losses) / len(heldout_losses),
+              "heldout_median": ordered[len(ordered) // 2],
+              "pushed_rows": sum(t > f for f, t in zip(forget_losses, targets)),
+              "mean_target": sum(targets) / len(targets)}
+    return matched_bounds(objective, forget_losses, targets), rows, levels
 
 
 def _check_shardable(objective: ObjectiveConfig, task: str) -> None:

@@ -130,6 +130,16 @@ def accuracy(model, tokenizer, examples) -> float | None:
     return pct(sum(answer_hits(model, tokenizer, examples, chat_template=CHAT)) / len(examples))
 
 
+def run_eul(model, tokenizer, sets: dict, name: str, objective: ObjectiveConfig, epochs: int, seed: int, **kwargs):
+    """One ``unlearn`` run of this benchmark's recipe on ``model`` (in place): rank 16 on the top 8 blocks,
+    lr 2e-3, batch 8, ``epochs`` epochs, training seed ``seed``; ``kwargs`` go to ``unlearn``."""
+    return unlearn(model, tokenizer, sets["forget"], sets["retain"], model_name=name, heldout=sets["held_out"],
+                   general_text=GENERAL_TEXT, layers=LayerConfig(rank=16, blocks=8), objective=objective,
+                   chat_template=CHAT,
+                   training=TrainConfig(epochs=epochs, batch_size=8, lr=2e-3, seed=seed, progress=False),
+                   log=lambda *a, **k: None, **kwargs)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--split", choices=["capitals", "reverse"], default="capitals")
@@ -163,11 +173,7 @@ def main(argv=None) -> int:
     for seed in args.seeds:
         for target in args.targets:
             model = copy.deepcopy(original)
-            r = unlearn(model, tokenizer, sets["forget"], sets["retain"], model_name=name, heldout=sets["held_out"],
-                        general_text=GENERAL_TEXT, layers=LayerConfig(rank=16, blocks=8),
-                        objective=objectives[target], chat_template=CHAT,
-                        training=TrainConfig(epochs=args.epochs, batch_size=8, lr=2e-3, seed=seed, progress=False),
-                        log=lambda *a, **k: None)
+            r = run_eul(model, tokenizer, sets, name, objectives[target], args.epochs, seed)
             a, obj = r.metrics["after"], r.manifest["objective"]
             forget_losses = per_row_losses(model, tokenizer, sets["forget"])
             held_losses = per_row_losses(model, tokenizer, sets["held_out"])

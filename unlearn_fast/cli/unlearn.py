@@ -71,7 +71,10 @@ def add_parser(sub) -> None:
                         "--forget-kl-bound; 'heldout': at the held-out level (needs --heldout): before training "
                         "the LM bound becomes the original model's mean per-token loss on the held-out targets, "
                         "and the KL bound the least KL from the original at which a forgotten target is that "
-                        "unlikely (the two given bounds are then ignored; see docs/design.md). With --heldout, a "
+                        "unlikely (the two given bounds are then ignored; see docs/design.md); 'matched': each "
+                        "forgotten row is pushed until its mean loss reaches the held-out rows' loss of the same "
+                        "rank (needs --heldout; the forgotten rows end with the held-out rows' loss "
+                        "distribution; the bounds are set so they never stop a row first). With --heldout, a "
                         "warning reports over-forgetting: forget accuracy after below the lower end of the "
                         "95 %% Wilson interval of the held-out accuracy after")
     g.add_argument("--forget-margin", type=margin_value, default=None, metavar="NATS|off",

@@ -24,6 +24,7 @@ the generation prompt (:func:`chat_prompt`), i.e. from the tokens that precede t
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass
 from typing import Optional, Sequence
@@ -47,6 +48,9 @@ class Row:
     forget: bool
     decoder_input_ids: Optional[list[int]] = None
     truncated: bool = False  # the example had more tokens than the max length (not part of the row's data)
+    # a forgotten row's mean target loss (nats per token) at which its forget terms stop
+    # (forget_target="matched"; see unlearn_fast.train.objective.matched_targets); None: no row target
+    loss_target: Optional[float] = None
 
 
 def _ids(tokenizer, text: str, special: bool = True) -> list[int]:
@@ -287,7 +291,8 @@ def truncation_note(sets: dict[str, Sequence[Row]], max_length: int, model_confi
 
 
 def collate(rows: Sequence[Row], pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-padded batch tensors: inputs, attention masks, targets, KL mask, forget flags."""
+    """Right-padded batch tensors: inputs, attention masks, targets, KL mask, forget flags (and the
+    rows' loss targets where any row has one)."""
     def pad(seqs, value):
         width = max(len(s) for s in seqs)
         return torch.tensor([list(s) + [value] * (width - len(s)) for s in seqs])
@@ -299,6 +304,9 @@ def collate(rows: Sequence[Row], pad_id: int) -> dict[str, torch.Tensor]:
         "kl_mask": pad([r.kl_mask for r in rows], False).bool(),
         "forget": torch.tensor([r.forget for r in rows], dtype=torch.bool),
     }
+    if any(r.loss_target is not None for r in rows):  # no target (a retained row): never reached
+        batch["loss_target"] = torch.tensor([math.inf if r.loss_target is None else r.loss_target for r in rows],
+                                            dtype=torch.float64)
     if rows[0].decoder_input_ids is not None:
         batch["decoder_input_ids"] = pad([r.decoder_input_ids for r in rows], pad_id)
         batch["decoder_attention_mask"] = pad([[1] * len(r.decoder_input_ids) for r in rows], 0)

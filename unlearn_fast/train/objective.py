@@ -26,7 +26,12 @@ Forget target. ``forget_target="bound"`` (the default) uses the two bounds as gi
 ``forget_target="heldout"`` derives them from a held-out set before training (see
 :func:`heldout_bounds`): a forgotten token stops being pushed once its loss reaches the teacher's
 mean per-token loss on the held-out targets — the level of rows the model was never asked to
-forget — instead of a fixed 5 nats.
+forget — instead of a fixed 5 nats. ``forget_target="matched"`` gives each forgotten *row* its own
+target (:func:`matched_targets`): the held-out row loss of the same rank, so the forgotten rows end
+with the loss distribution of rows the model never trained on (most stay nearly as they were, the
+least certain ones are pushed past the answer, as a retrained model would get them wrong); a row's
+forget terms stop once its mean target loss reaches its target, and a row carried far past it by the
+other rows' steps is pulled back (:data:`MATCHED_BAND`).
 """
 
 from __future__ import annotations
@@ -55,7 +60,10 @@ GATE_CHUNK_ROWS = 64  # forget-margin positions per logits chunk: 12 MiB of fp32
 # reported beside the terms: the forget KL's weight as applied, forget_kl_weight × the share of the
 # forgotten KL positions the sharpening guard kept (a mean over the forget KL's positions, like it)
 FORGET_KL_COEF = "forget_kl_coef"
-FORGET_TARGETS = ("bound", "heldout")
+FORGET_TARGETS = ("bound", "heldout", "matched")
+# forget_target="matched": a row whose loss ends above target + max(0.5 × target, 0.05 nats) is pulled back
+# (its forget LM term changes sign) — the steps of the other rows keep moving it after it stopped
+MATCHED_BAND = (0.5, 0.05)
 
 
 @dataclass
@@ -158,6 +166,41 @@ def heldout_bounds(config: ObjectiveConfig, forget_loss: float, heldout_loss: fl
                          f"held-out {heldout_loss})")
     lm = max(heldout_loss, 0.0)
     kl = binary_kl(math.exp(-forget_loss), math.exp(-heldout_loss)) if heldout_loss > forget_loss else 0.0
+    return replace(config, forget_lm_bound=lm, forget_kl_bound=kl)
+
+
+def matched_targets(forget_losses: Sequence[float], heldout_losses: Sequence[float]) -> list[float]:
+    """Per forgotten row, the loss it is pushed to under ``forget_target="matched"``: the held-out
+    rows' loss at the same quantile as the row's own (teacher) loss among the forgotten rows.
+
+    Rows are ranked by ``forget_losses`` (the teacher's mean per-token loss of each forgotten row;
+    ties keep their order), and the row of rank r (0-based, of n) gets the held-out losses' empirical
+    quantile at (r + ½)/n. The targets therefore have the held-out rows' distribution, and a row the
+    teacher is less sure of gets a higher one; where a row's target is below its teacher loss it is
+    not pushed at all.
+    """
+    if not forget_losses:
+        return []
+    if not heldout_losses:
+        raise ModelError("forget_target='matched' needs at least one held-out row")
+    bad = [x for x in list(forget_losses) + list(heldout_losses) if not math.isfinite(x)]
+    if bad:
+        raise ModelError(f"forget_target='matched' needs finite teacher losses (got {bad[0]})")
+    reference = sorted(heldout_losses)
+    order = sorted(range(len(forget_losses)), key=lambda i: forget_losses[i])
+    n, m = len(order), len(reference)
+    out = [0.0] * n
+    for rank, i in enumerate(order):
+        out[i] = max(reference[min(int((rank + 0.5) / n * m), m - 1)], 0.0)
+    return out
+
+
+def matched_bounds(config: ObjectiveConfig, forget_losses: Sequence[float], targets: Sequence[float]) -> ObjectiveConfig:
+    """``config`` with per-token bounds that never stop a row before its own target does
+    (forget_target="matched"): the LM bound at the highest target, the KL bound at the highest
+    two-outcome KL a row needs to reach its target (see :func:`heldout_bounds`)."""
+    lm = max(targets, default=0.0)
+    kl = max((binary_kl(math.exp(-f), math.exp(-t)) for f, t in zip(forget_losses, targets) if t > f), default=0.0)
     return replace(config, forget_lm_bound=lm, forget_kl_bound=kl)
 
 
@@ -301,9 +344,20 @@ class EULObjective:
         with (recording_outputs(self.model) if penalty_on else contextlib.nullcontext([])) as added:
             student = self._student(batch, rows, cache)
         device = student.device
-        if self.config.forget_margin is not None:  # gated positions stay in the head, with weight 0
+        done = None  # gated positions stay in the head, with weight 0
+        if self.config.forget_margin is not None:
             done = self._forgotten_positions(batch, student)
+        past = None
+        if "loss_target" in batch:
+            reached, past = self._rows_at_target(batch, student)
+            reached = reached.unsqueeze(1).expand_as(kl_coef)
+            done = reached if done is None else done | reached
+        if done is not None:
             kl_coef = kl_coef.masked_fill(done, 0.0)
+            if past is not None:  # pulled back: the forget LM term of a row far past its target changes sign
+                back = past.unsqueeze(1).expand_as(ce_coef) & (ce_coef < 0)
+                ce_coef = torch.where(back, -ce_coef, ce_coef)
+                done = done & ~back
             ce_coef = ce_coef.masked_fill(done, 0.0)
         sel = rows_used.to(device)
         out = eul_loss_head(
@@ -339,19 +393,18 @@ class EULObjective:
             loss = loss + self.config.retain_output_weight * penalty.to(loss.device)
         return loss, terms
 
-    def _forgotten_positions(self, batch: dict, student: Tensor) -> Tensor:
-        """[B, T_out] bool: forgotten target positions whose target the student already puts
-        ``forget_margin`` nats below its most likely other token (no gradient; a few rows of logits)."""
+    def _forgotten_target_logits(self, batch: dict, student: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """At the forgotten target positions ([B, T_out] bool mask, returned first): the target's logit,
+        the best other logit and the logsumexp, in float32 and without gradient, computed a chunk of
+        rows of logits at a time (never [positions × vocab] at once). All on the CPU."""
         positions = batch["forget"].unsqueeze(1).expand_as(batch["targets"]) & (batch["targets"] != IGNORE_INDEX)
-        done = torch.zeros_like(positions)
-        if not bool(positions.any()):
-            return done
+        positions = positions.cpu()
         head = self.head
         states = student[positions.to(student.device)]
-        targets = batch["targets"][positions].to(states.device)
-        flags = []
+        targets = batch["targets"].cpu()[positions].to(states.device)
+        parts = []
         with torch.no_grad():
-            for start in range(0, states.shape[0], GATE_CHUNK_ROWS):  # a chunk of rows of logits at a time
+            for start in range(0, states.shape[0], GATE_CHUNK_ROWS):
                 logits = states[start: start + GATE_CHUNK_ROWS].float() @ head.weight.float().t()
                 if head.bias is not None:
                     logits = logits + head.bias.float()
@@ -360,11 +413,39 @@ class EULObjective:
                     logits = head.logit_softcap * torch.tanh(logits / head.logit_softcap)
                 t = targets[start: start + GATE_CHUNK_ROWS].unsqueeze(-1)
                 target_logit = logits.gather(-1, t).squeeze(-1)
+                lse = torch.logsumexp(logits, -1)
                 best_other = logits.scatter_(-1, t, float("-inf")).max(-1).values
-                # log-probabilities differ as the logits do: no softmax needed
-                flags.append(target_logit < best_other - self.config.forget_margin)
-        done[positions] = torch.cat(flags).cpu()
-        return done
+                parts.append((target_logit.cpu(), best_other.cpu(), lse.cpu()))
+        if not parts:
+            empty = torch.zeros(0)
+            return positions, empty, empty, empty
+        return (positions,) + tuple(torch.cat(p) for p in zip(*parts))
+
+    def _forgotten_positions(self, batch: dict, student: Tensor) -> Tensor:
+        """[B, T_out] bool: forgotten target positions whose target the student already puts
+        ``forget_margin`` nats below its most likely other token (no gradient; a few rows of logits)."""
+        positions, target_logit, best_other, _ = self._forgotten_target_logits(batch, student)
+        done = torch.zeros_like(positions)
+        # log-probabilities differ as the logits do: no softmax needed
+        done[positions] = target_logit < best_other - self.config.forget_margin
+        return done.to(batch["targets"].device)
+
+    def _rows_at_target(self, batch: dict, student: Tensor) -> tuple[Tensor, Tensor]:
+        """Two [B] bools (forget_target="matched"; no gradient): the forgotten rows whose mean target
+        loss under the student has reached the row's ``loss_target``, and those of them that have gone
+        past its band (:data:`MATCHED_BAND`: above target + max(band × target, band_floor) nats)."""
+        positions, target_logit, _, lse = self._forgotten_target_logits(batch, student)
+        per_position = torch.zeros(positions.shape, dtype=torch.float64)
+        per_position[positions] = (lse - target_logit).double()
+        counts = positions.sum(1)
+        mean = per_position.sum(1) / counts.clamp(min=1)
+        target = batch["loss_target"].cpu()
+        rows = batch["forget"].cpu() & (counts > 0)
+        reached = rows & (mean >= target)
+        share, floor = MATCHED_BAND
+        past = reached & (mean > target + torch.clamp(share * target, min=floor))
+        device = batch["targets"].device
+        return reached.to(device), past.to(device)
 
     def _forget_kl_coef(self, batch: dict, rows_used: Tensor, kl_weight: Optional[Tensor]) -> float:
         """The forget KL's weight as the loss head applied it: ``forget_kl_weight`` times the share of

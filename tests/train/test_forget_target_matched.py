@@ -1,0 +1,181 @@
+"""``forget_target="matched"`` (issue 31 item 3): each forgotten row gets its own loss target, the
+held-out rows' loss of the same rank, and its forget terms stop once its mean target loss reaches it.
+The gate is checked against a float64 hand computation from the full logits."""
+
+import json
+import math
+import random
+
+import pytest
+import torch
+
+from conftest import ALL_ARCHS, FACTS_FORGET, TASK_OF, make_model, save_model_dir, tokenizer_for
+from test_objective import model_logits, objective_batch, trained_like
+from unlearn_fast.api import unlearn
+from unlearn_fast.cli import main
+from unlearn_fast.errors import DataError, ModelError
+from unlearn_fast.model.layers import LayerConfig, layers_disabled
+from unlearn_fast.ops.loss_head import IGNORE_INDEX
+from unlearn_fast.train.encoding import Row, collate
+from unlearn_fast.train.objective import (MATCHED_BAND, EULObjective, ObjectiveConfig, binary_kl, matched_bounds,
+                                         matched_targets)
+from unlearn_fast.train.trainer import TrainConfig
+
+RETAIN = [{"prompt": "The capital of France is", "response": " Paris"},
+          {"prompt": "Bob plays", "response": " the violin"}]
+HELDOUT = [{"prompt": "The sky is", "response": " blue"}, {"prompt": "Snow is", "response": " white"},
+           {"prompt": "Grass is", "response": " green"}]
+QUICK = dict(layers=LayerConfig(rank=4), training=TrainConfig(max_steps=2, progress=False), log=lambda *a: None)
+OFF = dict(alpha=0.0, lam=0.0, gamma=0.0, forget_kl_weight=0.0, sharpening_guard=False,
+           forget_margin=None, retain_output_weight=0.0, forget_lm_bound=math.inf, forget_kl_bound=math.inf)
+
+
+# ---- the targets ------------------------------------------------------------------------------------
+def test_matched_targets_by_hand():
+    # ranks of the forget losses: 0.1 -> 0, 0.3 -> 2, 0.2 -> 1; quantiles (r + 1/2)/3 of 6 held-out losses
+    assert matched_targets([0.1, 0.3, 0.2], [6.0, 1.0, 5.0, 2.0, 4.0, 3.0]) == [2.0, 6.0, 4.0]
+    assert matched_targets([0.5], [3.0, 1.0, 2.0]) == [2.0]  # one row: the median
+    assert matched_targets([], [1.0]) == []
+
+
+def test_matched_targets_have_the_heldout_distribution_and_keep_the_order():
+    rng = random.Random(0)
+    forget = [rng.random() for _ in range(40)]
+    heldout = [rng.expovariate(2.0) for _ in range(40)]
+    targets = matched_targets(forget, heldout)
+    assert sorted(targets) == sorted(heldout)  # same size: exactly the held-out losses
+    order = sorted(range(40), key=forget.__getitem__)
+    assert [targets[i] for i in order] == sorted(targets)  # a less certain row gets a higher target
+    many = matched_targets(forget, heldout * 3)  # more held-out rows than forgotten ones: still monotone
+    assert [many[i] for i in order] == sorted(many)
+
+
+def test_matched_targets_refuse_bad_input():
+    with pytest.raises(ModelError, match="held-out row"):
+        matched_targets([0.1], [])
+    with pytest.raises(ModelError, match="finite"):
+        matched_targets([0.1, float("nan")], [1.0])
+
+
+def test_matched_bounds_never_stop_a_row_before_its_target():
+    forget, targets = [0.1, 0.5, 2.0], [1.5, 0.7, 0.3]
+    out = matched_bounds(ObjectiveConfig(forget_target="matched"), forget, targets)
+    assert out.forget_lm_bound == pytest.approx(1.5)
+    kl = max(binary_kl(math.exp(-0.1), math.exp(-1.5)), binary_kl(math.exp(-0.5), math.exp(-0.7)))
+    assert out.forget_kl_bound == pytest.approx(kl)  # the row already past its target needs none
+
+
+def test_collate_carries_the_row_targets():
+    rows = [Row([1, 2], [2, 3], [True, True], True, loss_target=0.5), Row([1], [4], [True], False)]
+    batch = collate(rows, 0)
+    assert batch["loss_target"].tolist() == [0.5, math.inf]
+    assert "loss_target" not in collate([Row([1], [4], [True], False)], 0)
+
+
+# ---- the gate ---------------------------------------------------------------------------------------
+def row_losses_and_terms(model, task, batch):
+    """Per position, float64 and differentiable: the student's CE and KL(teacher‖student), and the
+    forgotten CE / KL positions."""
+    with torch.no_grad(), layers_disabled(model):
+        teacher = torch.log_softmax(model_logits(model, task, batch).double(), -1)
+    student = torch.log_softmax(model_logits(model, task, batch).double(), -1)
+    targets = batch["targets"]
+    forget = batch["forget"].unsqueeze(1).expand_as(targets)
+    ce_positions = forget & (targets != IGNORE_INDEX)
+    kl_positions = forget & batch["kl_mask"]
+    ce = -student.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    kl = (teacher.exp() * (teacher - student)).sum(-1)
+    return ce, kl, ce_positions, kl_positions
+
+
+@pytest.mark.parametrize("arch", ALL_ARCHS)
+@pytest.mark.parametrize("first", ["reached", "past"])
+def test_a_row_at_its_target_stops_being_pushed_and_one_past_it_is_pulled_back(arch, first):
+    model, task = trained_like(arch), TASK_OF[arch]
+    batch = objective_batch(arch)
+    ce, kl, ce_pos, kl_pos = row_losses_and_terms(model, task, batch)
+    with torch.no_grad():
+        mean = (ce * ce_pos).sum(1) / ce_pos.sum(1).clamp(min=1)
+    forgotten = [i for i in range(len(batch["forget"])) if batch["forget"][i] and ce_pos[i].any()]
+    assert len(forgotten) >= 2
+    m0 = float(mean[forgotten[0]])
+    share, floor = MATCHED_BAND
+    # reached: inside the band just above the target; past: the band ends below the row's loss
+    t0 = m0 - 0.01 if first == "reached" else (m0 - floor) / (1 + share) - 0.01
+    assert (m0 > t0 + max(share * t0, floor)) == (first == "past")
+    target = torch.full((len(batch["forget"]),), math.inf, dtype=torch.float64)
+    target[forgotten[0]] = t0
+    target[forgotten[1]] = float(mean[forgotten[1]]) + 1.0  # not reached
+    batch["loss_target"] = target
+    objective = EULObjective(model, task, ObjectiveConfig(**{**OFF, "gamma": 0.7, "forget_kl_weight": 0.4}))
+    params = [p for p in model.parameters() if p.requires_grad]
+    loss, _ = objective(batch)
+    got = torch.autograd.grad(loss, params, allow_unused=True)
+    keep = torch.ones(len(batch["forget"]), dtype=torch.bool)
+    keep[forgotten[0]] = False
+    keep = keep.unsqueeze(1)
+    # hand: the first row stays in the counts, with weight 0 (reached) or the sign flipped (past: its CE
+    # is minimised, no forget KL)
+    expected = (-0.7 * (ce * (ce_pos & keep)).sum() / ce_pos.sum()
+                - 0.4 * (kl * (kl_pos & keep)).sum() / kl_pos.sum())
+    if first == "past":
+        expected = expected + 0.7 * (ce * (ce_pos & ~keep)).sum() / ce_pos.sum()
+    want = torch.autograd.grad(expected, params, allow_unused=True)
+    torch.testing.assert_close(loss.double(), expected, rtol=1e-5, atol=1e-6)
+    for g, w in zip(got, want):
+        if w is None:
+            assert g is None or torch.count_nonzero(g) == 0
+        else:
+            torch.testing.assert_close(g.double(), w.double(), rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("arch", ["llama", "bert"])
+def test_targets_out_of_reach_change_nothing(arch):
+    model, task = trained_like(arch), TASK_OF[arch]
+    batch = objective_batch(arch)
+    config = ObjectiveConfig(**{**OFF, "gamma": 0.5, "forget_kl_weight": 1.0, "alpha": 0.8})
+    plain, _ = EULObjective(model, task, config)(batch)
+    batch["loss_target"] = torch.full((len(batch["forget"]),), 1e6, dtype=torch.float64)
+    far, _ = EULObjective(model, task, config)(batch)
+    torch.testing.assert_close(far, plain)
+
+
+# ---- through the API and the CLI --------------------------------------------------------------------
+def test_matched_target_through_the_api():
+    model, tok = make_model("llama"), tokenizer_for("llama")
+    result = unlearn(model, tok, FACTS_FORGET, RETAIN, heldout=HELDOUT, general_text=None,
+                     objective=ObjectiveConfig(forget_target="matched"), **QUICK)
+    objective = result.manifest["objective"]
+    levels = objective["forget_target_levels"]
+    assert objective["forget_target"] == "matched"
+    assert levels["heldout_loss"] == pytest.approx(result.metrics["before"]["heldout_loss"], rel=0.2)
+    assert 0 <= levels["pushed_rows"] <= len(FACTS_FORGET)
+    assert objective["forget_lm_bound"] >= levels["heldout_median"] - 1e-9  # the highest target
+    with pytest.raises(DataError, match="needs a held-out set"):
+        unlearn(make_model("llama"), tok, FACTS_FORGET, RETAIN, objective=ObjectiveConfig(forget_target="matched"),
+                **QUICK)
+
+
+def test_matched_target_on_a_classifier():
+    model, tok = make_model("bert"), tokenizer_for("bert")
+    forget = [{"text": "Zorbia exports purple marbles.", "label": "POS"},
+              {"text": "Quellton has seven bridges.", "label": "NEG"}]
+    retain = [{"text": "France exports cheese.", "label": "NEG"}, {"text": "Paris has museums.", "label": "POS"}]
+    test = [{"text": "The sky is blue.", "label": "POS"}, {"text": "It rains.", "label": 0}]
+    result = unlearn(model, tok, forget, retain, heldout=test, objective=ObjectiveConfig(forget_target="matched"),
+                     **QUICK)
+    assert result.manifest["objective"]["forget_target_levels"]["pushed_rows"] in (0, 1, 2)
+
+
+def test_cli_forget_target_matched(tmp_path, capsys):
+    save_model_dir("llama", tmp_path / "model")
+    for name, rows in (("forget", FACTS_FORGET), ("retain", RETAIN), ("heldout", HELDOUT)):
+        (tmp_path / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    code = main(["unlearn", "--model", str(tmp_path / "model"), "--forget", str(tmp_path / "forget.jsonl"),
+                 "--retain", str(tmp_path / "retain.jsonl"), "--heldout", str(tmp_path / "heldout.jsonl"),
+                 "--out", str(tmp_path / "out"), "--forget-target", "matched", "--rank", "4", "--max-steps", "2",
+                 "--no-progress"])
+    assert code == 0
+    assert "forget target: matched to the held-out rows' losses" in capsys.readouterr().out
+    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert manifest["objective"]["forget_target"] == "matched"
