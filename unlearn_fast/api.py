@@ -83,6 +83,7 @@ def unlearn(
     chat_template: str = "auto",
     evaluate: bool = True,
     heldout: Union[str, Path, Sequence, None] = None,
+    target_reference: Union[str, Path, Sequence, None] = None,
     general_text: Optional[Sequence[str]] = GENERAL_TEXT,
     allow_damage: bool = False,
     run_config: Optional[dict] = None,
@@ -119,6 +120,9 @@ def unlearn(
     (:func:`unlearn_fast.train.objective.heldout_bounds`); the manifest's objective records them.
     ``forget_target="matched"`` (needs ``heldout``) gives each forgotten row its own loss target, the
     held-out rows' loss of the same rank (:func:`unlearn_fast.train.objective.matched_targets`).
+    ``target_reference`` (loaded like ``heldout``): the rows those two targets are read from instead of
+    ``heldout`` — for facts, rows of the same kind the model does *not* know, which is how a model that
+    never saw the forgotten facts would treat them; ``heldout`` then only gives the reported figures.
 
     ``chat_template`` (causal LMs, prompt/response examples): ``"auto"`` encodes each example through the
     tokenizer's chat template where it has one (user turn = prompt, assistant turn = response; targets on
@@ -144,6 +148,8 @@ def unlearn(
     retain_set = load_examples(retain, columns, name="retain set")
     heldout_set = load_examples(heldout, columns and columns.for_set("heldout set"), name="heldout set") \
         if heldout is not None else []
+    reference_set = heldout_set if target_reference is None else load_examples(
+        target_reference, columns and columns.for_set("target reference set"), name="target reference set")
     retain_set, dropped = check_overlap(forget_set, retain_set, drop=drop_overlap)
     if dropped:
         log(f"dropped {dropped} retained example(s) that are also in the forget set")
@@ -171,11 +177,13 @@ def unlearn(
                             "margin or check the generic prompts")
     levels = None
     if objective.forget_target != "bound":  # the targets come from the held-out set (see objective.py)
-        if not heldout_set:
+        if not reference_set:
             raise DataError(f"forget_target={objective.forget_target!r} (--forget-target {objective.forget_target}) "
-                            f"needs a held-out set (--heldout FILE)")
-        heldout_rows = encode(heldout_set, tokenizer, task, forget=False, name="heldout set", labels=heldout_labels,
-                              **enc)
+                            f"needs a held-out set (--heldout FILE) or a target reference (--target-reference FILE)")
+        reference_labels = heldout_labels if reference_set is heldout_set else example_labels(
+            model, task, reference_set, "target reference set", required=True)
+        heldout_rows = encode(reference_set, tokenizer, task, forget=False, labels=reference_labels, **enc,
+                              name="heldout set" if reference_set is heldout_set else "target reference set")
         if objective.forget_target == "heldout":
             objective, levels = _heldout_target(model, task, objective, train_forget_rows, heldout_rows,
                                                 pad_token_id(tokenizer))
@@ -185,7 +193,8 @@ def unlearn(
         else:
             objective, train_forget_rows, levels = _matched_target(model, task, objective, train_forget_rows,
                                                                    heldout_rows, pad_token_id(tokenizer))
-            log(f"forget target: matched to the held-out rows' losses (median {levels['heldout_median']:.3f}, "
+            log(f"forget target: matched to the {'held-out' if reference_set is heldout_set else 'reference'} "
+                f"rows' losses (median {levels['heldout_median']:.3f}, "
                 f"mean {levels['heldout_loss']:.3f} nats per token); {levels['pushed_rows']} of "
                 f"{len(train_forget_rows)} forgotten rows are below their target (forgotten rows now: mean "
                 f"{levels['forget_loss']:.3f})")
@@ -258,6 +267,7 @@ def unlearn(
         "forget_set": fingerprint(forget_set),
         "retain_set": fingerprint(retain_set),
         "heldout_set": fingerprint(heldout_set) if heldout_set else None,
+        "target_reference_set": fingerprint(reference_set) if reference_set is not heldout_set else None,
         "general_text": ({"shipped": general_text is GENERAL_TEXT, **fingerprint([Example(text=t) for t in general_text])}
                          if general_text and evaluate and task == "causal" else None),
         "grams": {"tokens": gram_tokens, "augmented_with_bias_column": True, "dtype": "float64"},

@@ -15,7 +15,11 @@ Per training seed and target one ``unlearn`` run with rank 16 on the top 8 block
 - ``margin-penalty``: the demo's (forget margin 1 nat + retained-output penalty 10);
 - ``margin-only`` / ``penalty-only``: one of the two;
 - ``heldout``: forget_target="heldout" (bounds from the held-out facts' loss), no margin, no penalty;
-- ``unknown``: the heldout bounds at the original's loss on the facts of that kind it does *not* know.
+- ``unknown``: the heldout bounds at the original's loss on the facts of that kind it does *not* know;
+- ``matched``: forget_target="matched" (each forgotten fact pushed to the held-out known facts' loss of
+  the same rank), no margin, no penalty;
+- ``matched-unknown``: the same, matched to the facts of that kind the model does not know
+  (``target_reference``; those not among the 40 non-members of the membership-inference figure).
 A row: accuracies after (%), forget accuracy under three paraphrases of each forgotten prompt and under a
 few-shot prefix of three retained facts, the answer losses, general perplexity, membership-inference AUC
 (LOSS: per-row mean answer loss, higher loss = non-member) of the forgotten facts against the held-out
@@ -63,6 +67,9 @@ OBJECTIVES = {
     "margin-only": ObjectiveConfig(forget_margin=1.0, **{k: v for k, v in OFF.items() if k != "forget_margin"}),
     "penalty-only": ObjectiveConfig(retain_output_weight=10.0, forget_margin=None),
     "heldout": ObjectiveConfig(forget_target="heldout", **OFF),
+    "matched": ObjectiveConfig(forget_target="matched", **OFF),
+    # matched to the facts of the kind the model does not know (target_reference), not the held-out ones
+    "matched-unknown": ObjectiveConfig(forget_target="matched", **OFF),
 }
 # three paraphrases of "The capital of X is" and of "C is the capital of"
 CAPITAL_PARAPHRASES = ("The capital city of {x} is", "{x}'s capital is", "The seat of government of {x} is")
@@ -157,6 +164,7 @@ def main(argv=None) -> int:
     print({k: len(v) for k, v in sets.items()}, f"other kind {len(other_kind)}", flush=True)
     paraphrased, prefixed = probes(sets, args.split, templates)
     unknown_sample = random.Random(0).sample(unknown, min(40, len(unknown)))  # never-seen non-members
+    unknown_rest = [e for e in unknown if e not in unknown_sample]  # matched-unknown's reference
     objectives = dict(OBJECTIVES)
     if "unknown" in args.targets:
         forget_loss, unknown_loss = level(original, tokenizer, sets["forget"]), level(original, tokenizer, unknown)
@@ -173,7 +181,8 @@ def main(argv=None) -> int:
     for seed in args.seeds:
         for target in args.targets:
             model = copy.deepcopy(original)
-            r = run_eul(model, tokenizer, sets, name, objectives[target], args.epochs, seed)
+            extra = {"target_reference": unknown_rest} if target == "matched-unknown" else {}
+            r = run_eul(model, tokenizer, sets, name, objectives[target], args.epochs, seed, **extra)
             a, obj = r.metrics["after"], r.manifest["objective"]
             forget_losses = per_row_losses(model, tokenizer, sets["forget"])
             held_losses = per_row_losses(model, tokenizer, sets["held_out"])

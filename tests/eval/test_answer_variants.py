@@ -123,3 +123,17 @@ def test_demo_capitals_carry_their_variants():
     assert capital_variants("Paris") == ()
     assert capital_example("France", "Paris").answers is None
     assert capital_example("United States", "Washington D.C.").answers == ("Washington",)
+
+
+def test_demo_table_explains_its_held_out_row():
+    from unlearn_fast import demo
+
+    lines = []
+    figures = {"before": {"forget_accuracy": 1.0, "heldout_accuracy": 1.0, "general_perplexity": 31.08},
+               "after": {"forget_accuracy": 0.0, "heldout_accuracy": 0.9, "general_perplexity": 31.5},
+               "train_tokens": 1000, "update_time_s": 2.0, "total_time_s": 10.0}
+    demo._print_table(figures, lines.append)
+    text = "\n".join(lines)
+    assert "held-out facts accuracy" in text and "90%" in text
+    assert "a drop there is collateral damage" in text
+    assert "forget-set accuracy (strict)" not in text  # no strict figure given: no row

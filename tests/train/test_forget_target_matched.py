@@ -179,3 +179,38 @@ def test_cli_forget_target_matched(tmp_path, capsys):
     assert "forget target: matched to the held-out rows' losses" in capsys.readouterr().out
     manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
     assert manifest["objective"]["forget_target"] == "matched"
+
+
+UNKNOWN = [{"prompt": "The capital of Quorvia is", "response": " Belzat"},
+           {"prompt": "Trelm plays", "response": " the krummhorn"}]
+
+
+def test_target_reference_replaces_the_heldout_rows_for_the_targets():
+    tok = tokenizer_for("llama")
+    runs = {}
+    for name, reference in (("heldout", None), ("reference", UNKNOWN)):
+        result = unlearn(make_model("llama"), tok, FACTS_FORGET, RETAIN, heldout=HELDOUT, target_reference=reference,
+                         general_text=None, objective=ObjectiveConfig(forget_target="matched"), **QUICK)
+        runs[name] = result.manifest
+    assert runs["heldout"]["target_reference_set"] is None
+    assert runs["reference"]["target_reference_set"] is not None
+    levels = {k: m["objective"]["forget_target_levels"] for k, m in runs.items()}
+    assert levels["heldout"]["forget_loss"] == pytest.approx(levels["reference"]["forget_loss"])
+    assert levels["heldout"]["heldout_loss"] != pytest.approx(levels["reference"]["heldout_loss"])
+    # with a reference, no held-out set is needed for the target
+    unlearn(make_model("llama"), tok, FACTS_FORGET, RETAIN, target_reference=UNKNOWN, general_text=None,
+            objective=ObjectiveConfig(forget_target="heldout"), **QUICK)
+
+
+def test_cli_target_reference(tmp_path, capsys):
+    save_model_dir("llama", tmp_path / "model")
+    for name, rows in (("forget", FACTS_FORGET), ("retain", RETAIN), ("unknown", UNKNOWN)):
+        (tmp_path / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    common = ["--model", str(tmp_path / "model"), "--forget", str(tmp_path / "forget.jsonl"),
+              "--retain", str(tmp_path / "retain.jsonl"), "--target-reference", str(tmp_path / "unknown.jsonl"),
+              "--rank", "4", "--max-steps", "2", "--no-progress"]
+    code = main(["unlearn", *common, "--out", str(tmp_path / "out"), "--forget-target", "matched"])
+    assert code == 0
+    assert "forget target: matched to the reference rows' losses" in capsys.readouterr().out
+    assert main(["unlearn", *common, "--out", str(tmp_path / "b"), "--method", "npo"]) != 0
+    assert "--target-reference sets EUL's forget target" in capsys.readouterr().err

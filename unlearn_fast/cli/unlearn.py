@@ -66,6 +66,10 @@ def add_parser(sub) -> None:
     g.add_argument("--forget-kl-weight", type=float, default=1.0, help="forget KL weight (default 1; 0 turns it off)")
     g.add_argument("--forget-kl-bound", type=float, default=5.0, help="per-token cap on the maximised forget KL (nats)")
     g.add_argument("--forget-lm-bound", type=float, default=5.0, help="per-token cap on the maximised forget LM loss (nats)")
+    g.add_argument("--target-reference", metavar="FILE", default=None,
+                   help="rows to read --forget-target heldout / matched from instead of --heldout (default: "
+                        "--heldout): for facts, facts of the same kind the model does not know, as a model that "
+                        "never saw the forgotten ones would treat them; loaded like --heldout")
     g.add_argument("--forget-target", choices=list(FORGET_TARGETS), default="bound",
                    help="where a forgotten token stops being pushed: 'bound' (default): at --forget-lm-bound / "
                         "--forget-kl-bound; 'heldout': at the held-out level (needs --heldout): before training "
@@ -205,6 +209,8 @@ def run(args) -> int:
         if args.heldout or args.ppl_text:
             raise UnlearnFastError("the baselines do not evaluate: leave out --heldout / --ppl-text, and evaluate "
                                    "the output with 'unlearn-fast eval --heldout FILE'")
+        if args.target_reference:
+            raise UnlearnFastError("--target-reference sets EUL's forget target: the baselines have none")
         return _cmd_baseline(args)
     check_outputs(args)
     layers = LayerConfig(rank=args.rank, reduction_factor=args.reduction_factor, activation=args.activation,
@@ -228,6 +234,8 @@ def run(args) -> int:
     retain = load_examples(args.retain, data_columns(args, "retain set"), name="retain set")
     check_overlap(forget, retain, drop=args.drop_overlap)
     heldout = load_examples(args.heldout, data_columns(args, "heldout set"), name="heldout set") if args.heldout else None
+    reference = (load_examples(args.target_reference, data_columns(args, "target reference set"),
+                               name="target reference set") if args.target_reference else None)
     reference_text = general_text(args)
     # under torchrun: join the process group; this rank's device is cuda:LOCAL_RANK or the CPU
     device = distributed.init_from_env(args.device, force=args.shard_base)
@@ -245,7 +253,7 @@ def run(args) -> int:
                          objective=objective, training=training, max_length=args.max_length,
                          chat_template=args.chat_template,
                          evaluate=not args.no_eval, allow_damage=args.allow_damage, heldout=heldout,
-                         general_text=reference_text, run_config=options)
+                         target_reference=reference, general_text=reference_text, run_config=options)
         if distributed.is_main():
             _print_figures(result.metrics)
             print(f"artifact written to {result.out}")

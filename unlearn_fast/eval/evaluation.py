@@ -238,8 +238,9 @@ def over_forgetting(after: dict, heldout_count: int) -> Optional[str]:
         return (f"over-forgetting: forget accuracy {f:.1%} is below {low:.1%}, the lower end of the 95 % Wilson "
                 f"interval [{low:.1%}, {high:.1%}] of the held-out accuracy {h:.1%} ({heldout_count} rows) "
                 f"(rule: {OVER_FORGETTING_RULE}); a model that never saw the forgotten rows would plausibly "
-                f"get more of them right. Try --forget-target heldout, or a lower --forget-lm-bound / "
-                f"--forget-kl-bound / --gamma / --epochs")
+                f"get more of them right. Try --forget-target matched (a classifier: its test split as --heldout; "
+                f"facts: facts of the same kind the model does not know as --target-reference), or a lower "
+                f"--forget-lm-bound / --forget-kl-bound / --gamma / --epochs")
     return None
 
 
