@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -298,27 +299,30 @@ def unlearn(
     return UnlearnResult(model, metrics, manifest, result, written, grams)
 
 
-def _heldout_target(model, task, objective: ObjectiveConfig, forget_rows, heldout_rows, pad: int):
-    """The objective with its forget bounds at the held-out level, and the teacher losses (nats per
-    target token, the model without layers, in eval mode) they were derived from."""
+@contextlib.contextmanager
+def _eval_mode(model):
+    """The model in eval mode (no dropout) inside, back in its own mode after."""
     was_training = model.training
     model.eval()
     try:
-        levels = {"forget_loss": mean_loss(model, task, forget_rows, pad),
-                  "heldout_loss": mean_loss(model, task, heldout_rows, pad)}
+        yield model
     finally:
         model.train(was_training)
+
+
+def _heldout_target(model, task, objective: ObjectiveConfig, forget_rows, heldout_rows, pad: int):
+    """The objective with its forget bounds at the held-out level, and the teacher losses (nats per
+    target token, the model without layers, in eval mode) they were derived from."""
+    with _eval_mode(model):
+        levels = {"forget_loss": mean_loss(model, task, forget_rows, pad),
+                  "heldout_loss": mean_loss(model, task, heldout_rows, pad)}
     return heldout_bounds(objective, levels["forget_loss"], levels["heldout_loss"]), levels
 
 
 def _teacher_row_losses(model, task, rows, pad: int) -> list[float]:
     """The model's (without layers, in eval mode) mean loss per target token of each row, in nats."""
-    was_training = model.training
-    model.eval()
-    try:
+    with _eval_mode(model):
         return [total / max(count, 1) for total, count in row_losses(model, task, rows, pad)]
-    finally:
-        model.train(was_training)
 
 
 def _matched_target(model, task, objective: ObjectiveConfig, forget_rows, heldout_rows, pad: int):
