@@ -124,6 +124,10 @@ def unlearn(
     ``target_reference`` (loaded like ``heldout``): the rows those two targets are read from instead of
     ``heldout`` — for facts, rows of the same kind the model does *not* know, which is how a model that
     never saw the forgotten facts would treat them; ``heldout`` then only gives the reported figures.
+    The default ``forget_target="auto"`` is ``"matched"`` for a sequence classifier given ``heldout``
+    and for any model given ``target_reference``, ``"bound"`` otherwise
+    (:meth:`unlearn_fast.train.objective.ObjectiveConfig.resolved_forget_target`); the manifest's
+    objective records the target used and ``forget_target_requested``.
 
     ``chat_template`` (causal LMs, prompt/response examples): ``"auto"`` encodes each example through the
     tokenizer's chat template where it has one (user turn = prompt, assistant turn = response; targets on
@@ -144,7 +148,8 @@ def unlearn(
         inputs = [forget, retain, training.checkpoint_dir, model_name or getattr(model.config, "_name_or_path", None)]
         check_writable(out, overwrite, [p for p in inputs if isinstance(p, (str, Path)) and str(p)], log)
     task = detect_task(model)
-    gamma = objective.resolved_gamma(task)
+    objective.resolved_gamma(task)  # a γ the task refuses fails here, before any work
+    requested_target = objective.forget_target
     forget_set = load_examples(forget, columns, name="forget set")
     retain_set = load_examples(retain, columns, name="retain set")
     heldout_set = load_examples(heldout, columns and columns.for_set("heldout set"), name="heldout set") \
@@ -177,6 +182,12 @@ def unlearn(
                             "as likely after the generic prompts); nothing to forget: lower the subject "
                             "margin or check the generic prompts")
     levels = None
+    objective = replace(objective, forget_target=objective.resolved_forget_target(
+        task, heldout=bool(heldout_set), reference=target_reference is not None))
+    if requested_target == "auto" and objective.forget_target != "bound":
+        log(f"forget target: {objective.forget_target} (the default for "
+            f"{'a classifier with a held-out set' if target_reference is None else 'a target reference'}; "
+            f"--forget-target bound for the fixed per-token bounds)")
     if objective.forget_target != "bound":  # the targets come from the held-out set (see objective.py)
         if not reference_set:
             raise DataError(f"forget_target={objective.forget_target!r} (--forget-target {objective.forget_target}) "
@@ -262,7 +273,9 @@ def unlearn(
         "chat_template": chat_template_record(tokenizer, chat_template, task),  # how prompt/response rows were encoded
         "layers": {"config": layers.to_dict(), "sites": describe(model)},
         # with forget_target "heldout" / "matched": the bounds as derived, and the teacher losses they came from
-        "objective": {**objective.to_dict(), "gamma": gamma, "forget_target_levels": levels},
+        # (forget_target as resolved; forget_target_requested: as given, e.g. "auto")
+        "objective": {**objective.to_dict(), "gamma": objective.resolved_gamma(task), "forget_target_levels": levels,
+                      "forget_target_requested": requested_target},
         "subject_selection": selection.to_dict() if selection.rows else None,
         "training": training.to_dict(),
         "forget_set": fingerprint(forget_set),

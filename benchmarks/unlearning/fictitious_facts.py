@@ -106,7 +106,7 @@ class Person:
 
 EUL_SUBJECT_EPOCHS = 40
 GENERIC_PER_FACT = 3  # generic prompts per forgotten fact
-EUL_METHODS = ("eul", "eul-subject", "eul-margin", "eul-subject-margin")  # run with every --eul-seeds seed
+EUL_METHODS = ("eul", "eul-subject", "eul-margin", "eul-subject-margin", "eul-matched")  # run with every --eul-seeds seed
 KINDS = ("city", "colour", "pet", "workplace")  # facts() order; the workplace follows a rule
 
 
@@ -201,16 +201,20 @@ def pretrain(vocab_size: int, tokenizer, facts: list[Example], config: TrainConf
     return model.eval(), result.update_time_s
 
 
-def run_method(name: str, original, tokenizer, forget, retain, settings: dict, chat_template: str = "none"):
-    """Unlearn ``forget`` from a copy of ``original`` with one method; (model, update seconds)."""
+def run_method(name: str, original, tokenizer, forget, retain, settings: dict, chat_template: str = "none",
+               reference=None):
+    """Unlearn ``forget`` from a copy of ``original`` with one method; (model, update seconds).
+    ``reference``: the facts EUL's ``forget_target="matched"`` reads its targets from (the held-out people's)."""
     model = copy.deepcopy(original)
     s = settings[name]
     torch.manual_seed(s["training"].seed)  # unlearning layers are initialised before training seeds itself
     if name.startswith("eul"):
         from unlearn_fast.api import unlearn
 
+        matched = s["objective"].forget_target == "matched"
         result = unlearn(model, tokenizer, forget, retain, layers=s["layers"], objective=s["objective"],
-                         training=s["training"], evaluate=False, log=lambda m: None, chat_template=chat_template)
+                         training=s["training"], evaluate=False, log=lambda m: None, chat_template=chat_template,
+                         target_reference=reference if matched else None)
         return result.model, result.training.update_time_s
     result = run_baseline(model, tokenizer, forget, retain, s["config"], s["training"], log=lambda m: None,
                           chat_template=chat_template)
@@ -246,6 +250,12 @@ def method_settings(quick: bool) -> dict:
                                "objective": ObjectiveConfig(gamma=2.0, lam=2.0, forget_margin=1.0,
                                                             retain_output_weight=10.0),
                                "training": t(EUL_SUBJECT_EPOCHS, 2e-2)},
+        # eul's recipe with each forgotten fact pushed to the loss of the held-out people's facts of the same
+        # rank (forget_target="matched", the held-out people as --target-reference): where a model that
+        # never saw the person would be
+        "eul-matched": {"layers": LayerConfig(rank=16),
+                        "objective": ObjectiveConfig(gamma=1.0, lam=2.0, forget_target="matched"),
+                        "training": t(20, 1e-2)},
         "finetune": {"config": BaselineConfig(method="finetune"), "training": t(5, 1e-4)},
         "ga": {"config": BaselineConfig(method="ga"), "training": t(10, 3e-4, 2)},
         "graddiff": {"config": BaselineConfig(method="graddiff"), "training": t(5, 1e-4)},
@@ -346,7 +356,8 @@ def main(argv=None) -> int:
     ap.add_argument("--methods", nargs="+",
                     default=["eul", "eul-subject", "finetune", "ga", "graddiff", "npo", "simnpo", "rmu", "idk"],
                     help="also: eul-margin, eul-subject-margin (those recipes with the forget margin and the "
-                         "retained-output penalty on)")
+                         "retained-output penalty on), eul-matched (eul's recipe, each forgotten fact pushed to the "
+                         "held-out people's loss of the same rank)")
     ap.add_argument("--pretrain-epochs", type=int, default=60)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--eul-seeds", type=int, nargs="+", default=[0, 1, 2],
@@ -409,7 +420,7 @@ def main(argv=None) -> int:
                         settings[name]["training"], seed=seed))})
                     label = name if seed == args.eul_seeds[0] else f"{name}[s{seed}]"
                     done = attempt(label, lambda: run_method(name, original, tokenizer, data, retain, seeded,
-                                                             args.chat_template))
+                                                             args.chat_template, reference=holdout))
                     if done is not None:
                         models[label] = done
             else:
@@ -459,11 +470,12 @@ def main(argv=None) -> int:
         def recipe(name):
             o, t = settings[name]["objective"], settings[name]["training"]
             return (f"{name}: gamma {o.gamma}, lam {o.lam}, forget_margin {o.forget_margin}, retain_output_weight "
-                    f"{o.retain_output_weight}, rank {settings[name]['layers'].rank}, {t.epochs} epochs, lr {t.lr}")
+                    f"{o.retain_output_weight}, forget_target {o.forget_target}, rank {settings[name]['layers'].rank}, "
+                    f"{t.epochs} epochs, lr {t.lr}")
 
         notes = (f"whole run {total:.0f} s wall; EUL seeds {' '.join(map(str, args.eul_seeds))}, the rest seed "
-                 f"{args.seed}; {args.threads} thread(s); EUL objectives (forget_margin 1.0 and retain_output_weight "
-                 f"10 are ObjectiveConfig's defaults since issue 27, the other fields the script's recipe): "
+                 f"{args.seed}; {args.threads} thread(s); EUL objectives (the script's recipes; forget_target "
+                 f"matched reads its targets from the held-out people's facts): "
                  + "; ".join(recipe(n) for n in EUL_METHODS if n in args.methods)
                  + "; baselines full-parameter (recipes: method_settings)"
                  + "".join(f"; FAILED {k}: {v}" for k, v in failures.items()))

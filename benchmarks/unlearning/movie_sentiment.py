@@ -301,6 +301,12 @@ def method_settings(eul_gamma: float = 1.0, eul_forget_target: str = "bound",
                                              forget_target=eul_forget_target, forget_margin=None,
                                              retain_output_weight=eul_retain_output_weight),
                 "training": t(5, 1e-3)},
+        # the library's defaults, as `unlearn-fast unlearn --heldout TEST` runs them (forget target auto,
+        # which is matched for a classifier with a held-out set), and the same with the fixed bounds
+        "eul-defaults": {"layers": LayerConfig(), "objective": ObjectiveConfig(),
+                         "training": TrainConfig(progress=False, seed=0)},
+        "eul-defaults-bound": {"layers": LayerConfig(), "objective": ObjectiveConfig(forget_target="bound"),
+                               "training": TrainConfig(progress=False, seed=0)},
         "finetune": {"config": BaselineConfig(method="finetune"), "training": t(2, 2e-5)},
         "ga": {"config": BaselineConfig(method="ga"), "training": t(2, 5e-6)},
         "graddiff": {"config": BaselineConfig(method="graddiff"), "training": t(2, 1e-5)},
@@ -315,10 +321,10 @@ def run_method(name: str, original, tokenizer, forget, retain, settings: dict, m
     model = copy.deepcopy(original)
     s = settings[name]
     torch.manual_seed(s["training"].seed)
-    if name == "eul":
+    if name.startswith("eul"):
         from unlearn_fast.api import unlearn
 
-        target = s["objective"].forget_target != "bound"
+        target = s["objective"].forget_target != "bound"  # auto, heldout, matched: the test split is the reference
         result = unlearn(model, tokenizer, forget, retain, layers=s["layers"], objective=s["objective"],
                          training=s["training"], max_length=max_length, evaluate=False, log=lambda m: None,
                          heldout=heldout if target else None)
@@ -356,7 +362,9 @@ def per_group_table(report: dict, groups: dict[str, list[int]]) -> str:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="unlearning_results/movie_sentiment", help="report directory")
-    ap.add_argument("--methods", nargs="*", default=["eul", "finetune", "ga", "graddiff", "npo"])
+    ap.add_argument("--methods", nargs="*", default=["eul", "finetune", "ga", "graddiff", "npo"],
+                    help="also: eul-defaults (the library's defaults with the test split as --heldout: forget "
+                         "target auto, i.e. matched), eul-defaults-bound (the same with the fixed bounds)")
     ap.add_argument("--data", choices=list(DATA_FILES), default="movies",
                     help="movies: forget every sentence about chosen entities; products: every sentence of "
                          "chosen reviews (Amazon product-review snippets)")
@@ -424,8 +432,9 @@ def main(argv=None) -> int:
     settings = method_settings(args.eul_gamma, args.eul_forget_target, args.eul_retain_output_weight)
     models = {"original": (original, None)}
     for name in args.methods:
-        for seed in (args.eul_seeds if name == "eul" else [0]):
-            label = name if seed == (args.eul_seeds[0] if name == "eul" else 0) else f"{name}[s{seed}]"
+        eul = name.startswith("eul")
+        for seed in (args.eul_seeds if eul else [0]):
+            label = name if seed == (args.eul_seeds[0] if eul else 0) else f"{name}[s{seed}]"
             if name == "eul" and args.eul_forget_target != "bound":
                 label = label.replace("eul", f"eul-{args.eul_forget_target}", 1)
             seeded = dict(settings, **{name: dict(settings[name], training=dataclasses.replace(

@@ -388,3 +388,17 @@ def test_outputs_follow_the_umask(mask, workdir, tmp_path, capsys):
         assert stat.S_IMODE(directory.stat().st_mode) == 0o777 & ~mask
         for f in directory.iterdir():
             assert stat.S_IMODE(f.stat().st_mode) == 0o666 & ~mask, f
+
+
+def test_a_killed_process_probe_file_is_removed_by_the_next_check(tmp_path):
+    from unlearn_fast.io.atomic import ensure_directory
+
+    finished = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                              text=True, check=True)
+    dead = tmp_path / f".probe.{int(finished.stdout)}.abcd1234"  # what a kill between write and unlink leaves
+    live = tmp_path / f".probe.{os.getpid()}.efgh5678"           # a probe being written right now
+    other = tmp_path / ".probe.notapid1"                          # not ours to judge
+    for p in (dead, live, other):
+        p.write_bytes(b"probe")
+    ensure_directory(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([live.name, other.name])

@@ -14,11 +14,12 @@ from test_objective import assert_grads_close, model_logits, objective_batch, tr
 from unlearn_fast.api import unlearn
 from unlearn_fast.cli import main
 from unlearn_fast.errors import DataError, ModelError
+from unlearn_fast.model.family import output_head
 from unlearn_fast.model.layers import LayerConfig, layers_disabled
 from unlearn_fast.ops.loss_head import IGNORE_INDEX
 from unlearn_fast.train.encoding import Row, collate
-from unlearn_fast.train.objective import (MATCHED_BAND, EULObjective, ObjectiveConfig, binary_kl, matched_bounds,
-                                         matched_targets)
+from unlearn_fast.train.objective import (MATCHED_BAND, MATCHED_PUSH_FLOOR, EULObjective, ObjectiveConfig,
+                                         binary_kl, matched_bounds, matched_push_weight, matched_targets)
 from unlearn_fast.train.trainer import TrainConfig
 
 RETAIN = [{"prompt": "The capital of France is", "response": " Paris"},
@@ -65,6 +66,12 @@ def test_matched_bounds_never_stop_a_row_before_its_target():
     assert out.forget_kl_bound == pytest.approx(kl)  # the row already past its target needs none
 
 
+def test_push_weight_is_one_over_the_loss_between_one_and_the_floor():
+    loss = torch.tensor([0.0, 0.001, MATCHED_PUSH_FLOOR, 0.05, 0.5, 1.0, 3.0], dtype=torch.float64)
+    want = [1 / MATCHED_PUSH_FLOOR, 1 / MATCHED_PUSH_FLOOR, 1 / MATCHED_PUSH_FLOOR, 20.0, 2.0, 1.0, 1.0]
+    assert matched_push_weight(loss).tolist() == pytest.approx(want)
+
+
 def test_collate_carries_the_row_targets():
     rows = [Row([1, 2], [2, 3], [True, True], True, loss_target=0.5), Row([1], [4], [True], False)]
     batch = collate(rows, 0)
@@ -96,6 +103,7 @@ def test_a_row_at_its_target_stops_being_pushed_and_one_past_it_is_pulled_back(a
     ce, kl, ce_pos, kl_pos = row_losses_and_terms(model, task, batch)
     with torch.no_grad():
         mean = (ce * ce_pos).sum(1) / ce_pos.sum(1).clamp(min=1)
+        push = hand_push_weight(mean).unsqueeze(1)
     forgotten = [i for i in range(len(batch["forget"])) if batch["forget"][i] and ce_pos[i].any()]
     assert len(forgotten) >= 2
     m0 = float(mean[forgotten[0]])
@@ -115,25 +123,54 @@ def test_a_row_at_its_target_stops_being_pushed_and_one_past_it_is_pulled_back(a
     keep[forgotten[0]] = False
     keep = keep.unsqueeze(1)
     # hand: the first row stays in the counts, with weight 0 (reached) or the sign flipped (past: its CE
-    # is minimised, no forget KL)
-    expected = (-0.7 * (ce * (ce_pos & keep)).sum() / ce_pos.sum()
+    # is minimised, no forget KL); every forgotten row's CE weighted by its push weight
+    expected = (-0.7 * (push * ce * (ce_pos & keep)).sum() / ce_pos.sum()
                 - 0.4 * (kl * (kl_pos & keep)).sum() / kl_pos.sum())
     if first == "past":
-        expected = expected + 0.7 * (ce * (ce_pos & ~keep)).sum() / ce_pos.sum()
+        expected = expected + 0.7 * (push * ce * (ce_pos & ~keep)).sum() / ce_pos.sum()
     want = torch.autograd.grad(expected, params, allow_unused=True)
     torch.testing.assert_close(loss.double(), expected, rtol=1e-5, atol=1e-6)
     assert_grads_close(got, want)
 
 
+SURE_SCALE = 100.0  # a random tiny model's logits are flat: scaled up, its best token is near-certain
+
+
+def sure_of_the_forgotten_answers(model, task, batch):
+    """``batch`` with each forgotten target replaced by the model's most likely token there, after the
+    output head is scaled up (so the model is sure of it: a loss well under 1 nat, where the push
+    weight acts)."""
+    with torch.no_grad():
+        output_head(model, task).weight.mul_(SURE_SCALE)
+        best = model_logits(model, task, batch).argmax(-1)
+    forget = batch["forget"].unsqueeze(1).expand_as(batch["targets"]) & (batch["targets"] != IGNORE_INDEX)
+    batch["targets"] = torch.where(forget, best, batch["targets"])
+    return batch
+
+
+def hand_push_weight(mean):
+    """The push weight written out: 1 / loss, at most 1 / floor, at least 1."""
+    return torch.minimum(torch.maximum(1.0 / mean, torch.ones_like(mean)),
+                         torch.full_like(mean, 1 / MATCHED_PUSH_FLOOR))
+
+
 @pytest.mark.parametrize("arch", ["llama", "bert"])
-def test_targets_out_of_reach_change_nothing(arch):
+def test_targets_out_of_reach_only_weight_the_push(arch):
     model, task = trained_like(arch), TASK_OF[arch]
-    batch = objective_batch(arch)
+    batch = sure_of_the_forgotten_answers(model, task, objective_batch(arch))
     config = ObjectiveConfig(**{**OFF, "gamma": 0.5, "forget_kl_weight": 1.0, "alpha": 0.8})
     plain, _ = EULObjective(model, task, config)(batch)
+    ce, _, ce_pos, _ = row_losses_and_terms(model, task, batch)
+    with torch.no_grad():
+        mean = (ce * ce_pos).sum(1) / ce_pos.sum(1).clamp(min=1)
+        weight = hand_push_weight(mean)
+        # the forget LM term of the plain loss, and the same with each row at its push weight
+        term = -0.5 * (ce * ce_pos).sum() / ce_pos.sum()
+        pushed = -0.5 * (weight.unsqueeze(1) * ce * ce_pos).sum() / ce_pos.sum()
+    assert float(weight[batch["forget"]].max()) > 2  # the weight does act on this batch
     batch["loss_target"] = torch.full((len(batch["forget"]),), 1e6, dtype=torch.float64)
     far, _ = EULObjective(model, task, config)(batch)
-    torch.testing.assert_close(far, plain)
+    torch.testing.assert_close(far.double(), plain.double() - term + pushed, rtol=1e-5, atol=1e-6)
 
 
 # ---- through the API and the CLI --------------------------------------------------------------------
@@ -210,3 +247,67 @@ def test_cli_target_reference(tmp_path, capsys):
     assert "forget target: matched to the reference rows' losses" in capsys.readouterr().out
     assert main(["unlearn", *common, "--out", str(tmp_path / "b"), "--method", "npo"]) != 0
     assert "--target-reference sets EUL's forget target" in capsys.readouterr().err
+
+
+# ---- the default: forget_target="auto" --------------------------------------------------------------
+@pytest.mark.parametrize("task, heldout, reference, expected", [
+    ("classification", True, False, "matched"),  # a classifier with its test split
+    ("classification", False, False, "bound"),   # nothing to match
+    ("causal", True, False, "bound"),            # held-out known facts: the wrong reference for facts
+    ("seq2seq", True, False, "bound"),
+    ("causal", False, True, "matched"),          # a target reference is chosen to be matched
+    ("classification", False, True, "matched"),
+])
+def test_auto_forget_target_rule(task, heldout, reference, expected):
+    assert ObjectiveConfig().forget_target == "auto"
+    assert ObjectiveConfig().resolved_forget_target(task, heldout, reference) == expected
+    for given in ("bound", "heldout", "matched"):  # an explicit choice is kept
+        assert ObjectiveConfig(forget_target=given).resolved_forget_target(task, heldout, reference) == given
+    assert ObjectiveConfig.paper().resolved_forget_target(task, heldout, reference) == "bound"
+
+
+def test_a_classifier_gamma_defaults_to_one_under_matched():
+    assert ObjectiveConfig(forget_target="matched").resolved_gamma("classification") == 1.0
+    assert ObjectiveConfig(forget_target="bound").resolved_gamma("classification") == 0.0
+    assert ObjectiveConfig(forget_target="matched", gamma=0.3).resolved_gamma("classification") == 0.3
+    assert ObjectiveConfig(forget_target="matched").resolved_gamma("causal") == 0.2
+
+
+def test_auto_forget_target_through_the_api():
+    tok = tokenizer_for("bert")
+    forget = [{"text": "Zorbia exports purple marbles.", "label": "POS"},
+              {"text": "Quellton has seven bridges.", "label": "NEG"}]
+    retain = [{"text": "France exports cheese.", "label": "NEG"}, {"text": "Paris has museums.", "label": "POS"}]
+    test = [{"text": "The sky is blue.", "label": "POS"}, {"text": "It rains.", "label": 0}]
+    lines = []
+    result = unlearn(make_model("bert"), tok, forget, retain, heldout=test,
+                     **{**QUICK, "log": lambda m: lines.append(str(m))})
+    objective = result.manifest["objective"]
+    assert (objective["forget_target"], objective["forget_target_requested"]) == ("matched", "auto")
+    assert objective["gamma"] == 1.0  # the term that pushes and pulls each row back
+    assert objective["forget_target_levels"]["pushed_rows"] in (0, 1, 2)
+    assert any(line.startswith("forget target: matched (the default for a classifier") for line in lines)
+    # the same classifier without a held-out set, and a causal LM with one: the fixed bounds
+    plain = unlearn(make_model("bert"), tok, forget, retain, **QUICK).manifest["objective"]
+    assert (plain["forget_target"], plain["forget_target_levels"]) == ("bound", None)
+    assert plain["gamma"] == 0.0  # the paper's classification objective
+    lm = unlearn(make_model("llama"), tokenizer_for("llama"), FACTS_FORGET, RETAIN, heldout=HELDOUT,
+                 general_text=None, **QUICK).manifest["objective"]
+    assert (lm["forget_target"], lm["forget_lm_bound"]) == ("bound", 5.0)
+
+
+def test_cli_paper_objective_keeps_the_fixed_bounds(tmp_path):
+    save_model_dir("bert", tmp_path / "model")
+    forget = [{"text": "Zorbia exports purple marbles.", "label": 1}]
+    retain = [{"text": "France exports cheese.", "label": 0}, {"text": "Paris has museums.", "label": 1}]
+    test = [{"text": "The sky is blue.", "label": 1}, {"text": "It rains.", "label": 0}]
+    for name, rows in (("forget", forget), ("retain", retain), ("test", test)):
+        (tmp_path / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    common = ["--model", str(tmp_path / "model"), "--forget", str(tmp_path / "forget.jsonl"),
+              "--retain", str(tmp_path / "retain.jsonl"), "--heldout", str(tmp_path / "test.jsonl"),
+              "--rank", "4", "--max-steps", "2", "--no-progress"]
+    targets = {}
+    for name, extra in (("default", []), ("paper", ["--paper-objective"])):
+        assert main(["unlearn", *common, "--out", str(tmp_path / name), *extra]) == 0
+        targets[name] = json.loads((tmp_path / name / "manifest.json").read_text())["objective"]["forget_target"]
+    assert targets == {"default": "matched", "paper": "bound"}

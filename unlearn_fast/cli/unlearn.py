@@ -62,7 +62,8 @@ def add_parser(sub) -> None:
     g.add_argument("--lam", "--lambda", dest="lam", type=float, default=1.0, help="retained task-loss weight (default 1.0)")
     g.add_argument("--gamma", type=float, default=None,
                    help="forget LM-loss weight (default 0.2); for classification models the weight of the "
-                        "negated task loss on the forgotten labels (default 0)")
+                        "negated task loss on the forgotten labels (default 0; 1 under --forget-target matched, "
+                        "which --forget-target auto picks for a classifier given --heldout)")
     g.add_argument("--forget-kl-weight", type=float, default=1.0, help="forget KL weight (default 1; 0 turns it off)")
     g.add_argument("--forget-kl-bound", type=float, default=5.0, help="per-token cap on the maximised forget KL (nats)")
     g.add_argument("--forget-lm-bound", type=float, default=5.0, help="per-token cap on the maximised forget LM loss (nats)")
@@ -70,8 +71,10 @@ def add_parser(sub) -> None:
                    help="rows to read --forget-target heldout / matched from instead of --heldout (default: "
                         "--heldout): for facts, facts of the same kind the model does not know, as a model that "
                         "never saw the forgotten ones would treat them; loaded like --heldout")
-    g.add_argument("--forget-target", choices=list(FORGET_TARGETS), default="bound",
-                   help="where a forgotten token stops being pushed: 'bound' (default): at --forget-lm-bound / "
+    g.add_argument("--forget-target", choices=list(FORGET_TARGETS), default="auto",
+                   help="where a forgotten token stops being pushed: 'auto' (default): 'matched' for a "
+                        "sequence classifier given --heldout (its test split) and for any model given "
+                        "--target-reference, 'bound' otherwise; 'bound': at --forget-lm-bound / "
                         "--forget-kl-bound; 'heldout': at the held-out level (needs --heldout): before training "
                         "the LM bound becomes the original model's mean per-token loss on the held-out targets, "
                         "and the KL bound the least KL from the original at which a forgotten target is that "
@@ -93,7 +96,8 @@ def add_parser(sub) -> None:
                         "forgotten facts rather than on every fact of their kind")
     g.add_argument("--paper-objective", action="store_true",
                    help="the paper's objective exactly: no sharpening guard, no forget margin, no "
-                        "retained-output penalty (overrides --forget-margin and --retain-output-weight)")
+                        "retained-output penalty, the fixed bounds (overrides --forget-margin and "
+                        "--retain-output-weight, and --forget-target auto)")
     g.add_argument("--subject-margin", type=float, default=1.0, metavar="NATS",
                    help="forgotten examples with generic prompts (--generic-prompts-column): forget only the "
                         "response tokens the real subject makes this many nats likelier than the generic "
@@ -221,7 +225,8 @@ def run(args) -> int:
                                 subject_margin=args.subject_margin, forget_target=args.forget_target,
                                 forget_margin=args.forget_margin, retain_output_weight=args.retain_output_weight)
     if args.paper_objective:
-        objective = replace(objective, sharpening_guard=False, forget_margin=None, retain_output_weight=0.0)
+        objective = replace(objective, sharpening_guard=False, forget_margin=None, retain_output_weight=0.0,
+                            forget_target="bound" if args.forget_target == "auto" else args.forget_target)
     training = TrainConfig(epochs=args.epochs, schedule=args.schedule, batch_size=args.batch_size, lr=args.lr,
                            max_steps=args.max_steps, seed=args.seed, progress=not args.no_progress,
                            checkpoint_dir=args.checkpoint_dir, checkpoint_every=args.checkpoint_every,

@@ -48,13 +48,33 @@ def ensure_directory(directory: PathLike) -> Path:
         raise OutputError(f"cannot write to {directory}: {problem}; choose another location")
     with output_errors(directory):
         directory.mkdir(parents=True, exist_ok=True)
-        fd, probe = tempfile.mkstemp(prefix=".probe.", dir=directory)
+        _remove_dead_probes(directory)
+        fd, probe = tempfile.mkstemp(prefix=f".probe.{os.getpid()}.", dir=directory)
         try:
             os.write(fd, b"probe")
         finally:
             os.close(fd)
             Path(probe).unlink(missing_ok=True)
     return directory
+
+
+def _remove_dead_probes(directory: Path) -> None:
+    """Remove the probe files (``.probe.<pid>.XXXXXXXX``) of processes that no longer run: a process
+    killed between writing its probe and removing it leaves one behind."""
+    for probe in directory.glob(".probe.*"):
+        pid = probe.name.split(".")[2]
+        if pid.isdigit() and not _alive(int(pid)):
+            probe.unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
 
 
 def _not_a_directory(directory: Path) -> Optional[str]:

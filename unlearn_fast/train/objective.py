@@ -22,7 +22,10 @@ take over. ``sharpening_guard=False`` gives the paper's objective exactly. The l
 kernels decide this per position from statistics they compute anyway (no extra pass; see
 :mod:`unlearn_fast.ops.loss_head`).
 
-Forget target. ``forget_target="bound"`` (the default) uses the two bounds as given.
+Forget target. ``forget_target="auto"`` (the default) is ``"matched"`` where the rows to read targets
+from are given and the data says a row-level target carries (a sequence classifier with a held-out
+set, or any model with a target reference), ``"bound"`` otherwise (:meth:`ObjectiveConfig.resolved_forget_target`).
+``forget_target="bound"`` uses the two bounds as given.
 ``forget_target="heldout"`` derives them from a held-out set before training (see
 :func:`heldout_bounds`): a forgotten token stops being pushed once its loss reaches the teacher's
 mean per-token loss on the held-out targets — the level of rows the model was never asked to
@@ -31,7 +34,9 @@ target (:func:`matched_targets`): the held-out row loss of the same rank, so the
 with the loss distribution of rows the model never trained on (most stay nearly as they were, the
 least certain ones are pushed past the answer, as a retrained model would get them wrong); a row's
 forget terms stop once its mean target loss reaches its target, and a row carried far past it by the
-other rows' steps is pulled back (:data:`MATCHED_BAND`).
+other rows' steps is pulled back (:data:`MATCHED_BAND`). Until it reaches its target, a row's forget LM
+term is weighted by 1 / (its current loss) (:func:`matched_push_weight`): the negated loss's gradient
+vanishes on a row the model is sure of, so without it such rows never reached their targets.
 """
 
 from __future__ import annotations
@@ -60,10 +65,12 @@ GATE_CHUNK_ROWS = 64  # forget-margin positions per logits chunk: 12 MiB of fp32
 # reported beside the terms: the forget KL's weight as applied, forget_kl_weight × the share of the
 # forgotten KL positions the sharpening guard kept (a mean over the forget KL's positions, like it)
 FORGET_KL_COEF = "forget_kl_coef"
-FORGET_TARGETS = ("bound", "heldout", "matched")
-# forget_target="matched": a row whose loss ends above target + max(0.5 × target, 0.05 nats) is pulled back
+FORGET_TARGETS = ("auto", "bound", "heldout", "matched")
+# forget_target="matched": a row whose loss ends above target + max(0.1 × target, 0.05 nats) is pulled back
 # (its forget LM term changes sign) — the steps of the other rows keep moving it after it stopped
-MATCHED_BAND = (0.5, 0.05)
+MATCHED_BAND = (0.1, 0.05)
+# forget_target="matched": the push weight 1 / loss stops growing below this loss (nats per token)
+MATCHED_PUSH_FLOOR = 0.01
 
 
 @dataclass
@@ -85,8 +92,9 @@ class ObjectiveConfig:
     # nats likelier than generic subjects do are forgotten (see unlearn_fast.train.selection)
     subject_margin: float = 1.0
     # "bound": the bounds above as given; "heldout": both bounds derived from the teacher's loss on a
-    # held-out set before training (heldout_bounds; needs unlearn(heldout=...))
-    forget_target: str = "bound"
+    # held-out set before training (heldout_bounds; needs unlearn(heldout=...)); "matched": each forgotten
+    # row to the held-out rows' loss of its rank; "auto": matched or bound (resolved_forget_target)
+    forget_target: str = "auto"
     # stop pushing a forgotten target token once it is this many nats below the student's most likely
     # other token (where a model that never saw the fact would have it: not its answer); None: off.
     # Opt-in (the demo uses 1.0 with retain_output_weight 10): it removed the collateral damage on the
@@ -107,8 +115,25 @@ class ObjectiveConfig:
 
     @classmethod
     def paper(cls, **overrides) -> "ObjectiveConfig":
-        """The paper's objective: no sharpening guard, no forget margin, no retained-output penalty."""
-        return cls(**{"sharpening_guard": False, "forget_margin": None, "retain_output_weight": 0.0, **overrides})
+        """The paper's objective: no sharpening guard, no forget margin, no retained-output penalty, the
+        fixed bounds."""
+        return cls(**{"sharpening_guard": False, "forget_margin": None, "retain_output_weight": 0.0,
+                      "forget_target": "bound", **overrides})
+
+    def resolved_forget_target(self, task: str, heldout: bool, reference: bool) -> str:
+        """The forget target ``"auto"`` stands for, given the task and whether a held-out set
+        (``heldout``) or a separate target reference (``reference``) is given; any other value as set.
+
+        ``"matched"`` for a sequence classifier with a held-out set (its test split: measured on two
+        sentiment data sets, it ends forget accuracy within 3 points of a retrained model's where the
+        fixed bounds over-forget by 17–42 points), and for any model given a target reference (rows
+        chosen to be what the forgotten ones should look like). ``"bound"`` otherwise: held-out *known*
+        facts are the wrong reference for facts (matching them barely forgets), and without a reference
+        there is nothing to match. See docs/design.md.
+        """
+        if self.forget_target != "auto":
+            return self.forget_target
+        return "matched" if reference or (heldout and task == "classification") else "bound"
 
     def resolved_gamma(self, task: str) -> float:
         """The weight γ of the maximised forget term for ``task``.
@@ -123,10 +148,16 @@ class ObjectiveConfig:
         allowed. For two classes, a bound of at most ln 2 ≈ 0.69 nats lets this term lower the
         confidence in a forgotten label down to chance but not past it (the forget KL, capped by
         ``forget_kl_bound``, can still move it further). A negative γ would train a classifier on the
-        forgotten labels, so it is refused there.
+        forgotten labels, so it is refused there. Under ``forget_target="matched"`` a classifier's γ
+        defaults to 1: that term is what pushes each row to its target and pulls it back past it (with
+        γ = 0 only the forget KL acts, and nothing pulls back: with the library's other defaults the
+        movie classifier's forgotten sentences ended 5.8 points below the retrained model's forget
+        accuracy; see docs/design.md).
         """
         if self.gamma is None:
-            return 0.2 if task != "classification" else 0.0
+            if task == "classification":
+                return 1.0 if self.forget_target == "matched" else 0.0
+            return 0.2
         if self.gamma < 0 and task == "classification":
             raise ModelError(f"gamma is the weight of the negated task loss on the forgotten labels of a "
                              f"sequence classifier: it must be >= 0 (got {self.gamma}; --gamma)")
@@ -193,6 +224,21 @@ def matched_targets(forget_losses: Sequence[float], heldout_losses: Sequence[flo
     for rank, i in enumerate(order):
         out[i] = max(reference[min(int((rank + 0.5) / n * m), m - 1)], 0.0)
     return out
+
+
+def matched_push_weight(row_loss: Tensor) -> Tensor:
+    """forget_target="matched": the weight of a forgotten row's LM term given its current mean loss
+    per target token: 1 / loss, between 1 and 1 / :data:`MATCHED_PUSH_FLOOR`.
+
+    The negated cross-entropy's gradient on a row is proportional to 1 − p (p: the model's probability
+    of the row's answer), about the loss itself when the model is sure, so a row at 0.03 nats is pushed
+    thirty times more weakly than one at 1 nat. Weighted by 1 / loss it becomes the gradient of
+    −log(loss): every row moves at the same relative speed. Measured (product sentiment, one seed, 5
+    epochs): without it the two forgotten sentences whose target runs against the other rows' direction
+    (positive sentences among mostly negative ones) stayed at 0.01 and 0.07 nats against targets of 0.85
+    and 4.3; with it every target was reached.
+    """
+    return (1.0 / row_loss.clamp(min=MATCHED_PUSH_FLOOR)).clamp(min=1.0)
 
 
 def matched_bounds(config: ObjectiveConfig, forget_losses: Sequence[float], targets: Sequence[float]) -> ObjectiveConfig:
@@ -349,7 +395,9 @@ class EULObjective:
             done = self._forgotten_positions(batch, student)
         past = None
         if "loss_target" in batch:
-            reached, past = self._rows_at_target(batch, student)
+            reached, past, row_loss = self._rows_at_target(batch, student)
+            push = torch.where(batch["forget"].cpu(), matched_push_weight(row_loss), 1.0)
+            ce_coef = ce_coef * push.float().unsqueeze(1).to(ce_coef.device)
             reached = reached.unsqueeze(1).expand_as(kl_coef)
             done = reached if done is None else done | reached
         if done is not None:
@@ -430,10 +478,11 @@ class EULObjective:
         done[positions] = target_logit < best_other - self.config.forget_margin
         return done.to(batch["targets"].device)
 
-    def _rows_at_target(self, batch: dict, student: Tensor) -> tuple[Tensor, Tensor]:
+    def _rows_at_target(self, batch: dict, student: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """Two [B] bools (forget_target="matched"; no gradient): the forgotten rows whose mean target
         loss under the student has reached the row's ``loss_target``, and those of them that have gone
-        past its band (:data:`MATCHED_BAND`: above target + max(band × target, band_floor) nats)."""
+        past its band (:data:`MATCHED_BAND`: above target + max(band × target, band_floor) nats); and
+        that mean loss per row ([B] float64 on the CPU; 0 for a row without forgotten targets)."""
         positions, target_logit, _, lse = self._forgotten_target_logits(batch, student)
         per_position = torch.zeros(positions.shape, dtype=torch.float64)
         per_position[positions] = (lse - target_logit).double()
@@ -445,7 +494,7 @@ class EULObjective:
         share, floor = MATCHED_BAND
         past = reached & (mean > target + torch.clamp(share * target, min=floor))
         device = batch["targets"].device
-        return reached.to(device), past.to(device)
+        return reached.to(device), past.to(device), mean
 
     def _forget_kl_coef(self, batch: dict, rows_used: Tensor, kl_weight: Optional[Tensor]) -> float:
         """The forget KL's weight as the loss head applied it: ``forget_kl_weight`` times the share of
