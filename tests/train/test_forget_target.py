@@ -7,7 +7,7 @@ import math
 
 import pytest
 
-from conftest import FACTS_FORGET, make_model, save_model_dir, tokenizer_for
+from conftest import FACTS_FORGET, make_model, save_model_dir, tokenizer_for, write_jsonl
 from unlearn_fast import api
 from unlearn_fast.api import unlearn
 from unlearn_fast.cli import main
@@ -131,7 +131,7 @@ def test_heldout_target_on_a_classifier():
 def test_cli_forget_target_heldout(tmp_path, capsys):
     save_model_dir("llama", tmp_path / "model")
     for name, rows in (("forget", FACTS_FORGET), ("retain", RETAIN), ("heldout", HELDOUT)):
-        (tmp_path / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        write_jsonl(tmp_path / f"{name}.jsonl", rows)
     code = main(["unlearn", "--model", str(tmp_path / "model"), "--forget", str(tmp_path / "forget.jsonl"),
                  "--retain", str(tmp_path / "retain.jsonl"), "--heldout", str(tmp_path / "heldout.jsonl"),
                  "--out", str(tmp_path / "out"), "--forget-target", "heldout", "--rank", "4", "--max-steps", "2",

@@ -9,7 +9,7 @@ import random
 import pytest
 import torch
 
-from conftest import ALL_ARCHS, FACTS_FORGET, TASK_OF, make_model, save_model_dir, tokenizer_for
+from conftest import ALL_ARCHS, FACTS_FORGET, TASK_OF, make_model, save_model_dir, tokenizer_for, write_jsonl
 from test_objective import assert_grads_close, model_logits, objective_batch, trained_like
 from unlearn_fast.api import unlearn
 from unlearn_fast.cli import main
@@ -203,7 +203,7 @@ def test_matched_target_on_a_classifier():
 def test_cli_forget_target_matched(tmp_path, capsys):
     save_model_dir("llama", tmp_path / "model")
     for name, rows in (("forget", FACTS_FORGET), ("retain", RETAIN), ("heldout", HELDOUT)):
-        (tmp_path / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        write_jsonl(tmp_path / f"{name}.jsonl", rows)
     code = main(["unlearn", "--model", str(tmp_path / "model"), "--forget", str(tmp_path / "forget.jsonl"),
                  "--retain", str(tmp_path / "retain.jsonl"), "--heldout", str(tmp_path / "heldout.jsonl"),
                  "--out", str(tmp_path / "out"), "--forget-target", "matched", "--rank", "4", "--max-steps", "2",
@@ -238,7 +238,7 @@ def test_target_reference_replaces_the_heldout_rows_for_the_targets():
 def test_cli_target_reference(tmp_path, capsys):
     save_model_dir("llama", tmp_path / "model")
     for name, rows in (("forget", FACTS_FORGET), ("retain", RETAIN), ("unknown", UNKNOWN)):
-        (tmp_path / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        write_jsonl(tmp_path / f"{name}.jsonl", rows)
     common = ["--model", str(tmp_path / "model"), "--forget", str(tmp_path / "forget.jsonl"),
               "--retain", str(tmp_path / "retain.jsonl"), "--target-reference", str(tmp_path / "unknown.jsonl"),
               "--rank", "4", "--max-steps", "2", "--no-progress"]
@@ -302,7 +302,7 @@ def test_cli_paper_objective_keeps_the_fixed_bounds(tmp_path):
     retain = [{"text": "France exports cheese.", "label": 0}, {"text": "Paris has museums.", "label": 1}]
     test = [{"text": "The sky is blue.", "label": 1}, {"text": "It rains.", "label": 0}]
     for name, rows in (("forget", forget), ("retain", retain), ("test", test)):
-        (tmp_path / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        write_jsonl(tmp_path / f"{name}.jsonl", rows)
     common = ["--model", str(tmp_path / "model"), "--forget", str(tmp_path / "forget.jsonl"),
               "--retain", str(tmp_path / "retain.jsonl"), "--heldout", str(tmp_path / "test.jsonl"),
               "--rank", "4", "--max-steps", "2", "--no-progress"]
