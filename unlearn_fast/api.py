@@ -22,6 +22,7 @@ from .errors import DataError, TrainingError, UnlearnFastError
 from .eval.evaluation import (HELDOUT, evaluate_sets, forget_unmoved, mean_loss, over_forgetting, retain_damage,
                               row_losses)
 from .eval.general_text import GENERAL_TEXT
+from .eval.metrics import answer_found
 from .fusion.grams import collect_grams
 from .fusion.closed_form import request_records
 from .io.artifacts import check_writable, load_layers, load_layers_together, model_fingerprint, write_artifact
@@ -40,6 +41,7 @@ from .train.encoding import (
 )
 from .train.objective import EULObjective, ObjectiveConfig, heldout_bounds, matched_bounds, matched_targets
 from .train.selection import select_subject_tokens
+from .train.routes import ForgetRoutes
 from .train.step_cache import StepCache
 from .train.trainer import TrainConfig, TrainResult, train
 from .version import __version__
@@ -236,8 +238,10 @@ def unlearn(
         cache = StepCache(model, task, trunk=training.shared_trunk, store=training.teacher_cache)
     loss = EULObjective(model, task, objective, cache)
     pad = pad_token_id(tokenizer)
+    routes = _forget_routes(tokenizer, task, objective, training, forget_set, forget_rows, train_forget_rows, pad, log)
     try:
-        result = train(model, loss, train_forget_rows, retain_rows, training, pad, allow_damage=allow_damage, log=log)
+        result = train(model, loss, train_forget_rows, retain_rows, training, pad, allow_damage=allow_damage, log=log,
+                       routes=routes)
     finally:
         if cache is not None:  # frees the cached rows before the figures after; removes the disk mode's file
             cache.close()
@@ -277,6 +281,7 @@ def unlearn(
         "objective": {**objective.to_dict(), "gamma": objective.resolved_gamma(task), "forget_target_levels": levels,
                       "forget_target_requested": requested_target},
         "subject_selection": selection.to_dict() if selection.rows else None,
+        "forget_routes_found": None if routes is None else routes.found,  # the student's detours trained on
         "training": training.to_dict(),
         "forget_set": fingerprint(forget_set),
         "retain_set": fingerprint(retain_set),
@@ -336,6 +341,25 @@ def _teacher_row_losses(model, task, rows, pad: int) -> list[float]:
     """The model's (without layers, in eval mode) mean loss per target token of each row, in nats."""
     with _eval_mode(model):
         return [total / max(count, 1) for total, count in row_losses(model, task, rows, pad)]
+
+
+def _forget_routes(tokenizer, task: str, objective: ObjectiveConfig, training: TrainConfig,
+                   forget_set: Sequence[Example], forget_rows, train_rows, pad: int, log) -> Optional[ForgetRoutes]:
+    """The forget routes the objective asks for (None: off, or not a causal LM's prompt / response
+    rows). A trained row gets routes when its example has a prompt (with generic prompts: when the
+    subject selection kept it); its answer is found in a completion as the forget accuracy finds it
+    (:func:`answer_found`, variants too)."""
+    if not objective.forget_routes or task != "causal":
+        return None
+    if training.shard_base:
+        log("forget routes: off with a sharded base (the sharded forwards cannot generate)")
+        return None
+    example_of = {tuple(r.input_ids): e for e, r in zip(forget_set, forget_rows) if e.prompt is not None}
+    examples = [example_of.get(tuple(r.input_ids)) for r in train_rows]
+    if not any(examples):
+        return None
+    return ForgetRoutes(tokenizer, train_rows, examples, lambda text, e: answer_found(text, e.response, e.answers)[1],
+                        objective.forget_routes, pad)
 
 
 def _matched_target(model, task, objective: ObjectiveConfig, forget_rows, heldout_rows, pad: int):

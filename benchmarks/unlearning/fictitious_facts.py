@@ -106,7 +106,8 @@ class Person:
 
 EUL_SUBJECT_EPOCHS = 40
 GENERIC_PER_FACT = 3  # generic prompts per forgotten fact
-EUL_METHODS = ("eul", "eul-subject", "eul-margin", "eul-subject-margin", "eul-matched")  # run with every --eul-seeds seed
+EUL_METHODS = ("eul", "eul-subject", "eul-margin", "eul-subject-margin", "eul-matched", "eul-routes",
+               "eul-subject-routes")  # run with every --eul-seeds seed
 KINDS = ("city", "colour", "pet", "workplace")  # facts() order; the workplace follows a rule
 
 
@@ -256,6 +257,15 @@ def method_settings(quick: bool) -> dict:
         "eul-matched": {"layers": LayerConfig(rank=16),
                         "objective": ObjectiveConfig(gamma=1.0, lam=2.0, forget_target="matched"),
                         "training": t(20, 1e-2)},
+        # eul's recipe with the forget margin (1 nat) and the student's detours to a forgotten answer trained
+        # on (forget_routes 4), no retained-output penalty
+        "eul-routes": {"layers": LayerConfig(rank=16),
+                       "objective": ObjectiveConfig(gamma=1.0, lam=2.0, forget_margin=1.0, forget_routes=4),
+                       "training": t(20, 1e-2)},
+        # eul-subject's recipe (generic prompts: subject-specific tokens only) with the same two
+        "eul-subject-routes": {"layers": LayerConfig(rank=16),
+                               "objective": ObjectiveConfig(gamma=2.0, lam=2.0, forget_margin=1.0, forget_routes=4),
+                               "training": t(EUL_SUBJECT_EPOCHS, 2e-2)},
         "finetune": {"config": BaselineConfig(method="finetune"), "training": t(5, 1e-4)},
         "ga": {"config": BaselineConfig(method="ga"), "training": t(10, 3e-4, 2)},
         "graddiff": {"config": BaselineConfig(method="graddiff"), "training": t(5, 1e-4)},
@@ -357,7 +367,8 @@ def main(argv=None) -> int:
                     default=["eul", "eul-subject", "finetune", "ga", "graddiff", "npo", "simnpo", "rmu", "idk"],
                     help="also: eul-margin, eul-subject-margin (those recipes with the forget margin and the "
                          "retained-output penalty on), eul-matched (eul's recipe, each forgotten fact pushed to the "
-                         "held-out people's loss of the same rank)")
+                         "held-out people's loss of the same rank), eul-routes (eul's recipe with the forget margin and "
+                         "forget routes), eul-subject-routes (eul-subject's with the same two)")
     ap.add_argument("--pretrain-epochs", type=int, default=60)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--eul-seeds", type=int, nargs="+", default=[0, 1, 2],
@@ -470,7 +481,7 @@ def main(argv=None) -> int:
         def recipe(name):
             o, t = settings[name]["objective"], settings[name]["training"]
             return (f"{name}: gamma {o.gamma}, lam {o.lam}, forget_margin {o.forget_margin}, retain_output_weight "
-                    f"{o.retain_output_weight}, forget_target {o.forget_target}, rank {settings[name]['layers'].rank}, "
+                    f"{o.retain_output_weight}, forget_routes {o.forget_routes}, forget_target {o.forget_target}, rank {settings[name]['layers'].rank}, "
                     f"{t.epochs} epochs, lr {t.lr}")
 
         notes = (f"whole run {total:.0f} s wall; EUL seeds {' '.join(map(str, args.eul_seeds))}, the rest seed "

@@ -64,6 +64,9 @@ OFF = dict(forget_margin=None, retain_output_weight=0.0)
 OBJECTIVES = {
     "bounds": ObjectiveConfig(**OFF),  # the library's default
     "margin-penalty": ObjectiveConfig(forget_margin=1.0, retain_output_weight=10.0),  # the demo's
+    # the demo's with the student's detours to a forgotten answer trained on too (forget_routes)
+    "margin-penalty-routes": ObjectiveConfig(forget_margin=1.0, retain_output_weight=10.0, forget_routes=4),
+    "margin-routes": ObjectiveConfig(forget_margin=1.0, forget_routes=4, retain_output_weight=0.0),
     "margin-only": ObjectiveConfig(forget_margin=1.0, **{k: v for k, v in OFF.items() if k != "forget_margin"}),
     "penalty-only": ObjectiveConfig(retain_output_weight=10.0, forget_margin=None),
     "heldout": ObjectiveConfig(forget_target="heldout", **OFF),

@@ -198,7 +198,7 @@ def compare(model, task, batch, **weights):
     # objective.heldout_bounds), not in a batch's loss
     kwargs = {k: v for k, v in config.to_dict().items()
               if k not in ("sharpening_guard", "subject_margin", "forget_target", "forget_margin",
-                           "retain_output_weight")}
+                           "retain_output_weight", "forget_routes")}
     kwargs["gamma"] = objective.gamma
     expected, parts = hand_loss(model, task, batch, **kwargs)
     want_grads = torch.autograd.grad(expected, params, allow_unused=True)

@@ -40,10 +40,11 @@ def test_margin_stops_the_push_on_positions_already_forgotten(arch):
     params = [p for p in model.parameters() if p.requires_grad]
     loss, _ = objective(batch)
     got = torch.autograd.grad(loss, params, allow_unused=True)
-    # hand: −γ · Σ over the positions not yet forgotten of CE / (all forgotten target positions)
+    # hand: −γ · the mean of CE over the positions not yet forgotten (the stopped ones leave the mean:
+    # the last facts still answered are pushed as hard as the first)
     student = model_logits(model, task, batch).double()
     ce = -torch.log_softmax(student, -1)[positions].gather(-1, batch["targets"][positions].unsqueeze(-1)).squeeze(-1)
-    expected = -(ce * (~done)).sum() / positions.sum()
+    expected = -(ce * (~done)).sum() / (~done).sum()
     want = torch.autograd.grad(expected, params, allow_unused=True)
     torch.testing.assert_close(loss.double(), expected, rtol=1e-5, atol=1e-6)
     assert_grads_close(got, want)
@@ -111,8 +112,12 @@ def test_config_validation_and_the_paper_objective():
         ObjectiveConfig(forget_margin=-1.0)
     with pytest.raises(ModelError, match="retain_output_weight"):
         ObjectiveConfig(retain_output_weight=float("nan"))
+    for bad in (-1, 1.5, True):
+        with pytest.raises(ModelError, match="forget_routes"):
+            ObjectiveConfig(forget_routes=bad)
     paper = ObjectiveConfig.paper()
-    assert (paper.sharpening_guard, paper.forget_margin, paper.retain_output_weight) == (False, None, 0.0)
+    assert (paper.sharpening_guard, paper.forget_margin, paper.retain_output_weight, paper.forget_routes) == \
+        (False, None, 0.0, 0)
     default = ObjectiveConfig()  # opt-in: scenario 1's fictitious facts were barely forgotten with them
     assert (default.forget_margin, default.retain_output_weight) == (None, 0.0)
 

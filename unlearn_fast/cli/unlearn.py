@@ -94,10 +94,15 @@ def add_parser(sub) -> None:
                    help="weight of a penalty on the mean square of what the unlearning layers add on "
                         "retained inputs (default 0: off; the demo uses 10): the layers then act on the "
                         "forgotten facts rather than on every fact of their kind")
+    g.add_argument("--forget-routes", type=int, default=ObjectiveConfig.forget_routes, metavar="N",
+                   help="causal LMs: every epoch after the first, complete each forgotten prompt greedily with "
+                        "the model being trained; where it still gives the answer further on (\"... the "
+                        "country of Japan\"), train that completion as an extra forgotten row, up to N per "
+                        "row (default %(default)s; 0: off; see docs/design.md)")
     g.add_argument("--paper-objective", action="store_true",
                    help="the paper's objective exactly: no sharpening guard, no forget margin, no "
-                        "retained-output penalty, the fixed bounds (overrides --forget-margin and "
-                        "--retain-output-weight, and --forget-target auto)")
+                        "retained-output penalty, no forget routes, the fixed bounds (overrides --forget-margin, "
+                        "--retain-output-weight and --forget-routes, and --forget-target auto)")
     g.add_argument("--subject-margin", type=float, default=1.0, metavar="NATS",
                    help="forgotten examples with generic prompts (--generic-prompts-column): forget only the "
                         "response tokens the real subject makes this many nats likelier than the generic "
@@ -223,9 +228,11 @@ def run(args) -> int:
                                 forget_kl_weight=args.forget_kl_weight, forget_kl_bound=args.forget_kl_bound,
                                 forget_lm_bound=args.forget_lm_bound, temperature=args.temperature,
                                 subject_margin=args.subject_margin, forget_target=args.forget_target,
-                                forget_margin=args.forget_margin, retain_output_weight=args.retain_output_weight)
+                                forget_margin=args.forget_margin, retain_output_weight=args.retain_output_weight,
+                                forget_routes=args.forget_routes)
     if args.paper_objective:
         objective = replace(objective, sharpening_guard=False, forget_margin=None, retain_output_weight=0.0,
+                            forget_routes=0,
                             forget_target="bound" if args.forget_target == "auto" else args.forget_target)
     training = TrainConfig(epochs=args.epochs, schedule=args.schedule, batch_size=args.batch_size, lr=args.lr,
                            max_steps=args.max_steps, seed=args.seed, progress=not args.no_progress,

@@ -189,6 +189,16 @@ def all_gather_floats(value: float) -> list[float]:
     return [float(x.item()) for x in out]
 
 
+def broadcast_object(value, what: str = "a broadcast from rank 0"):
+    """Rank 0's ``value`` (any picklable object) on every rank; ``value`` itself in one process."""
+    if not is_distributed():
+        return value
+    holder = [value]
+    with collective(what):
+        dist.broadcast_object_list(holder, src=0, device=comm_device())
+    return holder[0]
+
+
 def check_same(text: str, what: str) -> None:
     """Refuse to go on unless every rank holds the same ``text`` (e.g. the base fingerprint)."""
     if not is_distributed():

@@ -103,6 +103,10 @@ class ObjectiveConfig:
     # weight of the retained-output penalty: keeps the layers' output near zero on retained inputs, so
     # they act on what is forgotten rather than on every fact of its kind; 0: off
     retain_output_weight: float = 0.0
+    # causal LMs: up to this many of the student's own detours to each forgotten answer (greedy
+    # completions that still give it, looked for every epoch) train as extra forgotten rows
+    # (unlearn_fast.train.routes); 0: off
+    forget_routes: int = 0
 
     def __post_init__(self):
         if self.forget_target not in FORGET_TARGETS:
@@ -112,12 +116,14 @@ class ObjectiveConfig:
                              f"(got {self.forget_margin})")
         if not (math.isfinite(self.retain_output_weight) and self.retain_output_weight >= 0):
             raise ModelError(f"retain_output_weight must be >= 0 (got {self.retain_output_weight})")
+        if isinstance(self.forget_routes, bool) or not isinstance(self.forget_routes, int) or self.forget_routes < 0:
+            raise ModelError(f"forget_routes must be a whole number >= 0 (got {self.forget_routes!r})")
 
     @classmethod
     def paper(cls, **overrides) -> "ObjectiveConfig":
-        """The paper's objective: no sharpening guard, no forget margin, no retained-output penalty, the
-        fixed bounds."""
-        return cls(**{"sharpening_guard": False, "forget_margin": None, "retain_output_weight": 0.0,
+        """The paper's objective: no sharpening guard, no forget margin, no retained-output penalty, no
+        forget routes, the fixed bounds."""
+        return cls(**{"sharpening_guard": False, "forget_margin": None, "retain_output_weight": 0.0, "forget_routes": 0,
                       "forget_target": "bound", **overrides})
 
     def resolved_forget_target(self, task: str, heldout: bool, reference: bool) -> str:
@@ -273,6 +279,24 @@ def coefficients(batch: dict, config: ObjectiveConfig, gamma: float) -> tuple[Te
     return kl, ce
 
 
+def pushed_positions_only(batch: dict, kl: Tensor, ce: Tensor, done: Tensor) -> tuple[Tensor, Tensor]:
+    """The forget terms' coefficients renormalised over the forgotten positions the forget margin still
+    pushes (``done``: the ones it stopped): each term is then a mean over those, so the last few facts
+    not yet forgotten are pushed as hard as the first. A mean over every forgotten position (stopped
+    ones at weight 0) faded as the others were forgotten: measured on scenario 1, facts a small model
+    was sure of stayed answered. The counts are the micro-batch's own (under data parallelism or
+    accumulation, each part's)."""
+    forget = batch["forget"].unsqueeze(1).expand_as(done)
+    done = done.to(kl.device)
+    kl, ce = kl.clone(), ce.clone()
+    for coef, mask in ((kl, batch["kl_mask"] & forget), (ce, (batch["targets"] != IGNORE_INDEX) & forget)):
+        mask = mask.to(kl.device)
+        left = int((mask & ~done).sum())
+        if left:
+            coef[mask] *= int(mask.sum()) / left
+    return kl, ce
+
+
 def term_means(batch: dict, kl: Tensor, ce: Tensor) -> dict[str, float]:
     """Unweighted means of each term over its positions (for logging); NaN where absent."""
     forget = batch["forget"].unsqueeze(1).expand_as(batch["kl_mask"])
@@ -393,6 +417,7 @@ class EULObjective:
         done = None  # gated positions stay in the head, with weight 0
         if self.config.forget_margin is not None:
             done = self._forgotten_positions(batch, student)
+            kl_coef, ce_coef = pushed_positions_only(batch, kl_coef, ce_coef, done)
         past = None
         if "loss_target" in batch:
             reached, past, row_loss = self._rows_at_target(batch, student)

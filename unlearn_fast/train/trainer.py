@@ -30,6 +30,7 @@ from .distributed import DataParallel, all_gather_floats, count_index, is_main, 
 from .encoding import Row, collate, token_count
 from .objective import TERMS, EULObjective
 from .reporting import check_reporter, reporting, start_step, step_values
+from .routes import ForgetRoutes
 from .step_cache import teacher_cache_mode
 
 SCHEDULES = ("alternate", "mixed")
@@ -176,7 +177,7 @@ def weight_damage(tensors, limit: float = WEIGHT_LIMIT) -> Optional[str]:
 
 def train(model: nn.Module, objective: EULObjective, forget: Sequence[Row], retain: Sequence[Row],
           config: TrainConfig, pad_id: int, params: Optional[Sequence[nn.Parameter]] = None, *,
-          allow_damage: bool = False, log=None) -> TrainResult:
+          allow_damage: bool = False, log=None, routes: Optional[ForgetRoutes] = None) -> TrainResult:
     """Train the model's unlearning layers on the EUL objective; the base stays frozen.
 
     ``objective`` is any callable batch → (loss, terms dict) (the baselines of
@@ -199,15 +200,18 @@ def train(model: nn.Module, objective: EULObjective, forget: Sequence[Row], reta
     many steps (:func:`training_line`), and one after :data:`ESTIMATE_AFTER` steps the time left.
     With ``config.report_to`` (``tensorboard`` / ``wandb``) every step's loss, terms, learning rate,
     tokens/s and memory go to ``config.report_dir`` (see :mod:`unlearn_fast.train.reporting`; rank 0).
+    With ``routes`` (:class:`~unlearn_fast.train.routes.ForgetRoutes`) the student's detours to a forgotten
+    answer are looked for at the start of every epoch after the first (and of a resumed run) and train
+    with their forgotten rows.
     """
     with compiled_blocks(model, config.compile_blocks), fused_trunk(model, config.fused_trunk), \
             checkpointed_blocks(model, config.gradient_checkpointing), reused_logit_buffers(), \
             reporting(config.report_to, config.report_dir, config.to_dict(), is_main(), log) as reporter:
-        return _train(model, objective, forget, retain, config, pad_id, params, allow_damage, log, reporter)
+        return _train(model, objective, forget, retain, config, pad_id, params, allow_damage, log, reporter, routes)
 
 
 def _train(model, objective, forget, retain, config: TrainConfig, pad_id: int, params,
-           allow_damage: bool, log=None, reporter=None) -> TrainResult:
+           allow_damage: bool, log=None, reporter=None, routes=None) -> TrainResult:
     torch.manual_seed(config.seed)
     params = unlearning_parameters(model) if params is None else list(params)
     if not params:
@@ -216,6 +220,7 @@ def _train(model, objective, forget, retain, config: TrainConfig, pad_id: int, p
     limit = max(WEIGHT_LIMIT, 10 * largest_weight(params))
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
     total = count_steps(forget, retain, config)
+    per_epoch = sum(1 for _ in batches(forget, retain, config)) // config.epochs if routes is not None else 0
     warmup = int(math.ceil(config.warmup_ratio * total))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: _schedule(s, total, warmup))
     history, tokens = [], 0
@@ -243,6 +248,13 @@ def _train(model, objective, forget, retain, config: TrainConfig, pad_id: int, p
             break
         if step < first:  # finished before the checkpoint we resumed from
             continue
+        if routes is not None and step > 0 and (step % per_epoch == 0 or step == first):
+            new = routes.refresh(model)
+            if log is not None and new:
+                with _above_bar(progress):
+                    log(f"forget routes: {new} new at step {step + 1} ({len(routes)} in all)")
+        if routes is not None:
+            group = routes.expand(group)
         if reporter is not None:
             step_start = time.perf_counter()
             start_step(device)
