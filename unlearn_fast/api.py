@@ -41,7 +41,7 @@ from .train.encoding import (
 )
 from .train.objective import EULObjective, ObjectiveConfig, heldout_bounds, matched_bounds, matched_targets
 from .train.selection import select_subject_tokens
-from .train.routes import ForgetRoutes
+from .train.routes import ForgetRoutes, context_probes
 from .train.step_cache import StepCache
 from .train.trainer import TrainConfig, TrainResult, train
 from .version import __version__
@@ -238,7 +238,8 @@ def unlearn(
         cache = StepCache(model, task, trunk=training.shared_trunk, store=training.teacher_cache)
     loss = EULObjective(model, task, objective, cache)
     pad = pad_token_id(tokenizer)
-    routes = _forget_routes(tokenizer, task, objective, training, forget_set, forget_rows, train_forget_rows, pad, log)
+    routes = _forget_routes(tokenizer, task, objective, training, forget_set, forget_rows, train_forget_rows,
+                            retain_set, pad, log, **enc)
     try:
         result = train(model, loss, train_forget_rows, retain_rows, training, pad, allow_damage=allow_damage, log=log,
                        routes=routes)
@@ -344,11 +345,13 @@ def _teacher_row_losses(model, task, rows, pad: int) -> list[float]:
 
 
 def _forget_routes(tokenizer, task: str, objective: ObjectiveConfig, training: TrainConfig,
-                   forget_set: Sequence[Example], forget_rows, train_rows, pad: int, log) -> Optional[ForgetRoutes]:
+                   forget_set: Sequence[Example], forget_rows, train_rows, retain_set: Sequence[Example], pad: int,
+                   log, **encoding) -> Optional[ForgetRoutes]:
     """The forget routes the objective asks for (None: off, or not a causal LM's prompt / response
     rows). A trained row gets routes when its example has a prompt (with generic prompts: when the
     subject selection kept it); its answer is found in a completion as the forget accuracy finds it
-    (:func:`answer_found`, variants too)."""
+    (:func:`answer_found`, variants too). Each is also looked for after a few retained facts
+    (:func:`context_probes`)."""
     if not objective.forget_routes or task != "causal":
         return None
     if training.shard_base:
@@ -358,8 +361,9 @@ def _forget_routes(tokenizer, task: str, objective: ObjectiveConfig, training: T
     examples = [example_of.get(tuple(r.input_ids)) for r in train_rows]
     if not any(examples):
         return None
+    probes = context_probes(examples, train_rows, retain_set, tokenizer, training.seed, **encoding)
     return ForgetRoutes(tokenizer, train_rows, examples, lambda text, e: answer_found(text, e.response, e.answers)[1],
-                        objective.forget_routes, pad)
+                        objective.forget_routes, pad, probes)
 
 
 def _matched_target(model, task, objective: ObjectiveConfig, forget_rows, heldout_rows, pad: int):

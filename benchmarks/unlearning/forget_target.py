@@ -12,7 +12,10 @@ SmolLM2-135M-Instruct, raw prompt + response (no chat template, as the demo). Sp
 Per training seed and target one ``unlearn`` run with rank 16 on the top 8 blocks, lr 2e-3, batch 8 and
 ``--epochs``. Targets (objective variants):
 - ``bounds``: the library's default (bounds 5 / 5 nats, no forget margin, no retained-output penalty);
-- ``margin-penalty``: the demo's (forget margin 1 nat + retained-output penalty 10);
+- ``margin-penalty``: forget margin 1 nat + retained-output penalty 10 (the demo's until the forget routes);
+- ``margin-penalty-routes``: the demo's: those two + forget routes 4 (the student's detours to a forgotten
+  answer, alone and after retained facts, trained as extra forgotten rows);
+- ``margin-routes``: forget margin + forget routes, no penalty;
 - ``margin-only`` / ``penalty-only``: one of the two;
 - ``heldout``: forget_target="heldout" (bounds from the held-out facts' loss), no margin, no penalty;
 - ``unknown``: the heldout bounds at the original's loss on the facts of that kind it does *not* know;
@@ -63,8 +66,8 @@ CHAT = "none"  # raw prompt + response, as the demo
 OFF = dict(forget_margin=None, retain_output_weight=0.0)
 OBJECTIVES = {
     "bounds": ObjectiveConfig(**OFF),  # the library's default
-    "margin-penalty": ObjectiveConfig(forget_margin=1.0, retain_output_weight=10.0),  # the demo's
-    # the demo's with the student's detours to a forgotten answer trained on too (forget_routes)
+    "margin-penalty": ObjectiveConfig(forget_margin=1.0, retain_output_weight=10.0),
+    # the demo's: the student's detours to a forgotten answer trained on too (forget_routes)
     "margin-penalty-routes": ObjectiveConfig(forget_margin=1.0, retain_output_weight=10.0, forget_routes=4),
     "margin-routes": ObjectiveConfig(forget_margin=1.0, forget_routes=4, retain_output_weight=0.0),
     "margin-only": ObjectiveConfig(forget_margin=1.0, **{k: v for k, v in OFF.items() if k != "forget_margin"}),
@@ -154,8 +157,8 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--split", choices=["capitals", "reverse"], default="capitals")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4], help="training seeds (default 0-4)")
-    ap.add_argument("--targets", nargs="+", default=["bounds", "margin-penalty"],
-                    choices=[*OBJECTIVES, "unknown"], help="objective variants (default: bounds margin-penalty)")
+    ap.add_argument("--targets", nargs="+", default=["bounds", "margin-penalty-routes"],
+                    choices=[*OBJECTIVES, "unknown"], help="objective variants (default: bounds margin-penalty-routes)")
     ap.add_argument("--epochs", type=int, default=12, help="training epochs (default 12, the demo's)")
     ap.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
     results_io.add_argument(ap)

@@ -12,7 +12,8 @@ from unlearn_fast.train import routes as routes_module
 from unlearn_fast.train.data import Example
 from unlearn_fast.train.encoding import encode
 from unlearn_fast.train.objective import ObjectiveConfig
-from unlearn_fast.train.routes import ForgetRoutes, answer_span, prompt_length
+from unlearn_fast.train.routes import (ROUTE_CONTEXTS, ROUTE_SHOTS, ForgetRoutes, answer_span, context_probes,
+                                       prompt_length)
 from unlearn_fast.train.trainer import TrainConfig
 
 
@@ -107,3 +108,29 @@ def test_unlearn_looks_for_routes_every_epoch_after_the_first(monkeypatch):
     result = unlearn(make_model("llama"), tokenizer, [Example(**e) for e in forget], [Example(**e) for e in retain],
                      objective=ObjectiveConfig.paper(), **common)
     assert seen == [] and result.manifest["forget_routes_found"] is None
+
+
+def test_context_probes_find_an_answer_given_after_retained_facts():
+    tokenizer = tokenizer_for("llama")
+    config = make_model("llama").config
+    examples = [Example(prompt="Tokyo is in", response="Japan")]
+    rows = encode(examples, tokenizer, "causal", forget=True, name="forget", model_config=config)
+    retained = [Example(prompt=f"{c} is in", response=k) for c, k in (("Rome", "Italy"), ("Oslo", "Norway"),
+                                                                       ("Lima", "Peru"), ("Bern", "Swiss"))]
+    probes = context_probes(examples, rows, retained, tokenizer, seed=0, model_config=config)
+    assert len(probes) == ROUTE_CONTEXTS and all(row is rows[0] for row, _ in probes)
+    texts = [tokenizer.decode(p.input_ids[:prompt_length(p)], skip_special_tokens=True) for _, p in probes]
+    for text in texts:  # three retained facts (one per line; this tokenizer drops newlines), then the prompt
+        assert text.endswith("Tokyo is in")
+        assert sum(f"{e.prompt} {e.response}" in text for e in retained) == ROUTE_SHOTS
+    assert context_probes(examples, rows, retained, tokenizer, seed=0, model_config=config)[0][1].input_ids == \
+        probes[0][1].input_ids  # seeded
+    assert context_probes(examples, rows, retained[:2], tokenizer, seed=0, model_config=config) == []
+    # the model gives the answer straight away: nothing new on the trained path, but after the
+    # retained facts the probe's own path is a route (the probe itself is never trained)
+    ids = lambda text: tokenizer(text, add_special_tokens=False)["input_ids"]  # noqa: E731
+    model = Scripted({rows[0].input_ids[prompt_length(rows[0]) - 1]: ids(" Japan")}, tokenizer.pad_token_id)
+    routes = ForgetRoutes(tokenizer, rows, examples, holds, limit=4, pad_id=tokenizer.pad_token_id, probes=probes)
+    assert routes.refresh(model) == ROUTE_CONTEXTS
+    assert [r.input_ids for r in routes.routes[id(rows[0])]] == [p.input_ids for _, p in probes]
+    assert all([t for t in r.targets if t != IGNORE_INDEX] == ids("Japan") for r in routes.routes[id(rows[0])])
