@@ -57,6 +57,19 @@ WORKER = textwrap.dedent('''
                 raise RuntimeError("injected failure on rank 1")
             return original(self, batch, rows)
         EULObjective.__call__ = failing
+    if os.environ.get("ROUTES_LOG"):  # on rank 0 every completion "holds the answer", on rank 1 none
+        from unlearn_fast import api
+        from unlearn_fast.train.routes import ForgetRoutes
+        holds = os.environ["RANK"] == "0"
+        api.answer_found = lambda text, response, answers=None: (bool(text) and holds, bool(text) and holds)
+        refresh = ForgetRoutes.refresh
+        def logged(self, model):
+            new = refresh(self, model)
+            routes = sorted(r.input_ids for rows in self.routes.values() for r in rows)
+            with open(f"{os.environ['ROUTES_LOG']}.{os.environ['RANK']}", "a") as log:
+                log.write(json.dumps(routes) + "\\n")
+            return new
+        ForgetRoutes.refresh = logged
     runs = json.loads(sys.argv[1])
     if len(runs) > 1:  # one process group for all runs (the CLI joins it; re-joining can hang)
         import torch.distributed as dist
@@ -201,6 +214,18 @@ def _rows():
     forget = encode(load_examples(FORGET, name="f"), tok, task, forget=True, name="f", model_config=model.config)
     retain = encode(load_examples(RETAIN, name="r"), tok, task, forget=False, name="r", model_config=model.config)
     return model, forget, retain
+
+
+def test_rank_0_finds_the_forget_routes_and_every_rank_trains_them(job):
+    log = job / "routes-log"
+    done = _launch(job, [_args(job, job / "routes", "--no-eval", "--epochs", "3", "--forget-margin", "1",
+                               "--forget-routes", "2")], ROUTES_LOG=str(log))
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    seen = [[json.loads(line) for line in (job / f"routes-log.{rank}").read_text().splitlines()] for rank in (0, 1)]
+    # epochs 2 and 3; rank 1 would find none itself: it trains rank 0's
+    assert len(seen[0]) == 2 and seen[0] == seen[1]
+    assert seen[0][-1]
+    assert _manifest(job / "routes")["forget_routes_found"] == len(seen[0][-1])
 
 
 def test_split_is_balanced_deterministic_and_complete():
