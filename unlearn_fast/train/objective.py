@@ -123,8 +123,8 @@ class ObjectiveConfig:
     def paper(cls, **overrides) -> "ObjectiveConfig":
         """The paper's objective: no sharpening guard, no forget margin, no retained-output penalty, no
         forget routes, the fixed bounds."""
-        return cls(**{"sharpening_guard": False, "forget_margin": None, "retain_output_weight": 0.0, "forget_routes": 0,
-                      "forget_target": "bound", **overrides})
+        return cls(**{"sharpening_guard": False, "forget_margin": None, "retain_output_weight": 0.0,
+                      "forget_routes": 0, "forget_target": "bound", **overrides})
 
     def resolved_forget_target(self, task: str, heldout: bool, reference: bool) -> str:
         """The forget target ``"auto"`` stands for, given the task and whether a held-out set

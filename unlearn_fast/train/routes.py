@@ -2,9 +2,9 @@
 
 The forget terms push the forgotten answer's tokens where the data puts them, right after the
 prompt. A model pushed there often gives the answer a little later instead: "Tokyo is the capital
-of" → " the country of Japan", or a small model's "born in" → "Lintar Fort Wextar". Measured on the
-benchmarks (docs/design.md), such detours left 60–95 % of the facts still answered where the forget
-margin stopped the push at the first position.
+of" → " the country of Japan", or a small model's "has a pet" → "iguana pony hamster". With the forget
+margin alone, 57 % of the memorised facts of scenario 1's 5 % split were still answered (one seed,
+docs/design.md); with routes, 17 %.
 
 So, once per epoch after the first, the student (with its unlearning layers) completes each forgotten
 prompt greedily. Where the completion still holds the answer (the same test as the forget accuracy,
