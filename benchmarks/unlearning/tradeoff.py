@@ -64,12 +64,14 @@ BASELINES = ("finetune", "npo", "graddiff")
 # method (the rows' name) -> legend label
 LABELS = {
     "eul-bounds": "EUL, bounds 5/5 nats (old default)",
-    "eul-margin-penalty": "EUL, margin 1 + penalty 10 (new, the demo's)",
+    "eul-margin-penalty": "EUL, margin 1 + penalty 10 (the demo's before the forget routes)",
+    "eul-margin-penalty-routes": "EUL, margin 1 + penalty 10 + forget routes 4 (the demo's now)",
     "finetune-layers": "finetune on retain (rank-16 layers, top 8 blocks, base frozen)",
     "npo-layers": "NPO (rank-16 layers, top 8 blocks, base frozen)",
     "graddiff-layers": "GradDiff (rank-16 layers, top 8 blocks, base frozen)",
 }
 STYLE = {"eul-bounds": ("tab:blue", "o"), "eul-margin-penalty": ("tab:green", "s"),
+         "eul-margin-penalty-routes": ("tab:purple", "P"),
          "finetune-layers": ("tab:gray", "v"), "npo-layers": ("tab:orange", "^"),
          "graddiff-layers": ("tab:red", "D")}
 
@@ -116,6 +118,13 @@ def point_row(method: str, epochs: int, seed, figures: dict, time_s=None, damage
             "retain_acc_pct": ft.pct(figures["retain_accuracy"]),
             "general_ppl": None if ppl is None else round(ppl, 2),
             "damaged": damaged, "time_s": None if time_s is None else round(time_s, 1)}
+
+
+def merged_rows(files: list[list[dict]]) -> list[dict]:
+    """The rows of several runs as one list: every run's points, the original model's row only once (the
+    first run's; every run starts from the same original and split)."""
+    rows = [r for r in files[0] if r["method"] == "original"][:1]
+    return rows + [r for run in files for r in run if r["method"] != "original"]
 
 
 def curve_points(rows: list[dict]) -> dict[str, list[dict]]:
@@ -199,13 +208,14 @@ def main(argv=None) -> int:
     ap.add_argument("--baseline-lrs", type=float, nargs="+", default=[LR],
                     help=f"baseline learning rates, a curve each (default {LR:g}, EUL's)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
-    ap.add_argument("--replot", metavar="JSON", default=None,
-                    help="only redraw the figure from a results file (or tradeoff.json) into --out and --png")
+    ap.add_argument("--replot", metavar="JSON", nargs="+", default=None,
+                    help="only redraw the figure from results files (or tradeoff.json) into --out and --png; "
+                         "the rows of several files are drawn together (the original's row of the first)")
     results_io.add_argument(ap)
     args = ap.parse_args(argv)
     pngs = [Path(args.out) / "tradeoff.png"] + ([Path(args.png)] if args.png else [])
     if args.replot:
-        plot(json.loads(Path(args.replot).read_text())["rows"], pngs, TITLE)
+        plot(merged_rows([json.loads(Path(f).read_text())["rows"] for f in args.replot]), pngs, TITLE)
         print(f"figure: {', '.join(map(str, pngs))}")
         return 0
     torch.set_num_threads(args.threads)
@@ -250,7 +260,8 @@ def main(argv=None) -> int:
             notes = (f"strength = training epochs, each point its own run from the original; EUL: "
                      f"forget_target.py's recipe (rank 16 on the top 8 blocks, lr {LR:g}, batch {BATCH}), "
                      f"eul-bounds = the library default (bounds 5 / 5 nats, the old default of issue 27), "
-                     f"eul-margin-penalty = forget margin 1 nat + retained-output penalty 10 (the demo's); "
+                     f"eul-margin-penalty = forget margin 1 nat + retained-output penalty 10 (the demo's until the "
+                     f"forget routes), eul-margin-penalty-routes = those two + forget routes 4 (the demo's now); "
                      f"baselines in the adapter variant (params='layers': the same rank-16 layers on the top 8 "
                      f"blocks, base frozen, batch {BATCH}, lr {LR:g} unless the name says -lr), not "
                      f"full-parameter; original: forget "

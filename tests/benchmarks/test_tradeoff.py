@@ -52,7 +52,17 @@ def test_plot_writes_a_png_to_every_path(to, tmp_path):
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000
 
 
+def test_merged_rows_keep_one_original_and_every_runs_points(to):
+    first = hand_rows(to)
+    second = [to.point_row("original", 0, None, figures(1.0, 0.5)),  # not the first run's: dropped
+              to.point_row("eul-margin-penalty-routes", 12, 0, figures(0.0, 0.96), 1.0)]
+    rows = to.merged_rows([first, second])
+    assert [r["method"] for r in rows].count("original") == 1 and rows[0]["heldout_acc_pct"] == 100.0
+    assert rows[1:] == first[1:] + second[1:]
+    assert set(to.curve_points(rows)) == {"eul-bounds", "npo-layers", "eul-margin-penalty-routes"}
+
+
 def test_every_default_method_has_a_legend_label(to):
-    methods = [to.eul_method(o) for o in ("bounds", "margin-penalty")] + [f"{b}-layers" for b in to.BASELINES]
+    methods = [to.eul_method(o) for o in ("bounds", "margin-penalty", "margin-penalty-routes")] + [f"{b}-layers" for b in to.BASELINES]
     assert all(m in to.LABELS and m in to.STYLE for m in methods)
     assert "old default" in to.LABELS["eul-bounds"] and "base frozen" in to.LABELS["npo-layers"]
