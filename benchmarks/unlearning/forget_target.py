@@ -143,13 +143,15 @@ def accuracy(model, tokenizer, examples) -> float | None:
     return pct(sum(answer_hits(model, tokenizer, examples, chat_template=CHAT)) / len(examples))
 
 
-def run_eul(model, tokenizer, sets: dict, name: str, objective: ObjectiveConfig, epochs: int, seed: int, **kwargs):
+def run_eul(model, tokenizer, sets: dict, name: str, objective: ObjectiveConfig, epochs: int, seed: int,
+            batch_size: int = 8, **kwargs):
     """One ``unlearn`` run of this benchmark's recipe on ``model`` (in place): rank 16 on the top 8 blocks,
-    lr 2e-3, batch 8, ``epochs`` epochs, training seed ``seed``; ``kwargs`` go to ``unlearn``."""
+    lr 2e-3, ``batch_size`` rows per set and step (8), ``epochs`` epochs, training seed ``seed``; ``kwargs``
+    go to ``unlearn``."""
     return unlearn(model, tokenizer, sets["forget"], sets["retain"], model_name=name, heldout=sets["held_out"],
                    general_text=GENERAL_TEXT, layers=LayerConfig(rank=16, blocks=8), objective=objective,
                    chat_template=CHAT,
-                   training=TrainConfig(epochs=epochs, batch_size=8, lr=2e-3, seed=seed, progress=False),
+                   training=TrainConfig(epochs=epochs, batch_size=batch_size, lr=2e-3, seed=seed, progress=False),
                    log=lambda *a, **k: None, **kwargs)
 
 
@@ -160,6 +162,8 @@ def main(argv=None) -> int:
     ap.add_argument("--targets", nargs="+", default=["bounds", "margin-penalty-routes"],
                     choices=[*OBJECTIVES, "unknown"], help="objective variants (default: bounds margin-penalty-routes)")
     ap.add_argument("--epochs", type=int, default=12, help="training epochs (default 12, the demo's)")
+    ap.add_argument("--batch-size", type=int, default=8,
+                    help="rows per set and step (default 8, the demo's); another size is named in each row's target")
     ap.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
     results_io.add_argument(ap)
     args = ap.parse_args(argv)
@@ -188,7 +192,7 @@ def main(argv=None) -> int:
         for target in args.targets:
             model = copy.deepcopy(original)
             extra = {"target_reference": unknown_rest} if target == "matched-unknown" else {}
-            r = run_eul(model, tokenizer, sets, name, objectives[target], args.epochs, seed, **extra)
+            r = run_eul(model, tokenizer, sets, name, objectives[target], args.epochs, seed, args.batch_size, **extra)
             a, obj = r.metrics["after"], r.manifest["objective"]
             forget_losses = per_row_losses(model, tokenizer, sets["forget"])
             held_losses = per_row_losses(model, tokenizer, sets["held_out"])
@@ -198,7 +202,8 @@ def main(argv=None) -> int:
             unknown_losses = per_row_losses(model, tokenizer, unknown_sample)
             auc_unknown = roc_auc_score([1] * len(forget_losses) + [0] * len(unknown_losses),
                                         [-x for x in forget_losses + unknown_losses])
-            row = {"split": args.split, "target": target, "seed": seed,
+            label = target if args.batch_size == 8 else f"{target} (batch {args.batch_size})"
+            row = {"split": args.split, "target": label, "seed": seed,
                    "forget_acc_pct": pct(a["forget_accuracy"]), "retain_acc_pct": pct(a["retain_accuracy"]),
                    "heldout_acc_pct": pct(a["heldout_accuracy"]),
                    "other_kind_acc_pct": accuracy(model, tokenizer, other_kind),
@@ -220,7 +225,7 @@ def main(argv=None) -> int:
                          f"forget loss {b['forget_loss']:.3f}, held-out loss {b['heldout_loss']:.3f}, unknown facts' "
                          f"loss {before['unknown_loss']}, general ppl {b['general_perplexity']:.2f}; split "
                          f"{args.split}: forget {len(sets['forget'])} / retain {len(sets['retain'])} / held out "
-                         f"{len(sets['held_out'])} / other kind {len(other_kind)}; {args.epochs} epochs; "
+                         f"{len(sets['held_out'])} / other kind {len(other_kind)}; {args.epochs} epochs; batch {args.batch_size}; "
                          f"{args.threads} threads; whole run {time.perf_counter() - started:.0f} s")
                 path = results_io.write_results(where, results_io.make_results(
                     "forget_target", rows, results_io.command_line(__file__, argv), notes, date=date))
