@@ -63,6 +63,7 @@ from unlearn_fast.train.trainer import TrainConfig  # noqa: E402
 import results_io  # noqa: E402
 
 CHAT = "none"  # raw prompt + response, as the demo
+BATCH = 8  # rows per set and step, the demo's
 OFF = dict(forget_margin=None, retain_output_weight=0.0)
 OBJECTIVES = {
     "bounds": ObjectiveConfig(**OFF),  # the library's default
@@ -144,9 +145,9 @@ def accuracy(model, tokenizer, examples) -> float | None:
 
 
 def run_eul(model, tokenizer, sets: dict, name: str, objective: ObjectiveConfig, epochs: int, seed: int,
-            batch_size: int = 8, **kwargs):
+            batch_size: int = BATCH, **kwargs):
     """One ``unlearn`` run of this benchmark's recipe on ``model`` (in place): rank 16 on the top 8 blocks,
-    lr 2e-3, ``batch_size`` rows per set and step (8), ``epochs`` epochs, training seed ``seed``; ``kwargs``
+    lr 2e-3, ``batch_size`` rows per set and step (:data:`BATCH`), ``epochs`` epochs, training seed ``seed``; ``kwargs``
     go to ``unlearn``."""
     return unlearn(model, tokenizer, sets["forget"], sets["retain"], model_name=name, heldout=sets["held_out"],
                    general_text=GENERAL_TEXT, layers=LayerConfig(rank=16, blocks=8), objective=objective,
@@ -162,8 +163,8 @@ def main(argv=None) -> int:
     ap.add_argument("--targets", nargs="+", default=["bounds", "margin-penalty-routes"],
                     choices=[*OBJECTIVES, "unknown"], help="objective variants (default: bounds margin-penalty-routes)")
     ap.add_argument("--epochs", type=int, default=12, help="training epochs (default 12, the demo's)")
-    ap.add_argument("--batch-size", type=int, default=8,
-                    help="rows per set and step (default 8, the demo's); another size is named in each row's target")
+    ap.add_argument("--batch-size", type=int, default=BATCH,
+                    help=f"rows per set and step (default {BATCH}, the demo's); another size is named in each row's target")
     ap.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
     results_io.add_argument(ap)
     args = ap.parse_args(argv)
@@ -202,7 +203,7 @@ def main(argv=None) -> int:
             unknown_losses = per_row_losses(model, tokenizer, unknown_sample)
             auc_unknown = roc_auc_score([1] * len(forget_losses) + [0] * len(unknown_losses),
                                         [-x for x in forget_losses + unknown_losses])
-            label = target if args.batch_size == 8 else f"{target} (batch {args.batch_size})"
+            label = target if args.batch_size == BATCH else f"{target} (batch {args.batch_size})"
             row = {"split": args.split, "target": label, "seed": seed,
                    "forget_acc_pct": pct(a["forget_accuracy"]), "retain_acc_pct": pct(a["retain_accuracy"]),
                    "heldout_acc_pct": pct(a["heldout_accuracy"]),

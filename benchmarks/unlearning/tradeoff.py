@@ -58,7 +58,7 @@ PNG = HERE / "tradeoff.png"
 DODGE = 0.6  # horizontal shift between the curves in the figure (accuracy points)
 TITLE = ("SmolLM2-135M-Instruct: 5 capitals forgotten, 35 retained, 17 held out;\n"
          "numbers at the points: training epochs (the forgetting strength)")
-LR, BATCH = 2e-3, 8
+LR, BATCH = 2e-3, ft.BATCH  # forget_target.py's recipe
 LAYERS = dict(rank=16, blocks=8)
 BASELINES = ("finetune", "npo", "graddiff")
 # method (the rows' name) -> legend label
