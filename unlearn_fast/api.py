@@ -236,7 +236,7 @@ def unlearn(
     if (training.teacher_cache != "off" or training.shared_trunk) and not training.shard_base:
         # where it keeps the rows: training.teacher_cache (gpu / cpu / disk / off; see train.step_cache)
         cache = StepCache(model, task, trunk=training.shared_trunk, store=training.teacher_cache)
-    loss = EULObjective(model, task, objective, cache, rows_per_step=training.batch_size * training.accumulate)
+    loss = EULObjective(model, task, objective, cache)
     pad = pad_token_id(tokenizer)
     routes = _forget_routes(tokenizer, task, objective, training, forget_set, forget_rows, train_forget_rows,
                             retain_set, pad, log, **enc)

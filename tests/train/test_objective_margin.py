@@ -6,11 +6,10 @@ import pytest
 import torch
 
 from conftest import TASK_OF
-from test_objective import (LM_ARCHS, assert_grads_close, between, hand_loss, model_logits, objective_batch,
-                            trained_like)
+from test_objective import LM_ARCHS, assert_grads_close, between, model_logits, objective_batch, trained_like
 from unlearn_fast.cli import build_parser
 from unlearn_fast.errors import ModelError
-from unlearn_fast.model.layers import layers_disabled, sites
+from unlearn_fast.model.layers import sites
 from unlearn_fast.ops.loss_head import IGNORE_INDEX
 from unlearn_fast.train.objective import RETAIN_OUTPUT, EULObjective, ObjectiveConfig
 
@@ -29,72 +28,37 @@ def gaps(model, task, batch):
     return picked.scatter(-1, t, -math.inf).max(-1).values - picked.gather(-1, t).squeeze(-1), positions
 
 
-def hand_per_row_push(model, task, batch, done, gamma, forget_kl_weight, rows):
-    """−Σ over forgotten rows of (weight / rows) · the row's mean over its positions not stopped
-    (``done``), for the forget KL and the forget LM term, from float64 logits (differentiable)."""
-    with torch.no_grad(), layers_disabled(model):
-        log_pt = torch.log_softmax(model_logits(model, task, batch).double(), -1)
-    log_ps = torch.log_softmax(model_logits(model, task, batch).double(), -1)
-    kl = (log_pt.exp() * (log_pt - log_ps)).sum(-1)
-    targets = batch["targets"]
-    ce = -log_ps.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
-    forget = batch["forget"].unsqueeze(1).expand_as(targets)
-    loss = log_ps.sum() * 0
-    for values, mask, weight in ((kl, batch["kl_mask"] & forget, forget_kl_weight),
-                                 (ce, (targets != IGNORE_INDEX) & forget, gamma)):
-        for r in range(targets.shape[0]):
-            pushed = mask[r] & ~done[r]
-            if weight and pushed.any():
-                loss = loss - weight / rows * values[r][pushed].mean()
-    return loss
-
-
-def margin_between_gaps(model, task, batch):
-    """A forget margin with about half the forgotten target positions beyond it, and those positions."""
-    gap, positions = gaps(model, task, batch)
-    margin = between(gap)
-    done = torch.zeros_like(positions)
-    done[positions] = gap > margin
-    assert done[positions].any() and (~done[positions]).any()
-    return margin, done
-
-
 @pytest.mark.parametrize("arch", LM_ARCHS)
-def test_margin_stops_the_push_and_each_row_weighs_the_same(arch):
+def test_margin_stops_the_push_on_positions_already_forgotten(arch):
     model, task = trained_like(arch), TASK_OF[arch]
     batch = objective_batch(arch)
-    margin, done = margin_between_gaps(model, task, batch)
+    gap, positions = gaps(model, task, batch)
+    margin = between(gap)  # about half the forgotten positions sit beyond it
+    done = gap > margin
+    assert done.any() and (~done).any()
     objective = EULObjective(model, task, ObjectiveConfig(**{**OFF, "gamma": 1.0, "forget_margin": margin}))
     params = [p for p in model.parameters() if p.requires_grad]
     loss, _ = objective(batch)
     got = torch.autograd.grad(loss, params, allow_unused=True)
-    # hand: without rows_per_step, a mean over the batch's forgotten rows of each row's mean CE over
-    # its positions not yet forgotten (a row's push does not depend on its length or its neighbours)
-    expected = hand_per_row_push(model, task, batch, done, 1.0, 0.0, int(batch["forget"].sum()))
+    # hand: −γ · the mean of CE over the positions not yet forgotten (the stopped ones leave the mean:
+    # the last facts still answered are pushed as hard as the first)
+    student = model_logits(model, task, batch).double()
+    ce = -torch.log_softmax(student, -1)[positions].gather(-1, batch["targets"][positions].unsqueeze(-1)).squeeze(-1)
+    expected = -(ce * (~done)).sum() / (~done).sum()
     want = torch.autograd.grad(expected, params, allow_unused=True)
     torch.testing.assert_close(loss.double(), expected, rtol=1e-5, atol=1e-6)
     assert_grads_close(got, want)
 
 
 @pytest.mark.parametrize("arch", LM_ARCHS)
-def test_rows_per_step_sets_each_forgotten_rows_weight_in_both_forget_terms(arch):
+def test_margin_beyond_every_gap_changes_nothing(arch):
     model, task = trained_like(arch), TASK_OF[arch]
     batch = objective_batch(arch)
-    margin, done = margin_between_gaps(model, task, batch)
-    weights = {**OFF, "gamma": 0.5, "forget_kl_weight": 0.7, "alpha": 0.8, "forget_margin": margin}
-    rows = int(batch["forget"].sum()) + 3  # a step configured for more forgotten rows than this batch holds
-    objective = EULObjective(model, task, ObjectiveConfig(**weights), rows_per_step=rows)
-    params = [p for p in model.parameters() if p.requires_grad]
-    loss, _ = objective(batch)
-    got = torch.autograd.grad(loss, params, allow_unused=True)
-    # the forget KL stops where the margin stopped the LM term's position (the same positions)
-    retained, _ = hand_loss(model, task, batch, alpha=0.8)
-    expected = retained + hand_per_row_push(model, task, batch, done, 0.5, 0.7, rows)
-    want = torch.autograd.grad(expected, params, allow_unused=True)
-    torch.testing.assert_close(loss.double(), expected, rtol=1e-5, atol=1e-6)
-    assert_grads_close(got, want)
-    with pytest.raises(ModelError, match="rows_per_step"):
-        EULObjective(model, task, ObjectiveConfig(**weights), rows_per_step=0)
+    gap, _ = gaps(model, task, batch)
+    weights = {**OFF, "gamma": 0.5, "forget_kl_weight": 1.0, "alpha": 0.8}
+    plain, _ = EULObjective(model, task, ObjectiveConfig(**weights))(batch)
+    wide, _ = EULObjective(model, task, ObjectiveConfig(**{**weights, "forget_margin": float(gap.max()) + 1}))(batch)
+    torch.testing.assert_close(wide, plain)
 
 
 def hand_penalty(model, task, batch):

@@ -279,33 +279,22 @@ def coefficients(batch: dict, config: ObjectiveConfig, gamma: float) -> tuple[Te
     return kl, ce
 
 
-def per_row_push(batch: dict, kl: Tensor, ce: Tensor, done: Tensor, weights: tuple[float, float],
-                 rows_per_step: Optional[int] = None) -> tuple[Tensor, Tensor]:
-    """The forget terms' coefficients under the forget margin (``done``: the forgotten positions it
-    stopped; ``weights``: the forget KL's weight and γ): every forgotten row that still has pushed
-    positions weighs ``weight / rows_per_step`` in each term, spread evenly over those positions.
-
-    ``rows_per_step`` is the forgotten rows an optimiser step is configured to hold (the trainer's
-    ``batch_size × accumulate``; a forget route counts as a row of its own); None: the batch's own
-    forgotten rows. A row's push therefore depends neither on how long it is nor on what else shares
-    its step. Two earlier normalisations each left facts answered: a mean over every forgotten position
-    (the stopped ones at weight 0) faded as most were forgotten (scenario 1: facts a small model was sure
-    of stayed answered), and a mean over the positions still pushed in the batch gave a row that shared a
-    full step with seven others and their routes a small fraction of what a row in a short step got
-    (reverse split: Cairo forgotten in a step of two rows, answered in one of ten; docs/design.md).
-    Positions stopped by the margin keep their coefficient here: the caller zeroes them.
-    """
+def pushed_positions_only(batch: dict, kl: Tensor, ce: Tensor, done: Tensor) -> tuple[Tensor, Tensor]:
+    """The forget terms' coefficients renormalised over the forgotten positions the forget margin still
+    pushes (``done``: the ones it stopped): each term is then a mean over those, so the last few facts
+    not yet forgotten are pushed as hard as the first. A mean over every forgotten position (stopped
+    ones at weight 0) faded as the others were forgotten: measured on scenario 1, facts a small model
+    was sure of stayed answered. The counts are the micro-batch's own (under data parallelism or
+    accumulation, each part's)."""
     forget = batch["forget"].unsqueeze(1).expand_as(done)
     done = done.to(kl.device)
-    rows = rows_per_step or int(batch["forget"].sum())
-    out = []
-    for coef, mask, weight in ((kl, batch["kl_mask"] & forget, weights[0]),
-                               (ce, (batch["targets"] != IGNORE_INDEX) & forget, weights[1])):
-        mask = mask.to(coef.device)
-        left = (mask & ~done).sum(1, keepdim=True)  # [B, 1] positions each row still has pushed
-        share = torch.where(left > 0, weight / (rows * left.clamp(min=1).float()), 0.0)
-        out.append(torch.where(mask, -share.to(coef.dtype), coef))
-    return out[0], out[1]
+    kl, ce = kl.clone(), ce.clone()
+    for coef, mask in ((kl, batch["kl_mask"] & forget), (ce, (batch["targets"] != IGNORE_INDEX) & forget)):
+        mask = mask.to(kl.device)
+        left = int((mask & ~done).sum())
+        if left:
+            coef[mask] *= int(mask.sum()) / left
+    return kl, ce
 
 
 def term_means(batch: dict, kl: Tensor, ce: Tensor) -> dict[str, float]:
@@ -373,17 +362,10 @@ class EULObjective:
     # their losses' gradients (see :mod:`unlearn_fast.train.distributed`)
     global_normalisers = True
 
-    def __init__(self, model: nn.Module, task: str, config: ObjectiveConfig, cache: Optional[StepCache] = None,
-                 rows_per_step: Optional[int] = None):
-        """``rows_per_step``: the forgotten rows an optimiser step is configured to hold (under the forget
-        margin each forgotten row weighs 1 / rows_per_step of a forget term; see :func:`per_row_push`);
-        None: each batch's own forgotten rows."""
-        if rows_per_step is not None and rows_per_step < 1:
-            raise ModelError(f"rows_per_step must be >= 1 (got {rows_per_step})")
+    def __init__(self, model: nn.Module, task: str, config: ObjectiveConfig, cache: Optional[StepCache] = None):
         self.model = model
         self.task = task
         self.config = config
-        self.rows_per_step = rows_per_step
         self.gamma = config.resolved_gamma(task)
         self.head: Head = output_head(model, task)
         self.cache = cache
@@ -435,8 +417,7 @@ class EULObjective:
         done = None  # gated positions stay in the head, with weight 0
         if self.config.forget_margin is not None:
             done = self._forgotten_positions(batch, student)
-            kl_coef, ce_coef = per_row_push(batch, kl_coef, ce_coef, done, (self.config.forget_kl_weight, self.gamma),
-                                            self.rows_per_step)
+            kl_coef, ce_coef = pushed_positions_only(batch, kl_coef, ce_coef, done)
         past = None
         if "loss_target" in batch:
             reached, past, row_loss = self._rows_at_target(batch, student)
